@@ -1,0 +1,166 @@
+"""Configuration: one INI file, found by ``--config``, ``$NPL_AGI_CONFIG`` or the default path.
+
+Every value is checked here, once, so that a typo becomes one clear line naming the file and
+the key instead of a traceback in the middle of a call.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/asterisk/npl-agi.conf"
+ENV_VAR = "NPL_AGI_CONFIG"
+
+NUMBER_TYPES = (
+    "fixed_line",
+    "mobile",
+    "fixed_line_or_mobile",
+    "toll_free",
+    "premium_rate",
+    "shared_cost",
+    "voip",
+    "personal_number",
+    "pager",
+    "uan",
+    "voicemail",
+    "unknown",
+)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    url: str = "https://secure.comcetera.com/npl"
+    user: str = ""
+    password: str = field(default="", repr=False)
+    apiver: str = "2.4"
+    timeout: float = 2.0
+    bulk_timeout: float = 600.0
+    batch_size: int = 1000
+    enabled: bool = True
+    verify_tls: bool = True
+    lock_dir: str = ""
+
+
+@dataclass(frozen=True)
+class NumberConfig:
+    country_code: str = ""
+    national_prefix: str = "0"
+    international_prefix: str = "00"
+    lookup_types: tuple[str, ...] = ("mobile", "fixed_line_or_mobile")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    backend: str = "sqlite"
+    path: str = "/var/lib/asterisk/npl-agi/cache.sqlite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ttl: float = 86400.0
+    error_ttl: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    api: ApiConfig = field(default_factory=ApiConfig)
+    number: NumberConfig = field(default_factory=NumberConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    networks: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+
+
+def config_path(explicit: str | None = None) -> str:
+    """Where the configuration is read from: argument, then environment, then the default."""
+    return explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read and check the configuration file; raise ``ConfigError`` with one clear line."""
+    path = config_path(path)
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found (use --config or ${ENV_VAR})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read configuration file: {e.__class__.__name__}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: not a valid INI file: {str(e).splitlines()[0]}") from None
+    return parse_config(parser, path)
+
+
+def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> Config:
+    """Build a ``Config`` from parsed INI sections, checking every key and value."""
+    known = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig}
+    for section in parser.sections():
+        if section not in known and section != "networks":
+            raise ConfigError(f"{path}: unknown section [{section}]")
+    parts = {}
+    for section, cls in known.items():
+        values = dict(parser.items(section)) if parser.has_section(section) else {}
+        parts[section] = _build(cls, values, path, section)
+    networks = dict(parser.items("networks")) if parser.has_section("networks") else {}
+    for key in networks:
+        if not (key.isdigit() and len(key) in (5, 6)):
+            raise ConfigError(f"{path}: [networks] {key}: key must be an MCCMNC of 5 or 6 digits")
+    _check(parts["api"], parts["number"], parts["cache"], path)
+    return Config(parts["api"], parts["number"], parts["cache"], networks, path)
+
+
+def _build(cls: type, values: dict[str, str], path: str, section: str):
+    defaults = cls()
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in cls.__dataclass_fields__:
+            raise ConfigError(f"{path}: [{section}] unknown key {key!r}")
+        where = f"{path}: [{section}] {key}"
+        kwargs[key] = _convert(getattr(defaults, key), raw.strip(), where)
+    return cls(**kwargs)
+
+
+def _convert(default, raw: str, where: str):
+    if isinstance(default, bool):
+        low = raw.lower()
+        if low in ("yes", "true", "on", "1"):
+            return True
+        if low in ("no", "false", "off", "0"):
+            return False
+        raise ConfigError(f"{where}: expected yes or no, got {raw!r}")
+    if isinstance(default, (int, float)):
+        try:
+            value = type(default)(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{where}: must be greater than 0, got {raw!r}")
+        return value
+    if isinstance(default, tuple):
+        return tuple(p.strip().lower() for p in raw.replace(",", " ").split() if p.strip())
+    return raw
+
+
+def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) -> None:
+    if not api.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: [api] url: must start with https:// or http://")
+    if api.batch_size > 1000:
+        raise ConfigError(f"{path}: [api] batch_size: the service takes at most 1000 numbers a request")
+    for key in ("country_code", "national_prefix", "international_prefix"):
+        value = getattr(number, key)
+        if value and not value.isdigit():
+            raise ConfigError(f"{path}: [number] {key}: digits only, got {value!r}")
+    bad = [t for t in number.lookup_types if t not in NUMBER_TYPES and t != "any"]
+    if bad:
+        raise ConfigError(f"{path}: [number] lookup_types: unknown type {bad[0]!r} (one of: any, {', '.join(NUMBER_TYPES)})")
+    if cache.backend not in ("sqlite", "redis", "none"):
+        raise ConfigError(f"{path}: [cache] backend: one of sqlite, redis, none; got {cache.backend!r}")
+
+
+def require_credentials(config: Config) -> None:
+    """Lookups need an account: say which key is missing rather than send an empty password."""
+    for key in ("user", "password"):
+        if not getattr(config.api, key):
+            raise ConfigError(f"{config.path or '<config>'}: [api] {key}: not set")

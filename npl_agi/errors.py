@@ -1,0 +1,113 @@
+"""The one exception hierarchy, and the one place that maps failures to ``NPL_ERR`` values.
+
+Every exception carries the ``NPL_ERR`` value the dialplan routes on, so no door (AGI, CLI,
+FastAGI) needs its own table.
+"""
+
+from __future__ import annotations
+
+
+class NplError(Exception):
+    """Base of every error npl-agi raises on purpose."""
+
+    npl_err = "PROTOCOL"
+
+
+class ConfigError(NplError):
+    """The configuration file is missing, unreadable or has a bad value."""
+
+    npl_err = "CONFIG"
+
+
+class Disabled(NplError):
+    """The admin switched lookups off with ``enabled = no``."""
+
+    npl_err = "DISABLED"
+
+
+class ServiceRefused(NplError):
+    """The service answered, but refused the whole query (its first line was not QUERYOK)."""
+
+    def __init__(self, message: str, line: str = "") -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class AuthError(ServiceRefused):
+    """``FAIL Invalid password``."""
+
+    npl_err = "AUTH"
+
+
+class CreditError(ServiceRefused):
+    """``FAIL Insufficient credit``."""
+
+    npl_err = "CREDIT"
+
+
+class LockedError(ServiceRefused):
+    """``ERR ACCOUNT LOCKED``: a post-paid account overdue for payment."""
+
+    npl_err = "LOCKED"
+
+
+class RequestRejected(ServiceRefused):
+    """``FAIL No numbers specified``, ``FAIL Request too long`` or an unknown ``FAIL`` line."""
+
+    npl_err = "PROTOCOL"
+
+
+class TransportError(NplError):
+    """The service could not be asked, or its answer could not be read."""
+
+
+class LookupTimeout(TransportError):
+    """The lookup's total deadline passed (waiting for the account lock counts too)."""
+
+    npl_err = "TIMEOUT"
+
+
+class Unreachable(TransportError):
+    """No connection to the service (refused, DNS, TLS)."""
+
+    npl_err = "UNREACHABLE"
+
+
+class ProtocolError(TransportError):
+    """The answer was not the contract: HTML, empty, bad status, malformed or unasked lines."""
+
+    npl_err = "PROTOCOL"
+
+
+# Per-number outcomes that are not the service's own ERR<n> codes. They travel in
+# ``Answer.error`` so a batch can mix good answers and failures.
+BADNUMBER = "BADNUMBER"
+NOTMOBILE = "NOTMOBILE"
+TIMEOUT = "TIMEOUT"
+TRUNCATED = "TRUNCATED"
+
+_LOCAL_ERROR_NAMES = {
+    BADNUMBER: "Not a valid international number",
+    NOTMOBILE: "Not a mobile number (skipped, no credit spent)",
+    TIMEOUT: "No answer before the deadline",
+    TRUNCATED: "Answer cut short (no ENDBATCH)",
+}
+
+# NPL_ERR value for each per-number error that is not sent as it is.
+_NPL_ERR_OF_CODE = {TRUNCATED: "PROTOCOL"}
+
+
+def local_error_name(code: str) -> str:
+    """Human name of a per-number error npl-agi itself assigns."""
+    return _LOCAL_ERROR_NAMES.get(code, code)
+
+
+def npl_err(failure: NplError | str | None) -> str:
+    """The ``NPL_ERR`` value for an exception or a per-number error code ('' for success)."""
+    if failure is None or failure == "":
+        return ""
+    if isinstance(failure, NplError):
+        return failure.npl_err
+    if isinstance(failure, BaseException):
+        return "PROTOCOL"
+    return _NPL_ERR_OF_CODE.get(failure, failure)
