@@ -19,10 +19,28 @@ class ConfigError(NplError):
     npl_err = "CONFIG"
 
 
+class CacheError(NplError):
+    """An admin's cache command failed (calls never see this: a failing cache is skipped)."""
+
+    npl_err = "CACHE"
+
+
 class Disabled(NplError):
     """The admin switched lookups off with ``enabled = no``."""
 
     npl_err = "DISABLED"
+
+
+class BadNumber(NplError):
+    """The dialled number cannot be made into a valid international number."""
+
+    npl_err = "BADNUMBER"
+
+
+class NotMobile(NplError):
+    """A valid number whose type is not in ``lookup_types``: no credit is spent on it."""
+
+    npl_err = "NOTMOBILE"
 
 
 class ServiceRefused(NplError):

@@ -1,0 +1,190 @@
+"""The AGI door: read the dialled number from Asterisk, look it up, set channel variables.
+
+Runs on every call setup, so it imports only what the path needs, never raises to Asterisk and
+always exits 0: every failure becomes an ``NPL_ERR`` value and one ``VERBOSE`` line.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import signal
+import sys
+import time
+
+from .errors import Disabled, NplError, npl_err
+
+VARIABLES = (
+    "NPL_NUMBER",
+    "NPL_MCCMNC",
+    "NPL_MCC",
+    "NPL_MNC",
+    "NPL_MSC",
+    "NPL_IMSI",
+    "NPL_NETWORK",
+    "NPL_COUNTRY",
+    "NPL_ERR",
+    "NPL_SOURCE",
+    "NPL_LOOKUP_MS",
+)
+SPECIAL_EXTENSIONS = frozenset({"s", "h", "i", "t", "e", "o", "a", "T", "failed"})
+MAX_VERBOSE = 300
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def agi_quote(value: object) -> str:
+    """One AGI argument, safe whatever it holds.
+
+    Asterisk's AGI parser ends a command at a newline and treats ``"`` and ``\\`` specially;
+    pyst2's own quoting escapes neither. Control characters become spaces, ``\\`` and ``"`` are
+    backslash-escaped, so a hostile dialled number can never add a command or unbalance quotes.
+    """
+    text = _UNSAFE.sub(" ", str(value))
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ChannelGone(Exception):
+    """Asterisk hung up, closed the pipe or refused the command: stop talking, exit quietly."""
+
+
+class Channel:
+    """pyst2's AGI session with safe quoting and a hangup that ends the script quietly."""
+
+    def __init__(self, stdin=None, stdout=None) -> None:
+        from asterisk.agi import AGI
+
+        class SafeAGI(AGI):
+            def _quote(self, string) -> str:
+                return agi_quote(string)
+
+            def test_hangup(self) -> None:
+                # After SIGHUP Asterisk still accepts SET VARIABLE and VERBOSE on the dead
+                # channel (the CDR and hangup handlers see them), so keep sending; a refused
+                # command ends the script instead.
+                pass
+
+        stdin = stdin or io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+        stdout = stdout or io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="replace")
+        self._agi = self._talk(lambda: SafeAGI(stdin=stdin, stdout=stdout, stderr=io.StringIO()))
+        # pyst2 installed a handler that fails every later command; a hangup instead lets the
+        # lookup finish within its deadline (the answer is paid for and gets cached), and the
+        # variables still reach the dead channel's CDR.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self._agi.env
+
+    def set_variable(self, name: str, value: str) -> None:
+        self._talk(lambda: self._agi.set_variable(name, value))
+
+    def verbose(self, message: str, level: int = 1) -> None:
+        self._talk(lambda: self._agi.verbose(message[:MAX_VERBOSE], level))
+
+    @staticmethod
+    def _talk(work):
+        from asterisk.agi import AGIException
+
+        try:
+            result = work()
+        except (AGIException, OSError, ValueError, EOFError) as e:
+            raise ChannelGone(str(e)) from None
+        return result
+
+
+def dialled_number(args: list[str], env: dict[str, str]) -> str:
+    """The number to look up: the AGI's first argument, else the extension, else the DNID.
+
+    The argument is the explicit choice and the only one that works from a Gosub (where the
+    extension is ``s``). ``agi_extension`` is what was dialled in a plain outbound context, and
+    keeps characters Asterisk strips from arguments. ``agi_dnid`` is the last resort.
+    """
+    if args and args[0].strip():
+        return args[0]
+    extension = env.get("agi_extension", "")
+    if extension and extension not in SPECIAL_EXTENSIONS:
+        return extension
+    dnid = env.get("agi_dnid", "")
+    return "" if dnid == "unknown" else dnid
+
+
+def variables_for(answer=None, failure: NplError | None = None, ms: int = 0) -> dict[str, str]:
+    """Every variable the script sets, so stale values from an earlier lookup never linger."""
+    values = dict.fromkeys(VARIABLES, "")
+    if answer is not None:
+        values.update(
+            NPL_NUMBER=answer.msisdn,
+            NPL_MCCMNC=answer.mccmnc,
+            NPL_MCC=answer.mcc,
+            NPL_MNC=answer.mnc,
+            NPL_MSC=answer.msc,
+            NPL_IMSI=answer.imsi,
+            NPL_NETWORK=answer.network,
+            NPL_COUNTRY=answer.country,
+            NPL_ERR=npl_err(answer.error),
+            NPL_SOURCE=answer.source,
+        )
+    if failure is not None:
+        values["NPL_ERR"] = npl_err(failure)
+    values["NPL_LOOKUP_MS"] = str(ms)
+    return values
+
+
+class _ChannelLog(logging.Handler):
+    """Library log lines (cache fallbacks) go to the Asterisk console as VERBOSE."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__(logging.WARNING)
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.channel.verbose(f"npl-agi: {record.getMessage()}", 1)
+        except ChannelGone:
+            pass
+
+
+def run(channel: Channel, args: list[str], config_path: str | None = None) -> dict[str, str]:
+    """Look up the call's number and set the variables; returns what it set (for tests)."""
+    logging.getLogger("npl_agi").addHandler(_ChannelLog(channel))
+    dialled = dialled_number(args, channel.env)
+    started = time.monotonic()
+    answer, failure = None, None
+    try:
+        from .config import load_config
+
+        config = load_config(config_path)
+        if not config.api.enabled:
+            raise Disabled("lookups are switched off (enabled = no)")
+        from .lookup import Lookup
+
+        answer = Lookup(config).one(dialled)
+    except NplError as e:
+        failure = e
+    except Exception as e:  # noqa: BLE001 - a bug of ours must not fail the call either
+        failure = NplError(f"internal error: {e.__class__.__name__}")
+    ms = round((time.monotonic() - started) * 1000)
+    values = variables_for(answer, failure, ms)
+    for name, value in values.items():
+        channel.set_variable(name, value)
+    shown = "'" + _UNSAFE.sub("?", dialled[:40]) + "'"
+    if values["NPL_ERR"]:
+        reason = str(failure) if failure else (answer.error_name if answer else "")
+        channel.verbose(f"npl-agi: {shown} NPL_ERR={values['NPL_ERR']} ({reason}) in {ms} ms", 1)
+    else:
+        channel.verbose(f"npl-agi: {shown} -> {values['NPL_MCCMNC']} {values['NPL_NETWORK']} ({values['NPL_SOURCE']}, {ms} ms)", 3)
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``agi-bin/npl-lookup.agi``. Always returns 0."""
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        run(Channel(), args)
+    except ChannelGone:
+        pass  # the caller hung up or Asterisk went away: nothing left to tell
+    except BaseException:  # noqa: BLE001, S110 - never a traceback to Asterisk
+        pass
+    return 0

@@ -1,0 +1,351 @@
+"""The lookup cache: SQLite on one PBX (the default), Redis for a cluster, or none.
+
+What is kept: network answers for ``ttl`` (portability changes take days), permanent
+per-number errors (``ERR1``, ``ERR11``, ``ERR13``, ``ERR21``) for ``error_ttl``, and nothing
+transient. A cache is an optimisation, never a dependency: any failure (locked, corrupt,
+read-only or missing file, Redis down or slow) is logged once and the lookup goes on uncached.
+
+The backend also provides the account lock, because it knows the lock's scope: a file lock for
+one machine, a Redis lock when several machines share the account through one Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from . import protocol
+from .config import ApiConfig, CacheConfig, Config
+from .locks import FileLock, lock_name
+from .protocol import Answer
+
+log = logging.getLogger("npl_agi")
+
+PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
+SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
+REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
+REDIS_PREFIX = "npl-agi:"
+
+
+def ttl_for(answer: Answer, cfg: CacheConfig) -> float:
+    """How long an answer may be served from the cache; 0 means not at all."""
+    if answer.ok and answer.mccmnc:
+        return cfg.ttl
+    if answer.error in PERMANENT_ERRORS:
+        return cfg.error_ttl
+    return 0.0
+
+
+def _record(answer: Answer) -> tuple[str, str, str, str]:
+    return answer.mccmnc, answer.msc, answer.imsi, answer.error
+
+
+def _answer(msisdn: str, mccmnc: str, msc: str, imsi: str, error: str) -> Answer:
+    if error:
+        return protocol.failed(msisdn, error, source="cache")
+    return Answer(msisdn, mccmnc=mccmnc, msc=msc, imsi=imsi, source="cache")
+
+
+class Cache:
+    """No cache at all (``backend = none``); the base of the real backends.
+
+    Public methods never raise: a backend error disables the backend for the rest of the
+    process after one log line.
+    """
+
+    name = "none"
+
+    def __init__(self, cfg: CacheConfig, clock=time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.broken = False
+
+    def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        return self._safely("read", self._get_many, {}, msisdns)
+
+    def record(self, hits: int, misses: int) -> None:
+        """Count hits and misses (for ``npl-agi cache stats``)."""
+        if hits or misses:
+            self._safely("write", self._record, None, hits, misses)
+
+    def put_many(self, answers: list[Answer]) -> None:
+        now = self.clock()
+        rows = [(a, now, now + ttl) for a in answers if (ttl := ttl_for(a, self.cfg)) > 0]
+        if rows:
+            self._safely("write", self._put_many, None, rows)
+
+    def account_lock(self, api: ApiConfig):
+        return FileLock.for_account(api.lock_dir, api.url, api.user)
+
+    def _safely(self, what: str, work, fallback, *args):
+        if self.broken:
+            return fallback
+        try:
+            return work(*args)
+        except Exception as e:  # noqa: BLE001 - whatever a cache does wrong, the call goes on
+            self.broken = True
+            log.warning("cache %s failed, continuing without the %s cache: %s", what, self.name, _short(e))
+            return fallback
+
+    # -- overridden by the backends --
+    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        return {}
+
+    def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
+        pass
+
+    def _record(self, hits: int, misses: int) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"backend": self.name}
+
+    def purge(self, msisdns: list[str] | None = None) -> int:
+        return 0
+
+    def export(self) -> Iterator[dict]:
+        return iter(())
+
+
+def _short(e: BaseException) -> str:
+    return f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
+
+
+class SqliteCache(Cache):
+    """One SQLite file shared by every AGI process on the machine (WAL, short busy timeout)."""
+
+    name = "sqlite"
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS answers (
+            msisdn TEXT PRIMARY KEY, mccmnc TEXT, msc TEXT, imsi TEXT, error TEXT,
+            stored REAL NOT NULL, expires REAL NOT NULL);
+        CREATE INDEX IF NOT EXISTS answers_expires ON answers(expires);
+        CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
+        INSERT OR IGNORE INTO counters VALUES ('created', strftime('%s','now')), ('hits', 0), ('misses', 0);
+    """
+
+    def __init__(self, cfg: CacheConfig, clock=time.time) -> None:
+        super().__init__(cfg, clock)
+        self._db = None
+
+    def _conn(self):
+        if self._db is None:
+            import sqlite3
+
+            path = self.cfg.path
+            os.makedirs(os.path.dirname(path) or ".", mode=0o770, exist_ok=True)
+            if not os.path.exists(path):
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o660))
+            db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
+            db.execute("PRAGMA busy_timeout = %d" % int(SQLITE_BUSY_TIMEOUT * 1000))
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
+                db.executescript(self.SCHEMA)
+            self._db = db
+        return self._db
+
+    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        db = self._conn()
+        now = self.clock()
+        found = {}
+        for start in range(0, len(msisdns), 500):
+            part = msisdns[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for row in db.execute(
+                f"SELECT msisdn, mccmnc, msc, imsi, error FROM answers WHERE expires > ? AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
+                [now, *part],
+            ):
+                found[row[0]] = _answer(*row)
+        return found
+
+    def _record(self, hits: int, misses: int) -> None:
+        db = self._conn()
+        with db:
+            db.executemany("UPDATE counters SET value = value + ? WHERE name = ?", [(hits, "hits"), (misses, "misses")])
+
+    def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
+        db = self._conn()
+        with db:
+            db.executemany(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(a.msisdn, *_record(a), stored, expires) for a, stored, expires in rows],
+            )
+            db.execute("DELETE FROM answers WHERE expires <= ?", (self.clock(),))
+
+    def stats(self) -> dict:
+        db = self._conn()
+        now = self.clock()
+        counters = dict(db.execute("SELECT name, value FROM counters"))
+        entries, oldest = db.execute("SELECT count(*), min(stored) FROM answers WHERE expires > ?", (now,)).fetchone()
+        return _stats(self.name, self.cfg.path, entries, oldest, counters)
+
+    def purge(self, msisdns: list[str] | None = None) -> int:
+        db = self._conn()
+        with db:
+            if msisdns is None:
+                return db.execute("DELETE FROM answers").rowcount
+            return sum(db.execute("DELETE FROM answers WHERE msisdn = ?", (m,)).rowcount for m in msisdns)
+
+    def export(self) -> Iterator[dict]:
+        db = self._conn()
+        rows = db.execute(
+            "SELECT msisdn, mccmnc, msc, imsi, error, stored, expires FROM answers WHERE expires > ? ORDER BY msisdn",
+            (self.clock(),),
+        )
+        for msisdn, mccmnc, msc, imsi, error, stored, expires in rows:
+            yield {**_answer(msisdn, mccmnc, msc, imsi, error).as_dict(), "stored": stored, "expires": expires}
+
+
+def _stats(backend: str, where: str, entries: int, oldest: float | None, counters: dict) -> dict:
+    hits, misses = int(counters.get("hits", 0)), int(counters.get("misses", 0))
+    return {
+        "backend": backend,
+        "location": where,
+        "entries": entries,
+        "oldest": oldest,
+        "since": float(counters["created"]) if counters.get("created") else None,
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": hits / (hits + misses) if hits + misses else 0.0,
+        "credits_saved": hits,
+    }
+
+
+class RedisCache(Cache):
+    """A cache shared by several PBXs through one Redis, with native expiry per key."""
+
+    name = "redis"
+
+    def __init__(self, cfg: CacheConfig, clock=time.time) -> None:
+        super().__init__(cfg, clock)
+        self._redis = None
+
+    def client(self):
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                self.cfg.redis_url,
+                socket_timeout=REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                decode_responses=True,
+            )
+        return self._redis
+
+    @staticmethod
+    def key(msisdn: str) -> str:
+        return f"{REDIS_PREFIX}answer:{msisdn}"
+
+    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        r = self.client()
+        found = {}
+        for m, value in zip(msisdns, r.mget([self.key(m) for m in msisdns]), strict=True):
+            if value:
+                mccmnc, msc, imsi, error, _stored = value.split(",")
+                found[m] = _answer(m, mccmnc, msc, imsi, error)
+        return found
+
+    def _record(self, hits: int, misses: int) -> None:
+        pipe = self.client().pipeline(transaction=False)
+        pipe.hsetnx(f"{REDIS_PREFIX}counters", "created", int(self.clock()))
+        pipe.hincrby(f"{REDIS_PREFIX}counters", "hits", hits)
+        pipe.hincrby(f"{REDIS_PREFIX}counters", "misses", misses)
+        pipe.execute()
+
+    def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
+        pipe = self.client().pipeline(transaction=False)
+        for a, stored, expires in rows:
+            value = ",".join((*_record(a), f"{stored:.0f}"))
+            pipe.set(self.key(a.msisdn), value, px=max(1, int((expires - stored) * 1000)))
+        pipe.execute()
+
+    def account_lock(self, api: ApiConfig):
+        return RedisLock(self, api)
+
+    def _scan(self) -> Iterator[str]:
+        return self.client().scan_iter(match=self.key("*"), count=1000)
+
+    def stats(self) -> dict:
+        r = self.client()
+        keys = list(self._scan())
+        stored = [v.rsplit(",", 1)[1] for v in r.mget(keys) if v] if keys else []
+        oldest = min((float(s) for s in stored), default=None)
+        return _stats(self.name, self.cfg.redis_url, len(stored), oldest, r.hgetall(f"{REDIS_PREFIX}counters"))
+
+    def purge(self, msisdns: list[str] | None = None) -> int:
+        r = self.client()
+        keys = list(self._scan()) if msisdns is None else [self.key(m) for m in msisdns]
+        return r.delete(*keys) if keys else 0
+
+    def export(self) -> Iterator[dict]:
+        r = self.client()
+        for key in sorted(self._scan()):
+            value, left_ms = r.get(key), r.pttl(key)
+            if value and left_ms > 0:
+                mccmnc, msc, imsi, error, stored = value.split(",")
+                msisdn = key.rsplit(":", 1)[1]
+                yield {
+                    **_answer(msisdn, mccmnc, msc, imsi, error).as_dict(),
+                    "stored": float(stored),
+                    "expires": self.clock() + left_ms / 1000,
+                }
+
+
+class RedisLock:
+    """The account lock held in Redis, so PBXs sharing an account never hold two connections.
+
+    A token-checked lock with an expiry (redis-py's ``Lock``): only its holder releases it, and
+    a holder that dies frees it when the request's deadline has passed. If Redis cannot be
+    reached the lock falls back to the local file lock, with one log line, so calls go on.
+    """
+
+    MARGIN = 5.0  # seconds past the request deadline before a dead holder's lock expires
+
+    def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
+        self.cache = cache
+        self.name = f"{REDIS_PREFIX}lock:{lock_name(api.url, api.user)}"
+        self.fallback = FileLock.for_account(api.lock_dir, api.url, api.user)
+        self._held = None
+
+    def acquire(self, deadline: float) -> None:
+        from redis.exceptions import LockError, RedisError
+
+        from .errors import LookupTimeout
+
+        if not self.cache.broken:
+            left = deadline - time.monotonic()
+            lock = self.cache.client().lock(
+                self.name, timeout=max(left, 0) + self.MARGIN, sleep=0.005, blocking_timeout=max(left, 0)
+            )
+            try:
+                if lock.acquire():
+                    self._held = lock
+                    return
+                raise LookupTimeout("deadline passed while waiting for the account lock in Redis")
+            except (RedisError, LockError, OSError) as e:
+                self.cache.broken = True
+                log.warning("Redis lock failed, falling back to the local file lock: %s", _short(e))
+        self.fallback.acquire(deadline)
+        self._held = self.fallback
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is self.fallback:
+            held.release()
+        elif held is not None:
+            try:
+                held.release()
+            except Exception as e:  # noqa: BLE001 - expired or Redis gone: nothing left to free
+                log.warning("Redis lock release failed: %s", _short(e))
+
+
+BACKENDS = {"none": Cache, "sqlite": SqliteCache, "redis": RedisCache}
+
+
+def open_cache(config: Config) -> Cache:
+    """The backend the configuration names; opening is lazy, so this never fails a call."""
+    return BACKENDS[config.cache.backend](config.cache)

@@ -1,0 +1,113 @@
+"""The one lookup path: normalise, then the cache, then the service for what the cache misses.
+
+The AGI script, the CLI and the FastAGI server all call ``Lookup``; none of them talks to the
+client or the cache on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+from . import protocol
+from .config import Config, require_credentials
+from .errors import NplError
+from .protocol import Answer
+
+log = logging.getLogger("npl_agi")
+Progress = Callable[[int, int], None]
+
+
+class Lookup:
+    """Looks numbers up for one configuration. Build it once; it opens what it needs lazily."""
+
+    def __init__(self, config: Config, *, cache=None, client=None, directory=None) -> None:
+        self.config = config
+        self._cache = cache
+        self._client = client
+        self._directory = directory
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            from .cache import open_cache
+
+            self._cache = open_cache(self.config)
+        return self._cache
+
+    @property
+    def client(self):
+        if self._client is None:
+            from .client import Client
+
+            require_credentials(self.config)
+            self._client = Client(self.config.api, lock=self.cache.account_lock(self.config.api))
+        return self._client
+
+    @property
+    def directory(self):
+        if self._directory is None:
+            from .networks import Directory
+
+            self._directory = Directory.load(self.config.networks)
+        return self._directory
+
+    def one(self, dialled: str, timeout: float | None = None) -> Answer:
+        """The answer for one dialled number (call time: the short deadline by default)."""
+        return self.many([dialled], timeout)[0]
+
+    def many(self, dialled: list[str], timeout: float | None = None, progress: Progress | None = None) -> list[Answer]:
+        """One answer per dialled number, in input order.
+
+        Numbers that cannot be normalised or are skipped by type get a per-number error and cost
+        nothing; cached answers cost nothing; the rest are asked once each. Raises the
+        ``ServiceRefused``/``TransportError`` that stopped the service from answering.
+        """
+        from .number import normalise, validate
+
+        cfg = self.config.number
+        readings_of: dict[str, tuple[str, ...]] = {}
+        local: dict[str, Answer] = {}
+        for d in dict.fromkeys(dialled):
+            try:
+                readings_of[d] = normalise(d, cfg)
+            except NplError as e:
+                local[d] = protocol.failed("", e.npl_err, number=d)
+        readings = list(dict.fromkeys(r for rs in readings_of.values() for r in rs))
+        found = self.cache.get_many(readings) if readings else {}
+        msisdn_of: dict[str, str] = {}
+        for d, rs in readings_of.items():
+            hit = next((r for r in rs if r in found), None)
+            if hit is None:
+                try:  # only numbers that may cost a credit pay for full validation
+                    hit = validate(rs, cfg)
+                except NplError as e:
+                    local[d] = protocol.failed("", e.npl_err, number=d)
+                    continue
+            msisdn_of[d] = hit
+        unread = [m for m in dict.fromkeys(msisdn_of.values()) if m not in found and m not in readings]
+        if unread:  # a canonical form (e.g. "+44 (0)7…" -> 447…) may be cached already
+            found.update(self.cache.get_many(unread))
+        wanted = list(dict.fromkeys(msisdn_of.values()))
+        misses = [m for m in wanted if m not in found]
+        self.cache.record(hits=len(wanted) - len(misses), misses=len(misses))
+        done = len(wanted) - len(misses)
+        if progress:
+            progress(done, len(wanted))
+        if misses:
+            for batch in self.client.batches(misses, timeout):
+                fresh = {m: replace(a, source="api") for m, a in batch.items()}
+                self.cache.put_many(list(fresh.values()))
+                found.update(fresh)
+                done += len(batch)
+                if progress:
+                    progress(done, len(wanted))
+        out = []
+        for d in dialled:
+            answer = local.get(d) or replace(found[msisdn_of[d]], number=d)
+            if answer.mccmnc:
+                country, network = self.directory.describe(answer.mccmnc)
+                answer = replace(answer, country=country, network=network)
+            out.append(answer)
+        return out
