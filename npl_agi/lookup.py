@@ -73,7 +73,7 @@ class Lookup:
             try:
                 readings_of[d] = normalise(d, cfg)
             except NplError as e:
-                local[d] = protocol.failed("", e.npl_err, number=d)
+                local[d] = replace(protocol.failed("", e.npl_err, number=d), error_name=str(e))
         readings = list(dict.fromkeys(r for rs in readings_of.values() for r in rs))
         found = self.cache.get_many(readings) if readings else {}
         msisdn_of: dict[str, str] = {}
@@ -83,7 +83,7 @@ class Lookup:
                 try:  # only numbers that may cost a credit pay for full validation
                     hit = validate(rs, cfg)
                 except NplError as e:
-                    local[d] = protocol.failed("", e.npl_err, number=d)
+                    local[d] = replace(protocol.failed("", e.npl_err, number=d), error_name=str(e))
                     continue
             msisdn_of[d] = hit
         unread = [m for m in dict.fromkeys(msisdn_of.values()) if m not in found and m not in readings]

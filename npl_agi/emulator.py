@@ -1,0 +1,200 @@
+"""Asterisk's side of a process AGI: for the demo and the tests, with no Asterisk installed.
+
+It starts the AGI script as Asterisk does (environment block on stdin, one reply per command),
+parses each command with the rules of Asterisk's own AGI argument parser, and records what the
+script set, so a test can see exactly what Asterisk would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+OK = "200 result=1"
+DEAD = "511 Command Not Permitted on a dead channel or intercept routine"
+# Commands Asterisk still runs on a hung-up channel (res_agi marks them dead-safe).
+DEAD_SAFE = frozenset({"SET VARIABLE", "GET VARIABLE", "GET FULL VARIABLE", "VERBOSE", "EXEC", "NOOP"})
+Responder = Callable[[int, list[str]], "str | None"]
+
+
+def parse_agi_args(line: str) -> tuple[list[str], bool]:
+    """Split one command line as res_agi.c's ``parse_args`` does; also say if a quote is left open."""
+    args: list[str] = []
+    cur: list[str] | None = None
+    quoted = escaped = False
+    for ch in line:
+        if ch == '"' and not escaped:
+            quoted = not quoted
+            if quoted and cur is None:
+                cur = []
+                args.append("")
+            continue
+        if ch in " \t" and not quoted and not escaped:
+            if cur is not None:
+                args[-1] = "".join(cur)
+            cur = None
+            continue
+        if ch == "\\" and not escaped:
+            escaped = True
+            continue
+        if cur is None:
+            cur = []
+            args.append("")
+        cur.append(ch)
+        escaped = False
+    if cur is not None:
+        args[-1] = "".join(cur)
+    return args, quoted
+
+
+def command_name(argv: list[str]) -> str:
+    """The command's words (``SET VARIABLE``), matched the way Asterisk matches them."""
+    for n in (3, 2, 1):
+        name = " ".join(argv[:n]).upper()
+        if name in DEAD_SAFE or n == 1:
+            return name
+    return ""
+
+
+@dataclass
+class AgiRun:
+    lines: list[str] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)
+    unbalanced: list[str] = field(default_factory=list)
+    variables: dict[str, str] = field(default_factory=dict)
+    verbose: list[str] = field(default_factory=list)
+    returncode: int | None = None
+    stderr: str = ""
+    seconds: float = 0.0
+
+
+def answer_all(n: int, argv: list[str]) -> str:
+    return OK
+
+
+def hung_up_after(k: int) -> Responder:
+    """Asterisk after a hangup at command ``k``: dead-safe commands still work, others get 511."""
+
+    def respond(n: int, argv: list[str]) -> str:
+        return OK if n < k or command_name(argv) in DEAD_SAFE else DEAD
+
+    return respond
+
+
+class AgiEmulator:
+    """Runs one AGI script invocation against an emulated channel."""
+
+    def __init__(self, script: str, *, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+        self.script = script
+        self.python = python
+        self.env = {**os.environ, **(env or {})}
+
+    def run(
+        self,
+        args: list[str] = (),
+        agi_env: dict[str, str] | None = None,
+        *,
+        respond: Responder = answer_all,
+        sighup_after: float | None = None,
+        timeout: float = 15.0,
+    ) -> AgiRun:
+        """Run the script; ``respond`` gives each reply (None closes the pipe), and
+        ``sighup_after`` sends SIGHUP that many seconds after the environment block."""
+        env_block = {
+            "agi_request": os.path.basename(self.script),
+            "agi_channel": "Local/emulated-00000001;2",
+            "agi_language": "en",
+            "agi_type": "Local",
+            "agi_uniqueid": "1764000000.1",
+            "agi_version": "22.10.1",
+            "agi_callerid": "unknown",
+            "agi_calleridname": "unknown",
+            "agi_context": "npl-outbound",
+            "agi_extension": "s",
+            "agi_priority": "1",
+            "agi_enhanced": "0.0",
+            "agi_accountcode": "",
+            "agi_threadid": "140000000000000",
+            **(agi_env or {}),
+        }
+        for i, a in enumerate(args, 1):
+            env_block[f"agi_arg_{i}"] = a
+        cmd = [self.python, self.script, *args] if self.python else [self.script, *args]
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env
+        )
+        run = AgiRun()
+        try:
+            self._converse(proc, env_block, respond, sighup_after, started + timeout, run)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            run.returncode = proc.wait()
+            run.stderr = proc.stderr.read().decode("utf-8", "replace")
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+            run.seconds = time.monotonic() - started
+        return run
+
+    def _converse(self, proc, env_block, respond, sighup_after, deadline, run) -> None:
+        header = "".join(f"{k}: {v}\n" for k, v in env_block.items()) + "\n"
+        proc.stdin.write(header.encode("utf-8", "surrogateescape"))
+        proc.stdin.flush()
+        sighup_at = time.monotonic() + sighup_after if sighup_after is not None else None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        buf = b""
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            wait = deadline - now
+            if sighup_at is not None:
+                if now >= sighup_at:
+                    proc.send_signal(signal.SIGHUP)
+                    sighup_at = None
+                    continue
+                wait = min(wait, sighup_at - now)
+            if not sel.select(wait):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                return proc.wait(max(0.0, deadline - time.monotonic()))
+            buf += chunk
+            while b"\n" in buf:
+                raw, buf = buf.split(b"\n", 1)
+                reply = self._handle(raw.decode("utf-8", "replace").rstrip("\r"), respond, run)
+                if reply is None:
+                    proc.stdin.close()
+                    return proc.wait(max(0.0, deadline - time.monotonic()))
+                try:
+                    proc.stdin.write((reply + "\n").encode())
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    return
+
+    @staticmethod
+    def _handle(line: str, respond: Responder, run: AgiRun) -> str | None:
+        run.lines.append(line)
+        argv, open_quote = parse_agi_args(line)
+        run.commands.append(argv)
+        if open_quote:
+            run.unbalanced.append(line)
+        reply = respond(len(run.commands) - 1, argv)
+        if reply and reply.startswith("200"):
+            name = command_name(argv)
+            if name == "SET VARIABLE" and len(argv) >= 4:
+                run.variables[argv[2]] = argv[3]
+            elif name == "VERBOSE" and len(argv) >= 2:
+                run.verbose.append(argv[1])
+        return reply

@@ -1,0 +1,52 @@
+"""Shared fixtures: the simulator as a real HTTP server on loopback, and config files for it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from npl_agi.simulator import Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+AGI_SCRIPT = ROOT / "agi-bin" / "npl-lookup.agi"
+
+
+@pytest.fixture
+def sim():
+    """A fresh simulator on 127.0.0.1, a free port, default accounts (demo/demo, ...)."""
+    with Simulator("127.0.0.1", 0) as s:
+        yield s
+
+
+def write_config(path: Path, url: str, *, user: str = "demo", password: str = "demo", **sections) -> Path:
+    """Write an npl-agi.conf. ``sections`` maps section name to {key: value} overrides."""
+    values = {
+        "api": {"url": url, "user": user, "password": password, "lock_dir": str(path.parent)},
+        "number": {"country_code": "44"},
+        "cache": {"backend": "sqlite", "path": str(path.parent / "cache.sqlite")},
+    }
+    for section, overrides in sections.items():
+        values.setdefault(section, {}).update(overrides)
+    text = "".join(
+        f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for section, keys in values.items()
+    )
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path, sim):
+    """A config for the simulator's demo account, with its own lock dir and SQLite cache."""
+    return write_config(tmp_path / "npl-agi.conf", sim.url)
+
+
+@pytest.fixture
+def subprocess_env():
+    """Environment for child processes that import npl_agi from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["NPL_PYTHON"] = sys.executable
+    return env
