@@ -151,7 +151,7 @@ def run(channel: Channel, args: list[str], config_path: str | None = None) -> di
     dialled = dialled_number(args, channel.env)
     started = time.monotonic()
     answer, failure = None, None
-    try:
+    try:  # Lookup.one() turns service and network failures into the answer's error
         from .config import load_config
 
         config = load_config(config_path)

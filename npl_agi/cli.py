@@ -105,9 +105,23 @@ def cmd_lookup(args) -> int:
     lookup = _lookup_for(args)
     timeout = args.timeout or (lookup.config.api.bulk_timeout if args.file else lookup.config.api.timeout)
     progress = Progress(sys.stderr) if args.file and sys.stderr.isatty() else None
-    answers = lookup.many(numbers, timeout, progress)
+    try:
+        answers = lookup.many(numbers, timeout, progress)
+        failure = None
+    except NplError as e:
+        if not hasattr(e, "answers"):
+            raise
+        answers, failure = e.answers, e
     if progress:
         progress.done()
+    show_answers(args, answers)
+    if failure is not None:
+        raise failure
+    return EXIT_OK
+
+
+def show_answers(args, answers) -> None:
+    """Print the answers (lines or JSON) and write the CSV file, as the options ask."""
     if args.output:
         with open(args.output, "w", newline="", encoding="utf-8") as f:
             write_csv(f, answers)
@@ -117,7 +131,6 @@ def cmd_lookup(args) -> int:
     elif not args.output:
         for a in answers:
             print(format_line(a))
-    return EXIT_OK
 
 
 def read_numbers(path: str) -> list[str]:

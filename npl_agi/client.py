@@ -55,6 +55,8 @@ class Client:
         for start in range(0, len(unique), size):
             chunk = unique[start : start + size]
             body, cut_by_deadline = self._exchange(chunk, timeout)
+            if cut_by_deadline and "\n" not in body:
+                raise LookupTimeout("the service did not finish its first line before the deadline")
             cut = TIMEOUT if cut_by_deadline else TRUNCATED
             yield self._guard(lambda: protocol.parse_response(body, chunk, cut_short=cut))
 
@@ -148,9 +150,14 @@ class Client:
         try:
             return work()
         except NplError as e:
+            text = str(e)
             secret = self.api.password
-            if secret and secret in str(e):
-                e.args = (str(e).replace(secret, "***"),)
+            if secret:
+                from urllib.parse import quote, quote_plus
+
+                for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
+                    text = text.replace(form, "***")
+                e.args = (text,)
             raise
 
 

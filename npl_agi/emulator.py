@@ -90,9 +90,9 @@ def hung_up_after(k: int) -> Responder:
 class AgiEmulator:
     """Runs one AGI script invocation against an emulated channel."""
 
-    def __init__(self, script: str, *, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+    def __init__(self, script: str, *, python: str | list[str] = sys.executable, env: dict[str, str] | None = None) -> None:
         self.script = script
-        self.python = python
+        self.python = [python] if isinstance(python, str) else list(python)
         self.env = {**os.environ, **(env or {})}
 
     def run(
@@ -125,7 +125,7 @@ class AgiEmulator:
         }
         for i, a in enumerate(args, 1):
             env_block[f"agi_arg_{i}"] = a
-        cmd = [self.python, self.script, *args] if self.python else [self.script, *args]
+        cmd = [*self.python, self.script, *args]
         started = time.monotonic()
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env

@@ -54,15 +54,28 @@ class Lookup:
         return self._directory
 
     def one(self, dialled: str, timeout: float | None = None) -> Answer:
-        """The answer for one dialled number (call time: the short deadline by default)."""
-        return self.many([dialled], timeout)[0]
+        """The answer for one dialled number (call time: the short deadline by default).
 
-    def many(self, dialled: list[str], timeout: float | None = None, progress: Progress | None = None) -> list[Answer]:
+        Never raises ``NplError``: a service or network failure is the answer's ``error``
+        (its ``NPL_ERR`` value, e.g. ``TIMEOUT``), with the reason in ``error_name``.
+        """
+        return self.many([dialled], timeout, strict=False)[0]
+
+    def many(
+        self,
+        dialled: list[str],
+        timeout: float | None = None,
+        progress: Progress | None = None,
+        *,
+        strict: bool = True,
+    ) -> list[Answer]:
         """One answer per dialled number, in input order.
 
         Numbers that cannot be normalised or are skipped by type get a per-number error and cost
-        nothing; cached answers cost nothing; the rest are asked once each. Raises the
-        ``ServiceRefused``/``TransportError`` that stopped the service from answering.
+        nothing; cached answers cost nothing; the rest are asked once each. When a request fails
+        as a whole (refused, unreachable, timed out), its numbers get that failure as their
+        error and no later request is sent; with ``strict`` the failure is then raised, carrying
+        every answer in its ``answers`` attribute (what was already paid for is not lost).
         """
         from .number import normalise, validate
 
@@ -95,14 +108,21 @@ class Lookup:
         done = len(wanted) - len(misses)
         if progress:
             progress(done, len(wanted))
+        failure = None
         if misses:
-            for batch in self.client.batches(misses, timeout):
-                fresh = {m: replace(a, source="api") for m, a in batch.items()}
-                self.cache.put_many(list(fresh.values()))
-                found.update(fresh)
-                done += len(batch)
-                if progress:
-                    progress(done, len(wanted))
+            try:
+                for batch in self.client.batches(misses, timeout):
+                    fresh = {m: replace(a, source="api") for m, a in batch.items()}
+                    self.cache.put_many(list(fresh.values()))
+                    found.update(fresh)
+                    done += len(batch)
+                    if progress:
+                        progress(done, len(wanted))
+            except NplError as e:
+                failure = e
+                for m in misses:
+                    if m not in found:
+                        found[m] = replace(protocol.failed(m, e.npl_err), error_name=str(e))
         out = []
         for d in dialled:
             answer = local.get(d) or replace(found[msisdn_of[d]], number=d)
@@ -110,4 +130,7 @@ class Lookup:
                 country, network = self.directory.describe(answer.mccmnc)
                 answer = replace(answer, country=country, network=network)
             out.append(answer)
+        if failure is not None and strict:
+            failure.answers = out
+            raise failure
         return out

@@ -1,0 +1,108 @@
+"""``npl-agi demo``: the whole call-time path on the bundled simulator, no account or Asterisk.
+
+It starts the simulator on a free loopback port, runs the real ``npl-lookup.agi`` behind the
+AGI channel emulator for a handful of dialled numbers, and shows what the dialplan would see
+and which route the bundled ``npl-routes.conf`` would take.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from .emulator import AgiEmulator
+from .simulator import Simulator
+
+CASES = (
+    ("07788450450", "national (UK trunk prefix 0)"),
+    ("00447810701702", "international with 00; listed as ported"),
+    ("+44 7400 123456", "international with + and spaces"),
+    ("07973100100", "unknown subscriber"),
+    ("07400000029", "absent subscriber (transient, not cached)"),
+    ("020 7946 0018", "London landline: no credit spent"),
+    ('0779"; EXEC Dial', "garbage from a SIP URI"),
+    ("07400999902", "the service hangs: call-time deadline"),
+    ("07788450450", "the same number again: from the cache"),
+)
+_ROUTE_RE = re.compile(r"^\s*exten\s*=>?\s*(\d{5,6})\s*,\s*1\s*,\s*([^;]+?)\s*(?:;\s*(.*))?$")
+
+
+def find_file(*parts: str) -> Path | None:
+    """A bundled file: from the source checkout, else from the installed ``share/npl-agi``."""
+    here = Path(__file__).resolve().parent.parent
+    for base in (here, Path(sys.prefix) / "share" / "npl-agi"):
+        candidate = base.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def find_agi_script() -> Path | None:
+    return find_file("agi-bin", "npl-lookup.agi") or next(
+        (p for p in [Path(sys.prefix) / "bin" / "npl-lookup.agi"] if p.exists()), None
+    )
+
+
+def read_routes(path: Path | None) -> dict[str, str]:
+    """MCCMNC -> the first step of its route in ``npl-routes.conf`` (for the demo's last column)."""
+    routes: dict[str, str] = {}
+    if path is None:
+        return routes
+    comment = ""
+    in_routes = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            in_routes = stripped.startswith("[npl-routes]")
+            continue
+        m = _ROUTE_RE.match(line)
+        if in_routes and m:
+            routes[m.group(1)] = m.group(2)
+        elif stripped.startswith(";"):
+            comment = stripped.lstrip("; ")
+    del comment
+    return routes
+
+
+def run_demo(out=None) -> int:
+    out = out or sys.stdout
+    script = find_agi_script()
+    if script is None:
+        print("npl-agi demo: npl-lookup.agi not found (run from the source tree or install the package)", file=sys.stderr)
+        return 1
+    routes = read_routes(find_file("dialplan", "npl-routes.conf"))
+    with tempfile.TemporaryDirectory(prefix="npl-agi-demo-") as tmp, Simulator("127.0.0.1", 0) as sim:
+        config = Path(tmp) / "npl-agi.conf"
+        config.write_text(
+            f"[api]\nurl = {sim.url}\nuser = demo\npassword = demo\ntimeout = 2\nlock_dir = {tmp}\n"
+            f"[number]\ncountry_code = 44\n[cache]\npath = {tmp}/cache.sqlite\n"
+        )
+        print(f"npl-agi demo: simulator at {sim.url}, AGI script {script}", file=out)
+        print(f"{'dialled':<22} {'NPL_NUMBER':<13} {'MCCMNC':<7} {'NPL_NETWORK':<13} {'NPL_ERR':<10} {'source':<6} {'ms':>5}  route", file=out)
+        emulator = AgiEmulator(str(script), env={"NPL_AGI_CONFIG": str(config), **_pythonpath()})
+        for dialled, what in CASES:
+            run = emulator.run([dialled], {"agi_extension": dialled})
+            v = run.variables
+            if run.returncode != 0 or "NPL_ERR" not in v:
+                print(f"{dialled!r}: the AGI script failed (exit {run.returncode}): {run.stderr.strip()[-300:]}", file=out)
+                return 1
+            route = routes.get(v["NPL_MCCMNC"], "") if not v["NPL_ERR"] else ""
+            route = f"npl-routes,{v['NPL_MCCMNC']}: {route}" if route else "npl-fallback"
+            print(
+                f"{dialled:<22} {v['NPL_NUMBER'] or '-':<13} {v['NPL_MCCMNC'] or '-':<7} {v['NPL_NETWORK'] or '-':<13.13} "
+                f"{v['NPL_ERR'] or '-':<10} {v['NPL_SOURCE'] or '-':<6} {v['NPL_LOOKUP_MS']:>5}  {route}",
+                file=out,
+            )
+            print(f"{'':<22} ({what})", file=out)
+        charged = sim.stats()["charged"]
+        print(f"credits spent: {len(charged)} for {len(CASES)} calls", file=out)
+    return 0
+
+
+def _pythonpath() -> dict[str, str]:
+    """Let the script import this very package, also when it runs from a source checkout."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
