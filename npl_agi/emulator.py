@@ -181,7 +181,7 @@ class AgiEmulator:
                     proc.stdin.write((reply + "\n").encode())
                     proc.stdin.flush()
                 except BrokenPipeError:
-                    return
+                    pass  # the script is gone; still record what it had already written
 
     @staticmethod
     def _handle(line: str, respond: Responder, run: AgiRun) -> str | None:

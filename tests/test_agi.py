@@ -1,0 +1,230 @@
+"""The real AGI script as a subprocess over pipes, behind the AGI channel emulator."""
+
+import os
+import signal
+import socket
+import sys
+import time
+
+import pytest
+
+from npl_agi.agi import VARIABLES, agi_quote
+from npl_agi.emulator import DEAD, OK, AgiEmulator, hung_up_after, parse_agi_args
+from tests.conftest import AGI_SCRIPT, write_config
+
+COMMANDS = len(VARIABLES) + 1  # every variable, then one VERBOSE line
+
+
+@pytest.fixture
+def agi(config_file, subprocess_env):
+    return AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(config_file)})
+
+
+def agi_with(tmp_path, subprocess_env, url, **sections):
+    config = write_config(tmp_path / "custom.conf", url, **sections)
+    return AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(config)})
+
+
+def assert_clean(run):
+    """Exit 0, no traceback, only well-formed SET VARIABLE/VERBOSE commands."""
+    assert run.returncode == 0
+    assert run.stderr == ""
+    assert run.unbalanced == []
+    for argv in run.commands:
+        assert argv[:2] == ["SET", "VARIABLE"] and argv[2] in VARIABLES and len(argv) == 4 or argv[0] == "VERBOSE"
+
+
+def test_success_sets_every_variable_then_a_second_call_is_served_from_the_cache(agi, sim):
+    run = agi.run(["07788450450"])
+    assert_clean(run)
+    assert len(run.commands) == COMMANDS
+    v = run.variables
+    assert list(v) == list(VARIABLES)
+    assert (v["NPL_NUMBER"], v["NPL_MCCMNC"], v["NPL_MCC"], v["NPL_MNC"]) == ("447788450450", "23415", "234", "15")
+    assert v["NPL_MSC"].isdigit() and v["NPL_IMSI"].startswith("23415")
+    assert (v["NPL_NETWORK"], v["NPL_COUNTRY"], v["NPL_ERR"], v["NPL_SOURCE"]) == ("Vodafone UK", "GB", "", "api")
+    assert v["NPL_LOOKUP_MS"].isdigit()
+    again = agi.run(["07788450450"]).variables
+    assert again["NPL_SOURCE"] == "cache" and again["NPL_MCCMNC"] == "23415"
+    assert sim.stats()["charged"] == ["447788450450"]
+
+
+@pytest.mark.parametrize(
+    ("number", "npl_err"),
+    [
+        ("07973100100", "ERR1"),
+        ("07400000029", "ERR29"),
+        ("07400000077", "ERR77"),
+        ("hello", "BADNUMBER"),
+        ("020 7946 0018", "NOTMOBILE"),
+        ("07400999903", "PROTOCOL"),  # the answer was cut short before our number's line
+        ("07400999905", "PROTOCOL"),
+        ("07400999906", "PROTOCOL"),
+    ],
+)
+def test_per_number_and_service_errors(agi, number, npl_err):
+    run = agi.run([number])
+    assert_clean(run)
+    assert run.variables["NPL_ERR"] == npl_err
+    assert run.variables["NPL_MCCMNC"] == ""
+    assert any(npl_err in line for line in run.verbose)
+
+
+@pytest.mark.parametrize(
+    ("api", "npl_err"),
+    [
+        ({"password": "wrong"}, "AUTH"),
+        ({"user": "nocredit", "password": "nocredit"}, "CREDIT"),
+        ({"user": "locked", "password": "locked"}, "LOCKED"),
+        ({"password": ""}, "CONFIG"),
+        ({"timeout": "often"}, "CONFIG"),
+        ({"enabled": "no"}, "DISABLED"),
+    ],
+)
+def test_account_and_config_errors(tmp_path, subprocess_env, sim, api, npl_err):
+    run = agi_with(tmp_path, subprocess_env, sim.url, api=api).run(["07788450450"])
+    assert_clean(run)
+    assert run.variables["NPL_ERR"] == npl_err
+    if npl_err in ("DISABLED", "CONFIG"):
+        assert sim.stats()["requests"] == []
+
+
+def test_missing_config_file(tmp_path, subprocess_env):
+    env = {**subprocess_env, "NPL_AGI_CONFIG": str(tmp_path / "nowhere.conf")}
+    run = AgiEmulator(str(AGI_SCRIPT), env=env).run(["07788450450"])
+    assert_clean(run)
+    assert run.variables["NPL_ERR"] == "CONFIG"
+    assert any("nowhere.conf" in line for line in run.verbose)
+
+
+def test_unreachable(tmp_path, subprocess_env):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/npl"
+    run = agi_with(tmp_path, subprocess_env, url).run(["07788450450"])
+    assert_clean(run)
+    assert run.variables["NPL_ERR"] == "UNREACHABLE"
+    assert run.variables["NPL_NUMBER"] == "447788450450"
+
+
+def test_timeout_within_the_configured_deadline(tmp_path, subprocess_env, sim):
+    run = agi_with(tmp_path, subprocess_env, sim.url, api={"timeout": "1"}).run(["07400999902"])
+    assert_clean(run)
+    assert run.variables["NPL_ERR"] == "TIMEOUT"
+    assert 1000 <= int(run.variables["NPL_LOOKUP_MS"]) < 1500
+    assert run.seconds < 1 + 1.5
+
+
+HOSTILE = [
+    '"',
+    "\\",
+    '\\"',
+    'x" "y',
+    "0;Dial(SIP/evil)",
+    '07788450450"\nEXEC Dial "SIP/evil',
+    "\r\nHANGUP\r\n",
+    "x" * 1024,
+    "é漢字٠١٢",
+    "＋４４７７８８４５０４５０",
+    "\x1b[2J\x07\x7f\x85\u2028",
+    "",
+]
+
+
+@pytest.mark.parametrize("dialled", HOSTILE)
+def test_hostile_numbers_in_the_extension_never_add_commands(agi, sim, dialled):
+    run = agi.run([], {"agi_extension": dialled, "agi_dnid": "unknown"})
+    assert_clean(run)
+    assert sim.stats()["requests"] == []
+    if "\n" in dialled:
+        # A line break ends the environment block early, as it would from Asterisk: the rest
+        # of the block then reads as replies, and the script stops at the first bad one.
+        assert len(run.commands) <= COMMANDS
+    else:
+        assert len(run.commands) == COMMANDS
+        assert run.variables["NPL_ERR"] == "BADNUMBER"
+
+
+@pytest.mark.parametrize("dialled", [h for h in HOSTILE if h and "\n" not in h and "\r" not in h])
+def test_hostile_numbers_as_the_argument_never_add_commands(agi, sim, dialled):
+    run = agi.run([dialled])
+    assert_clean(run)
+    assert len(run.commands) == COMMANDS
+    assert run.variables["NPL_ERR"] == "BADNUMBER"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['a"b', "a\\b", "a\nb", "a\rb", '\\"', "x" * 5000, "tab\there", "\x00", "ü"],
+)
+def test_quoting_survives_asterisks_parser(value):
+    argv, unbalanced = parse_agi_args(f"SET VARIABLE NPL_X {agi_quote(value)}")
+    assert not unbalanced
+    assert len(argv) == 4
+    assert "\n" not in argv[3] and "\r" not in argv[3]
+    assert argv[3] == "".join(" " if c in "\n\r\t\x00" else c for c in value)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["07788450450"], {"agi_extension": "07973100100"}, "447788450450"),  # the argument wins
+        ([], {"agi_extension": "07788450450"}, "447788450450"),
+        ([], {"agi_extension": "s", "agi_dnid": "07810701702"}, "447810701702"),  # Gosub: ext is s
+        ([" "], {"agi_extension": "07788450450"}, "447788450450"),
+    ],
+)
+def test_where_the_number_comes_from(agi, args, env, expected):
+    assert agi.run(args, env).variables["NPL_NUMBER"] == expected
+
+
+@pytest.mark.parametrize("step", range(COMMANDS))
+def test_hangup_at_each_step_still_sets_what_a_dead_channel_accepts(agi, step):
+    run = agi.run(["07788450450"], respond=hung_up_after(step))
+    assert_clean(run)
+    assert len(run.commands) == COMMANDS
+    assert run.variables["NPL_MCCMNC"] == "23415"
+
+
+USAGE = "520-Invalid command syntax.  Proper usage follows:\nUsage: SET VARIABLE <variablename> <value>\n520 End of proper usage."
+
+
+@pytest.mark.parametrize("reply", [DEAD, "200 result=-1", "HANGUP", USAGE, None])
+@pytest.mark.parametrize("step", [0, 5, COMMANDS - 1])
+def test_a_refused_command_ends_the_script_quietly(agi, step, reply):
+    run = agi.run(["07788450450"], respond=lambda n, argv: OK if n < step else reply)
+    assert run.returncode == 0
+    assert run.stderr == ""
+    assert len(run.commands) == step + 1  # nothing sent after the refusal
+
+
+def test_sighup_during_a_slow_lookup_ends_within_the_deadline(tmp_path, subprocess_env, sim):
+    agi = agi_with(tmp_path, subprocess_env, sim.url, api={"timeout": "1"})
+    run = agi.run(["07400999902"], sighup_after=0.3)
+    assert_clean(run)
+    assert run.seconds < 1 + 1.5
+    assert run.variables["NPL_ERR"] == "TIMEOUT"
+
+
+def test_sighup_while_the_interpreter_starts_is_quiet(agi):
+    """Before Python can ignore SIGHUP the signal simply ends the process: no output at all."""
+    run = agi.run(["07788450450"], sighup_after=0.0)
+    assert run.returncode in (0, -signal.SIGHUP)
+    assert run.stderr == ""
+    assert run.unbalanced == []
+
+
+def test_a_broken_install_still_reports_config(tmp_path):
+    """Without the npl_agi package importable the script still answers NPL_ERR=CONFIG."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = AgiEmulator(str(AGI_SCRIPT), python=[sys.executable, "-S", "-I"], env=env).run(["07788450450"])
+    assert run.returncode == 0
+    assert run.stderr == ""
+    assert run.variables == {"NPL_ERR": "CONFIG"}
+    assert "cannot be imported" in run.verbose[0]
+
+
+def test_timing_is_reported(agi):
+    started = time.monotonic()
+    run = agi.run(["07788450450"])
+    assert int(run.variables["NPL_LOOKUP_MS"]) <= (time.monotonic() - started) * 1000
