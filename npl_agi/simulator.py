@@ -134,7 +134,7 @@ class Simulator:
             }
 
     def start(self) -> Simulator:
-        self._thread = threading.Thread(target=self.server.serve_forever, name="npl-simulator", daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="npl-simulator", daemon=True)
         self._thread.start()
         return self
 
