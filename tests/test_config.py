@@ -1,0 +1,374 @@
+"""Configuration: where it is read from, its defaults, the sample file, and one clear line per mistake."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npl_agi.config import (
+    DEFAULT_PATH,
+    ENV_VAR,
+    NUMBER_TYPES,
+    ApiConfig,
+    CacheConfig,
+    Config,
+    NumberConfig,
+    config_path,
+    load_config,
+    require_credentials,
+)
+from npl_agi.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "npl-agi.conf.sample"
+SECTIONS = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig}
+SECRET = "Pw-7f3Q-zK9-never-shown"
+
+
+def write(tmp_path: Path, text: str, name: str = "npl-agi.conf") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- where the file is read from --
+
+
+def test_path_argument_wins_over_environment(monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "/from/env.conf")
+    assert config_path("/from/arg.conf") == "/from/arg.conf"
+
+
+def test_path_from_environment(monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "/from/env.conf")
+    assert config_path() == "/from/env.conf"
+    assert config_path(None) == "/from/env.conf"
+
+
+def test_default_path(monkeypatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert config_path() == DEFAULT_PATH == "/etc/asterisk/npl-agi.conf"
+
+
+def test_load_reads_argument_then_environment(tmp_path, monkeypatch) -> None:
+    by_arg = write(tmp_path, "[api]\nuser = from-arg\n", "arg.conf")
+    by_env = write(tmp_path, "[api]\nuser = from-env\n", "env.conf")
+    monkeypatch.setenv(ENV_VAR, str(by_env))
+    assert load_config(str(by_arg)).api.user == "from-arg"
+    assert load_config(str(by_arg)).path == str(by_arg)
+    assert load_config().api.user == "from-env"
+    assert load_config().path == str(by_env)
+
+
+def test_load_falls_back_to_default_path(monkeypatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    if os.path.exists(DEFAULT_PATH):
+        assert load_config().path == DEFAULT_PATH
+    else:
+        with pytest.raises(ConfigError) as e:
+            load_config()
+        assert DEFAULT_PATH in str(e.value)
+        assert "not found" in str(e.value)
+
+
+# -- defaults --
+
+
+def test_empty_file_gives_defaults(tmp_path) -> None:
+    path = write(tmp_path, "")
+    config = load_config(str(path))
+    assert config == Config(path=str(path))
+    assert config.api == ApiConfig()
+    assert config.number == NumberConfig()
+    assert config.cache == CacheConfig()
+    assert config.networks == {}
+
+
+def test_default_values() -> None:
+    api, number, cache = ApiConfig(), NumberConfig(), CacheConfig()
+    assert api.url == "https://secure.comcetera.com/npl"
+    assert (api.user, api.password) == ("", "")
+    assert api.apiver == "2.4"
+    assert api.timeout == 2.0
+    assert api.bulk_timeout == 600.0
+    assert api.batch_size == 1000
+    assert api.enabled is True
+    assert api.verify_tls is True
+    assert api.lock_dir == ""
+    assert (number.national_prefix, number.international_prefix) == ("0", "00")
+    assert number.lookup_types == ("mobile", "fixed_line_or_mobile")
+    assert cache.backend == "sqlite"
+    assert cache.ttl == 86400.0
+    assert cache.error_ttl == 3600.0
+
+
+def test_values_are_converted(tmp_path) -> None:
+    path = write(
+        tmp_path,
+        "[api]\nurl = http://127.0.0.1:9/npl\ntimeout = 1.5\nbatch_size = 250\nenabled = no\nverify_tls = off\n"
+        "[number]\ncountry_code = 49\nlookup_types = Mobile,  FIXED_LINE  toll_free\n"
+        "[cache]\nbackend = none\nttl = 60 ; a minute\nerror_ttl = 30 # half a minute\n"
+        "[networks]\n23415 = GB, Vodafone UK\n310260 = T-Mobile\n",
+    )
+    config = load_config(str(path))
+    assert config.api.timeout == 1.5
+    assert config.api.batch_size == 250 and isinstance(config.api.batch_size, int)
+    assert config.api.enabled is False
+    assert config.api.verify_tls is False
+    assert config.number.country_code == "49"
+    assert config.number.lookup_types == ("mobile", "fixed_line", "toll_free")
+    assert config.cache.backend == "none"
+    assert (config.cache.ttl, config.cache.error_ttl) == (60.0, 30.0)
+    assert config.networks == {"23415": "GB, Vodafone UK", "310260": "T-Mobile"}
+
+
+@pytest.mark.parametrize(("raw", "value"), [("yes", True), ("True", True), ("on", True), ("1", True), ("NO", False)])
+def test_yes_no_values(tmp_path, raw: str, value: bool) -> None:
+    assert load_config(str(write(tmp_path, f"[api]\nenabled = {raw}\n"))).api.enabled is value
+
+
+def test_batch_size_of_1000_is_allowed(tmp_path) -> None:
+    assert load_config(str(write(tmp_path, "[api]\nbatch_size = 1000\n"))).api.batch_size == 1000
+
+
+# -- the shipped sample --
+
+
+def sample_parser() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(SAMPLE, encoding="utf-8")
+    return parser
+
+
+def test_sample_parses() -> None:
+    config = load_config(str(SAMPLE))
+    assert config.path == str(SAMPLE)
+    assert config.number.country_code == "44"
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_sample_documents_every_key(section: str) -> None:
+    parser = sample_parser()
+    assert set(parser[section]) == set(SECTIONS[section].__dataclass_fields__)
+
+
+def test_sample_has_exactly_the_known_sections() -> None:
+    assert set(sample_parser().sections()) == {"api", "number", "cache", "networks"}
+
+
+def test_sample_shows_the_defaults() -> None:
+    """The sample says every key shows its default; country_code is the one example value."""
+    config = load_config(str(SAMPLE))
+    assert config.api == ApiConfig()
+    assert config.number == dataclasses.replace(NumberConfig(), country_code="44")
+    assert config.cache == CacheConfig()
+    assert config.networks == {}
+
+
+def test_sample_lists_every_number_type() -> None:
+    text = SAMPLE.read_text(encoding="utf-8")
+    listed = re.search(r"; Types: (.*?); or \"any\"", text, re.S)
+    assert listed is not None
+    names = {n.strip(" ;\n") for n in listed.group(1).split(",")}
+    assert names == set(NUMBER_TYPES)
+
+
+def test_sample_networks_examples_are_valid(tmp_path) -> None:
+    text = SAMPLE.read_text(encoding="utf-8")
+    examples = re.findall(r"^; (\d{5,6} = .+)$", text, re.M)
+    assert examples
+    config = load_config(str(write(tmp_path, "[networks]\n" + "\n".join(examples) + "\n")))
+    assert set(config.networks) == {e.split()[0] for e in examples}
+
+
+# -- mistakes: one ConfigError line naming the file and the key --
+
+BAD = [
+    # (id, file text, what the message must name besides the file)
+    ("not-ini", "this is not an ini file\n", "INI"),
+    ("not-ini-key-before-section", "user = demo\n[api]\n", "INI"),
+    ("duplicate-key", "[api]\nuser = a\nuser = b\n", "user"),
+    ("duplicate-section", "[api]\n[api]\n", "api"),
+    ("unknown-section", "[cach]\nttl = 5\n", "[cach]"),
+    ("unknown-section-case", "[API]\nuser = demo\n", "[API]"),
+    ("unknown-section-default", "[DEFAULT]\ntimeout = 5\n", "[DEFAULT]"),
+    ("unknown-key-api", "[api]\npasswd = x\n", "passwd"),
+    ("unknown-key-number", "[number]\ncountrycode = 44\n", "countrycode"),
+    ("unknown-key-cache", "[cache]\nsize = 10\n", "size"),
+    ("bad-number-word", "[api]\ntimeout = fast\n", "[api] timeout"),
+    ("bad-number-zero", "[api]\ntimeout = 0\n", "[api] timeout"),
+    ("bad-number-negative", "[cache]\nerror_ttl = -5\n", "[cache] error_ttl"),
+    ("bad-number-nan", "[api]\ntimeout = nan\n", "[api] timeout"),
+    ("bad-number-inf", "[api]\nbulk_timeout = inf\n", "[api] bulk_timeout"),
+    ("bad-number-ttl-nan", "[cache]\nttl = NaN\n", "[cache] ttl"),
+    ("bad-number-int", "[api]\nbatch_size = 10.5\n", "[api] batch_size"),
+    ("bad-number-empty", "[api]\ntimeout =\n", "[api] timeout"),
+    ("bad-yes-no", "[api]\nenabled = maybe\n", "[api] enabled"),
+    ("bad-yes-no-2", "[api]\nverify_tls = 2\n", "[api] verify_tls"),
+    ("bad-yes-no-empty", "[api]\nverify_tls =\n", "[api] verify_tls"),
+    ("bad-url-scheme", "[api]\nurl = ftp://secure.comcetera.com/npl\n", "[api] url"),
+    ("bad-url-no-scheme", "[api]\nurl = secure.comcetera.com/npl\n", "[api] url"),
+    ("bad-url-empty", "[api]\nurl =\n", "[api] url"),
+    ("bad-url-no-host", "[api]\nurl = https://\n", "[api] url"),
+    ("bad-url-no-host-path", "[api]\nurl = http:///npl\n", "[api] url"),
+    ("batch-size-over-1000", "[api]\nbatch_size = 1001\n", "[api] batch_size"),
+    ("bad-lookup-type", "[number]\nlookup_types = mobile, cell\n", "[number] lookup_types"),
+    ("bad-lookup-type-semicolon", "[number]\nlookup_types = mobile;fixed_line\n", "[number] lookup_types"),
+    ("empty-lookup-types", "[number]\nlookup_types =\n", "[number] lookup_types"),
+    ("bad-country-code", "[number]\ncountry_code = +44\n", "[number] country_code"),
+    ("bad-country-code-fullwidth", "[number]\ncountry_code = \uff14\uff14\n", "[number] country_code"),
+    ("bad-national-prefix", "[number]\nnational_prefix = O\n", "[number] national_prefix"),
+    ("bad-national-prefix-superscript", "[number]\nnational_prefix = \u00b9\n", "[number] national_prefix"),
+    ("bad-international-prefix", "[number]\ninternational_prefix = 0-0\n", "[number] international_prefix"),
+    ("bad-backend", "[cache]\nbackend = memcached\n", "[cache] backend"),
+    ("bad-backend-case", "[cache]\nbackend = SQLite\n", "[cache] backend"),
+    ("bad-networks-key-short", "[networks]\n2341 = GB, Short\n", "2341"),
+    ("bad-networks-key-long", "[networks]\n2341567 = GB, Long\n", "2341567"),
+    ("bad-networks-key-letters", "[networks]\nabcde = GB, Letters\n", "abcde"),
+    ("bad-networks-key-fullwidth", "[networks]\n\uff12\uff13\uff14\uff11\uff15 = GB, Wide\n", "[networks]"),
+]
+
+
+def assert_one_line(message: str, path: Path, names: str) -> None:
+    assert "\n" not in message, message
+    assert str(path) in message, message
+    assert names in message, message
+    assert "Traceback" not in message
+
+
+@pytest.mark.parametrize(("text", "names"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_mistake_is_one_config_error_line(tmp_path, text: str, names: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert_one_line(str(e.value), path, names)
+
+
+# One of each kind through the command: exit 2, one line on stderr, no traceback.
+COMMAND_CASES = [
+    b
+    for b in BAD
+    if b[0]
+    in {
+        "not-ini",
+        "duplicate-key",
+        "unknown-section",
+        "unknown-key-api",
+        "bad-number-word",
+        "bad-yes-no",
+        "bad-url-scheme",
+        "batch-size-over-1000",
+        "bad-lookup-type",
+        "bad-country-code",
+        "bad-backend",
+        "bad-networks-key-short",
+    }
+]
+
+
+@pytest.mark.parametrize(("text", "names"), [b[1:] for b in COMMAND_CASES], ids=[b[0] for b in COMMAND_CASES])
+def test_mistake_is_one_line_from_the_command(tmp_path, subprocess_env, text: str, names: str) -> None:
+    path = write(tmp_path, text)
+    done = subprocess.run(
+        [sys.executable, "-m", "npl_agi.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert_one_line(lines[0], path, names)
+
+
+def test_missing_file(tmp_path) -> None:
+    path = tmp_path / "nowhere" / "npl-agi.conf"
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert_one_line(str(e.value), path, "not found")
+
+
+def test_missing_file_from_environment(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "env-missing.conf"
+    monkeypatch.setenv(ENV_VAR, str(path))
+    with pytest.raises(ConfigError) as e:
+        load_config()
+    assert_one_line(str(e.value), path, "not found")
+
+
+def test_unreadable_directory(tmp_path) -> None:
+    path = tmp_path / "a-directory.conf"
+    path.mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert_one_line(str(e.value), path, "cannot read")
+
+
+def test_unreadable_not_utf8(tmp_path) -> None:
+    path = tmp_path / "latin1.conf"
+    path.write_bytes(b"[api]\nuser = \xe9\xff\xfe\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert_one_line(str(e.value), path, "cannot read")
+
+
+def test_config_error_carries_config_npl_err(tmp_path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(str(write(tmp_path, "[api]\ntimeout = x\n")))
+    assert e.value.npl_err == "CONFIG"
+
+
+# -- credentials and the password --
+
+
+@pytest.mark.parametrize(
+    ("text", "missing"),
+    [
+        ("[api]\npassword = x\n", "user"),
+        ("[api]\nuser = x\n", "password"),
+        ("[api]\nuser = x\npassword =\n", "password"),
+        ("", "user"),
+    ],
+)
+def test_require_credentials_names_the_missing_key(tmp_path, text: str, missing: str) -> None:
+    path = write(tmp_path, text)
+    config = load_config(str(path))
+    with pytest.raises(ConfigError) as e:
+        require_credentials(config)
+    assert_one_line(str(e.value), path, f"[api] {missing}")
+
+
+def test_require_credentials_accepts_both(tmp_path) -> None:
+    config = load_config(str(write(tmp_path, f"[api]\nuser = alice\npassword = {SECRET}\n")))
+    require_credentials(config)
+    assert config.api.password == SECRET
+
+
+def test_require_credentials_without_a_file() -> None:
+    with pytest.raises(ConfigError, match=r"<config>: \[api\] user"):
+        require_credentials(Config())
+
+
+def test_password_is_not_in_repr(tmp_path) -> None:
+    config = load_config(str(write(tmp_path, f"[api]\nuser = alice\npassword = {SECRET}\n")))
+    assert config.api.password == SECRET
+    for shown in (repr(config), str(config), repr(config.api), str(config.api), f"{config}", f"{config!r}"):
+        assert SECRET not in shown
+    assert "alice" in repr(config)
+
+
+def test_password_is_not_in_errors_about_other_keys(tmp_path) -> None:
+    path = write(tmp_path, f"[api]\nuser = alice\npassword = {SECRET}\ntimeout = soon\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert SECRET not in str(e.value)
