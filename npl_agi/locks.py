@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
-import tempfile
 import time
 
 from .errors import LookupTimeout
@@ -22,6 +20,8 @@ _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 
 def lock_name(url: str, user: str) -> str:
     """A file name per account (service URL and user), without the user name in clear."""
+    import hashlib  # imported here: only lookups that go to the network take the lock
+
     digest = hashlib.sha256(f"{url}\0{user}".encode()).hexdigest()[:16]
     return f"npl-agi-{digest}.lock"
 
@@ -35,7 +35,11 @@ class FileLock:
 
     @classmethod
     def for_account(cls, lock_dir: str, url: str, user: str) -> FileLock:
-        return cls(os.path.join(lock_dir or tempfile.gettempdir(), lock_name(url, user)))
+        if not lock_dir:
+            import tempfile
+
+            lock_dir = tempfile.gettempdir()
+        return cls(os.path.join(lock_dir, lock_name(url, user)))
 
     def acquire(self, deadline: float) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)

@@ -6,7 +6,6 @@ client or the cache on its own.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -15,7 +14,6 @@ from .config import Config, require_credentials
 from .errors import NplError
 from .protocol import Answer
 
-log = logging.getLogger("npl_agi")
 Progress = Callable[[int, int], None]
 
 
