@@ -19,7 +19,8 @@ from .simulator import Simulator
 CASES = (
     ("07788450450", "national (UK trunk prefix 0)"),
     ("00447810701702", "international with 00; listed as ported"),
-    ("+44 7400 123456", "international with + and spaces"),
+    ("+44 7400 123410", "international with + and spaces"),
+    ("0049 151 12345678", "a German mobile: no route for its network"),
     ("07973100100", "unknown subscriber"),
     ("07400000029", "absent subscriber (transient, not cached)"),
     ("020 7946 0018", "London landline: no credit spent"),
@@ -27,7 +28,7 @@ CASES = (
     ("07400999902", "the service hangs: call-time deadline"),
     ("07788450450", "the same number again: from the cache"),
 )
-_ROUTE_RE = re.compile(r"^\s*exten\s*=>?\s*(\d{5,6})\s*,\s*1\s*,\s*([^;]+?)\s*(?:;\s*(.*))?$")
+_ROUTE_RE = re.compile(r"^\s*exten\s*=>?\s*(\d{5,6}|s)\s*,\s*1\s*,\s*([^;]+?)\s*(?:;.*)?$")
 
 
 def find_file(*parts: str) -> Path | None:
@@ -47,23 +48,15 @@ def find_agi_script() -> Path | None:
 
 
 def read_routes(path: Path | None) -> dict[str, str]:
-    """MCCMNC -> the first step of its route in ``npl-routes.conf`` (for the demo's last column)."""
+    """First step of each route in ``npl-routes.conf``: MCCMNC -> step, and ``s`` -> fallback."""
     routes: dict[str, str] = {}
-    if path is None:
-        return routes
-    comment = ""
-    in_routes = False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        stripped = line.strip()
-        if stripped.startswith("["):
-            in_routes = stripped.startswith("[npl-routes]")
-            continue
+    context = ""
+    for line in path.read_text(encoding="utf-8").splitlines() if path else []:
+        if line.strip().startswith("["):
+            context = line.strip()
         m = _ROUTE_RE.match(line)
-        if in_routes and m:
-            routes[m.group(1)] = m.group(2)
-        elif stripped.startswith(";"):
-            comment = stripped.lstrip("; ")
-    del comment
+        if m and context in ("[npl-routes]", "[npl-fallback]"):
+            routes[m.group(1)] = f"{context[1:-1]}: {m.group(2)}"
     return routes
 
 
@@ -89,8 +82,8 @@ def run_demo(out=None) -> int:
             if run.returncode != 0 or "NPL_ERR" not in v:
                 print(f"{dialled!r}: the AGI script failed (exit {run.returncode}): {run.stderr.strip()[-300:]}", file=out)
                 return 1
-            route = routes.get(v["NPL_MCCMNC"], "") if not v["NPL_ERR"] else ""
-            route = f"npl-routes,{v['NPL_MCCMNC']}: {route}" if route else "npl-fallback"
+            route = (not v["NPL_ERR"] and routes.get(v["NPL_MCCMNC"])) or routes.get("s", "npl-fallback")
+            route = route.replace("npl-routes:", f"npl-routes,{v['NPL_MCCMNC']}:")
             print(
                 f"{dialled:<22} {v['NPL_NUMBER'] or '-':<13} {v['NPL_MCCMNC'] or '-':<7} {v['NPL_NETWORK'] or '-':<13.13} "
                 f"{v['NPL_ERR'] or '-':<10} {v['NPL_SOURCE'] or '-':<6} {v['NPL_LOOKUP_MS']:>5}  {route}",
