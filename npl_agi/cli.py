@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-delay", type=float, default=3.0, metavar="S", help="pause per line of the 'slow' fault")
     p.add_argument("--fault", help="misbehave on every query: slow, hang, truncate, garbage, http500, html, empty")
     p.add_argument("--max-numbers", type=int, default=1000, metavar="N", help="numbers allowed per query")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="the whole path on the bundled simulator: no account, no Asterisk needed")
@@ -249,6 +251,8 @@ def cmd_simulate(args) -> int:
 
     if args.fault and args.fault not in FAULTS:
         raise ConfigError(f"--fault: one of {', '.join(FAULTS)}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
     sim = Simulator(
         args.host,
         args.port,
@@ -256,6 +260,7 @@ def cmd_simulate(args) -> int:
         line_delay=args.line_delay,
         slow_delay=args.slow_delay,
         fault=args.fault,
+        tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
     )
     accounts = ", ".join(f"{u}/{a.password}" for u, a in default_accounts().items())
     print(f"npl-agi simulator at {sim.url} (accounts: {accounts}); Ctrl-C stops it", flush=True)

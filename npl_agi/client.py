@@ -107,7 +107,7 @@ class Client:
                     timeout=(left, left),
                     stream=True,
                     allow_redirects=False,
-                    verify=self.api.verify_tls,
+                    verify=self.api.ca_file or self.api.verify_tls,
                 ) as resp:
                     if resp.status_code != 200:
                         raise ProtocolError(f"the service answered HTTP {resp.status_code} {resp.reason or ''}".rstrip())

@@ -42,6 +42,7 @@ class ApiConfig:
     batch_size: int = 1000
     enabled: bool = True
     verify_tls: bool = True
+    ca_file: str = ""
     lock_dir: str = ""
 
 

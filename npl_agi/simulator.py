@@ -97,6 +97,7 @@ class Simulator:
         slow_delay: float = 3.0,
         hang_seconds: float = 30.0,
         fault: str | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         self.accounts = accounts if accounts is not None else default_accounts()
         self.max_numbers = max_numbers
@@ -110,13 +111,21 @@ class Simulator:
         self.server = ThreadingHTTPServer((host, port), _Handler)
         self.server.daemon_threads = True
         self.server.simulator = self  # type: ignore[attr-defined]
+        self.scheme = "http"
+        if tls:  # (certificate file, key file), PEM
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}{API_PATH}"
+        return f"{self.scheme}://{host}:{port}{API_PATH}"
 
     def reset(self) -> None:
         with self._mutex:

@@ -279,3 +279,26 @@ def test_password_never_in_errors_logs_or_repr(tmp_path, caplog):
         text = f"{e} {e!r} {e.__cause__!r} {e.__context__!r}"
         assert "s3cr3t" not in text
     assert "s3cr3t" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+def test_https_certificates_are_checked_by_default(tmp_path, certificate):
+    with Simulator(tls=certificate) as secure:
+        assert secure.url.startswith("https://")
+        with pytest.raises(Unreachable, match="TLS"):
+            client_for(secure.url, tmp_path).lookup(UK)
+        assert secure.stats()["requests"] == []
+        got = client_for(secure.url, tmp_path, ca_file=certificate[0]).lookup(UK)
+        assert got["447788450450"].mccmnc == "23415"
