@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -84,7 +85,7 @@ class Cache:
             return fallback
         try:
             return work(*args)
-        except Exception as e:  # noqa: BLE001 - whatever a cache does wrong, the call goes on
+        except Exception as e:  # whatever a cache does wrong, the call goes on
             self.broken = True
             log.warning("cache %s failed, continuing without the %s cache: %s", what, self.name, _short(e))
             return fallback
@@ -298,49 +299,86 @@ class RedisCache(Cache):
 class RedisLock:
     """The account lock held in Redis, so PBXs sharing an account never hold two connections.
 
-    A token-checked lock with an expiry (redis-py's ``Lock``): only its holder releases it, and
-    a holder that dies frees it when the request's deadline has passed. If Redis cannot be
-    reached the lock falls back to the local file lock, with one log line, so calls go on.
+    A token-checked lock (redis-py's ``Lock``): only its holder releases it. It is taken for a
+    short lease that the holder renews while its request runs (a bulk request may run for
+    minutes), so a holder that dies, whatever its deadline, blocks the account for at most
+    ``LEASE`` seconds. If Redis cannot be reached the lock falls back to the local file lock,
+    with one log line, so calls go on.
     """
 
-    MARGIN = 5.0  # seconds past the request deadline before a dead holder's lock expires
+    LEASE = 2.0  # seconds a lock outlives its last renewal: how long a dead holder blocks the account
+    RENEW_EVERY = LEASE / 4  # leaves room for a few slow Redis answers before the lease runs out
 
     def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
         self.cache = cache
         self.name = f"{REDIS_PREFIX}lock:{lock_name(api.url, api.user)}"
         self.fallback = FileLock.for_account(api.lock_dir, api.url, api.user)
         self._held = None
+        self._stop_renewing: threading.Event | None = None
+        self._renewer: threading.Thread | None = None
 
     def acquire(self, deadline: float) -> None:
-        from redis.exceptions import LockError, RedisError
-
+        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""
         from .errors import LookupTimeout
 
         if not self.cache.broken:
-            left = deadline - time.monotonic()
-            lock = self.cache.client().lock(
-                self.name, timeout=max(left, 0) + self.MARGIN, sleep=0.005, blocking_timeout=max(left, 0)
-            )
+            left = max(deadline - time.monotonic(), 0.0)
             try:
-                if lock.acquire():
-                    self._held = lock
-                    return
-                raise LookupTimeout("deadline passed while waiting for the account lock in Redis")
-            except (RedisError, LockError, OSError) as e:
+                # thread_local=False: the renewing thread must see the token this thread got
+                lock = self.cache.client().lock(
+                    self.name, timeout=self.LEASE, sleep=0.005, blocking_timeout=left, thread_local=False
+                )
+                acquired = lock.acquire()
+            except Exception as e:  # Redis down, slow or misconfigured: the call goes on
                 self.cache.broken = True
                 log.warning("Redis lock failed, falling back to the local file lock: %s", _short(e))
+            else:
+                if not acquired:
+                    raise LookupTimeout("deadline passed while waiting for the account lock in Redis")
+                self._held = lock
+                self._start_renewing(lock, deadline)
+                return
         self.fallback.acquire(deadline)
         self._held = self.fallback
 
+    def _start_renewing(self, lock, deadline: float) -> None:
+        stop = threading.Event()
+
+        def renew() -> None:
+            # Past the deadline the client has closed its connection: the lease may run out.
+            while not stop.wait(self.RENEW_EVERY) and time.monotonic() < deadline:
+                try:
+                    lock.reacquire()
+                except Exception:  # expired or Redis gone: release() tells
+                    return
+
+        self._stop_renewing = stop
+        self._renewer = threading.Thread(target=renew, name="npl-agi-lock-lease", daemon=True)
+        self._renewer.start()
+
     def release(self) -> None:
+        """Free the lock if this object holds it; never raises."""
+        from redis.exceptions import LockError
+
         held, self._held = self._held, None
         if held is self.fallback:
             held.release()
-        elif held is not None:
-            try:
-                held.release()
-            except Exception as e:  # noqa: BLE001 - expired or Redis gone: nothing left to free
-                log.warning("Redis lock release failed: %s", _short(e))
+            return
+        if held is None:
+            return
+        if self._stop_renewing is not None and self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join(2 * REDIS_TIMEOUT)
+        try:
+            held.release()
+        except LockError as e:  # its lease ran out: another PBX may have connected meanwhile
+            log.warning("Redis lock had expired before its release: %s", _short(e))
+        except Exception as e:  # Redis gone: one line for it, and no more Redis in this process
+            if not self.cache.broken:
+                self.cache.broken = True
+                log.warning(
+                    "Redis lost while holding the account lock, continuing without the redis cache: %s", _short(e)
+                )
 
 
 BACKENDS = {"none": Cache, "sqlite": SqliteCache, "redis": RedisCache}
