@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from . import protocol
 from .config import ApiConfig, CacheConfig, Config
@@ -131,23 +132,47 @@ class SqliteCache(Cache):
         super().__init__(cfg, clock)
         self._db = None
 
-    def _conn(self):
+    def _conn(self, create: bool = True):
+        """The open database; ``None`` if it does not exist and ``create`` is false.
+
+        Admin commands do not create it: a ``cache stats`` run as root before the first call
+        would leave a file the asterisk user cannot write.
+        """
         if self._db is None:
             import sqlite3
 
             path = self.cfg.path
+            if not create and not os.path.exists(path):
+                return None
             os.makedirs(os.path.dirname(path) or ".", mode=0o770, exist_ok=True)
             if not os.path.exists(path):
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o660))
             db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
-            db.execute("PRAGMA busy_timeout = %d" % int(SQLITE_BUSY_TIMEOUT * 1000))
-            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
-                db.executescript(self.SCHEMA)
+            try:
+                db.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
+                    db.executescript(self.SCHEMA)
+            except BaseException:
+                db.close()
+                raise
             self._db = db
         return self._db
+
+    @contextmanager
+    def _writing(self) -> Iterator:
+        """One write transaction: others see all of it or none, and it takes the lock once."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         db = self._conn()
@@ -164,13 +189,11 @@ class SqliteCache(Cache):
         return found
 
     def _record(self, hits: int, misses: int) -> None:
-        db = self._conn()
-        with db:
+        with self._writing() as db:
             db.executemany("UPDATE counters SET value = value + ? WHERE name = ?", [(hits, "hits"), (misses, "misses")])
 
     def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
-        db = self._conn()
-        with db:
+        with self._writing() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(a.msisdn, *_record(a), stored, expires) for a, stored, expires in rows],
@@ -178,27 +201,37 @@ class SqliteCache(Cache):
             db.execute("DELETE FROM answers WHERE expires <= ?", (self.clock(),))
 
     def stats(self) -> dict:
-        db = self._conn()
+        db = self._conn(create=False)
+        if db is None:
+            return _stats(self.name, self.cfg.path, 0, None, {})
         now = self.clock()
         counters = dict(db.execute("SELECT name, value FROM counters"))
         entries, oldest = db.execute("SELECT count(*), min(stored) FROM answers WHERE expires > ?", (now,)).fetchone()
         return _stats(self.name, self.cfg.path, entries, oldest, counters)
 
     def purge(self, msisdns: list[str] | None = None) -> int:
-        db = self._conn()
-        with db:
+        """Delete entries; the count is of live ones, as ``stats`` counts them."""
+        if self._conn(create=False) is None:
+            return 0
+        with self._writing() as db:
+            db.execute("DELETE FROM answers WHERE expires <= ?", (self.clock(),))
             if msisdns is None:
                 return db.execute("DELETE FROM answers").rowcount
             return sum(db.execute("DELETE FROM answers WHERE msisdn = ?", (m,)).rowcount for m in msisdns)
 
     def export(self) -> Iterator[dict]:
-        db = self._conn()
+        """Live entries by msisdn. The query runs now, so a broken file fails before any output."""
+        db = self._conn(create=False)
+        if db is None:
+            return iter(())
         rows = db.execute(
             "SELECT msisdn, mccmnc, msc, imsi, error, stored, expires FROM answers WHERE expires > ? ORDER BY msisdn",
             (self.clock(),),
         )
-        for msisdn, mccmnc, msc, imsi, error, stored, expires in rows:
-            yield {**_answer(msisdn, mccmnc, msc, imsi, error).as_dict(), "stored": stored, "expires": expires}
+        return (
+            {**_answer(msisdn, mccmnc, msc, imsi, error).as_dict(), "stored": stored, "expires": expires}
+            for msisdn, mccmnc, msc, imsi, error, stored, expires in rows
+        )
 
 
 def _stats(backend: str, where: str, entries: int, oldest: float | None, counters: dict) -> dict:
@@ -283,8 +316,12 @@ class RedisCache(Cache):
         return r.delete(*keys) if keys else 0
 
     def export(self) -> Iterator[dict]:
+        """Live entries by msisdn. The keys are read now, so a Redis that is down fails before any output."""
         r = self.client()
-        for key in sorted(self._scan()):
+        return self._exported(r, sorted(self._scan()))
+
+    def _exported(self, r, keys: list[str]) -> Iterator[dict]:
+        for key in keys:
             value, left_ms = r.get(key), r.pttl(key)
             if value and left_ms > 0:
                 mccmnc, msc, imsi, error, stored = value.split(",")

@@ -214,6 +214,33 @@ def test_bulk_lookup_asks_only_misses_in_requests_of_at_most_1000(tmp_path, sim,
     assert asked(sim) == []
 
 
+def test_sqlite_stores_a_request_s_answers_in_one_transaction(tmp_path, sim):
+    """Another process sees none or all of a request's answers: a batch is one commit, not 1000."""
+    path = tmp_path / "cache.sqlite"
+    conf = configure(tmp_path, sim, {"backend": "sqlite", "path": str(path)})
+    lookup(conf).one(uk(0))
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        db = sqlite3.connect(path)
+        while not stop.is_set():
+            seen.add(db.execute("SELECT count(*) FROM answers").fetchone()[0])
+        db.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        lookup(conf).many([uk(n) for n in range(1, 1001)], timeout=60)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen <= {1, 1001}, sorted(seen)[:10]
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM answers").fetchone() == (1001,)
+    db.close()
+
+
 # --- many processes, one SQLite file --------------------------------------------------------
 
 CHILD = r"""
