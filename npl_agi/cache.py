@@ -249,6 +249,29 @@ def _stats(backend: str, where: str, entries: int, oldest: float | None, counter
     }
 
 
+def _fields(value: str | None) -> list[str] | None:
+    """The five fields of a stored Redis value, or ``None`` for a value this version cannot read.
+
+    An unreadable value (another version's format, another writer) is a miss, not a broken
+    cache: a broken cache would also give up the cross-machine account lock.
+    """
+    fields = value.split(",") if value else []
+    if len(fields) != 5 or not fields[4].isdigit():
+        return None
+    return fields
+
+
+def _without_password(url: str) -> str:
+    """The Redis URL to show an admin: its password masked."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
 class RedisCache(Cache):
     """A cache shared by several PBXs through one Redis, with native expiry per key."""
 
@@ -278,9 +301,9 @@ class RedisCache(Cache):
         r = self.client()
         found = {}
         for m, value in zip(msisdns, r.mget([self.key(m) for m in msisdns]), strict=True):
-            if value:
-                mccmnc, msc, imsi, error, _stored = value.split(",")
-                found[m] = _answer(m, mccmnc, msc, imsi, error)
+            fields = _fields(value)
+            if fields:
+                found[m] = _answer(m, *fields[:4])
         return found
 
     def _record(self, hits: int, misses: int) -> None:
@@ -306,9 +329,11 @@ class RedisCache(Cache):
     def stats(self) -> dict:
         r = self.client()
         keys = list(self._scan())
-        stored = [v.rsplit(",", 1)[1] for v in r.mget(keys) if v] if keys else []
-        oldest = min((float(s) for s in stored), default=None)
-        return _stats(self.name, self.cfg.redis_url, len(stored), oldest, r.hgetall(f"{REDIS_PREFIX}counters"))
+        stored = [float(f[4]) for v in (r.mget(keys) if keys else []) if (f := _fields(v))]
+        counters = r.hgetall(f"{REDIS_PREFIX}counters")
+        return _stats(
+            self.name, _without_password(self.cfg.redis_url), len(stored), min(stored, default=None), counters
+        )
 
     def purge(self, msisdns: list[str] | None = None) -> int:
         r = self.client()
@@ -322,9 +347,9 @@ class RedisCache(Cache):
 
     def _exported(self, r, keys: list[str]) -> Iterator[dict]:
         for key in keys:
-            value, left_ms = r.get(key), r.pttl(key)
-            if value and left_ms > 0:
-                mccmnc, msc, imsi, error, stored = value.split(",")
+            fields, left_ms = _fields(r.get(key)), r.pttl(key)
+            if fields and left_ms > 0:
+                mccmnc, msc, imsi, error, stored = fields
                 msisdn = key.rsplit(":", 1)[1]
                 yield {
                     **_answer(msisdn, mccmnc, msc, imsi, error).as_dict(),

@@ -52,17 +52,21 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process, without persistence, that the test can stop or kill."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str = "") -> None:
         self.workdir = workdir
+        self.password = password
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, decode_responses=True)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password or None, socket_timeout=2, decode_responses=True
+        )
 
     def start(self) -> RedisServer:
         exe = find_redis_server()
@@ -79,6 +83,8 @@ class RedisServer:
                 "logfile": str(self.workdir / f"redis-{self.port}.log"),
                 "enable-debug-command": "local",  # DEBUG SLEEP freezes it for the hung-Redis test
             }
+            if self.password:
+                options["requirepass"] = self.password
             command = [exe, *(arg for key, value in options.items() for arg in (f"--{key}", value))]
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if self._wait_ready():

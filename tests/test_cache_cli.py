@@ -192,3 +192,23 @@ def test_stats_with_redis_down_gives_one_line_and_failure(tmp_path, sim, subproc
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "redis" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def test_stats_never_shows_the_redis_password(tmp_path, sim, subprocess_env):
+    from redis_fixture import RedisServer
+
+    server = RedisServer(tmp_path / "redis", password="s3cret-Pa55").start()
+    try:
+        conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache={"backend": "redis", "redis_url": server.url})
+        Lookup(load_config(str(conf))).one(PORTED)
+        text = ok(npl_agi(conf, "cache", "stats", env=subprocess_env))
+        as_json = ok(npl_agi(conf, "cache", "stats", "--json", env=subprocess_env))
+        assert json.loads(as_json)["entries"] == 1
+        server.stop()
+        failed = npl_agi(conf, "cache", "stats", env=subprocess_env)
+    finally:
+        server.stop()
+    assert "127.0.0.1" in text and "127.0.0.1" in as_json
+    assert failed.returncode != 0
+    for output in (text, as_json, failed.stdout, failed.stderr):
+        assert "s3cret-Pa55" not in output
