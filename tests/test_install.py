@@ -1,0 +1,300 @@
+"""install.sh, run for real into staging directories (``--destdir``), as an admin or packager would.
+
+Creating a virtual environment and installing the package into it takes seconds, so one staged
+installation is shared by the module; tests that change it put it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL_SH = ROOT / "install.sh"
+SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf")
+AGI_REPLIES = "200 result=1\n" * 40
+
+
+def install_command(*args: str | Path, script: Path = INSTALL_SH) -> tuple[list[str], dict[str, str]]:
+    """install.sh's command line and environment, as an admin would run it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return ["bash", str(script), *map(str, args)], env
+
+
+def run_install(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run this checkout's install.sh and wait for it."""
+    command, env = install_command(*args)
+    return subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The output of a run that must have succeeded (its output in the failure message)."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@dataclass
+class Stage:
+    """An installation staged to work in place: ``--destdir D --prefix D/opt/npl-agi``."""
+
+    root: Path
+    first_output: str
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / "opt" / "npl-agi"
+
+    @property
+    def agi(self) -> Path:
+        return self.root / "var" / "lib" / "asterisk" / "agi-bin" / "npl-lookup.agi"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "etc" / "asterisk"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "var" / "lib" / "asterisk" / "npl-agi"
+
+    def args(self) -> list[str]:
+        return ["--destdir", str(self.root), "--prefix", str(self.prefix), "--python", sys.executable]
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Content and mode of every file under root, except the package's own site-packages."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if "/lib/python" in f"/{rel}" or "__pycache__" in rel or path.is_symlink() or not path.is_file():
+            continue
+        files[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode & 0o7777)
+    return files
+
+
+def copy_source_tree(dest: Path) -> Path:
+    """The repository's files as they are now, without build products or environments."""
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache")
+    shutil.copytree(ROOT, dest, ignore=skip)
+    return dest
+
+
+@dataclass
+class Demo:
+    """``install.sh --demo`` in a copy of the source tree, running while the stage is built."""
+
+    tree: Path
+    process: subprocess.Popen[str]
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        out, err = self.process.communicate(timeout=300)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Iterator[Demo]:
+    """Started first: the demo's environment is built while the stage's is (two CPUs, half the wait)."""
+    top = tmp_path_factory.mktemp("demo")
+    tree = copy_source_tree(top / "npl-agi")
+    command, env = install_command("--demo", "--python", sys.executable, script=tree / "install.sh")
+    process = subprocess.Popen(command, cwd=top, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield Demo(tree, process)
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, demo) -> Stage:
+    """One in-place staged installation for the module."""
+    root = tmp_path_factory.mktemp("stage")
+    s = Stage(root, "")
+    s.first_output = ok(run_install(*s.args()))
+    return s
+
+
+def test_help_and_bad_usage() -> None:
+    result = run_install("--help")
+    out = ok(result)
+    for option in ("--prefix", "--destdir", "--agi-dir", "--conf-dir", "--uninstall", "--purge", "--dry-run", "--demo"):
+        assert option in out
+    bad = run_install("--no-such-option")
+    assert bad.returncode == 2
+    assert "--no-such-option" in bad.stderr
+    assert run_install("--prefix").returncode == 2
+    assert run_install("--purge").returncode == 2  # only with --uninstall
+
+
+def test_shell_script_is_clean() -> None:
+    """shellcheck when it is installed (CI installs it); bash's own syntax check always."""
+    assert subprocess.run(["bash", "-n", str(INSTALL_SH)], capture_output=True).returncode == 0
+    assert INSTALL_SH.read_text().splitlines()[1:].count("set -euo pipefail") == 1
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        print("shellcheck is not installed: only bash -n was run (apt-get install shellcheck)")
+        return
+    result = subprocess.run([shellcheck, str(INSTALL_SH)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_stage_holds_every_file(stage: Stage) -> None:
+    for name in SNIPPETS:
+        assert (stage.conf_dir / name).read_bytes() == (ROOT / "dialplan" / name).read_bytes()
+    config = stage.conf_dir / "npl-agi.conf"
+    assert config.read_bytes() == (ROOT / "npl-agi.conf.sample").read_bytes()
+    assert config.stat().st_mode & 0o777 == 0o640  # it holds the account password
+    assert stage.cache_dir.is_dir()
+    assert os.access(stage.agi, os.X_OK)
+    assert (stage.prefix / "bin" / "npl-agi").exists()
+    assert f"staged under {stage.root}" in stage.first_output
+    # Nothing is written outside the stage: every path the run reported lies under it.
+    reported = [w for line in stage.first_output.splitlines() for w in line.split() if w.startswith("/")]
+    assert reported
+    assert all(w.startswith(str(stage.root)) for w in reported), reported
+
+
+def test_staged_agi_is_the_real_script_on_the_staged_python(stage: Stage) -> None:
+    shebang, *body = stage.agi.read_text().splitlines(keepends=True)
+    assert body == (ROOT / "agi-bin" / "npl-lookup.agi").read_text().splitlines(keepends=True)[1:]
+    interpreter = Path(shebang[2:].strip())
+    assert interpreter.parent == stage.prefix / "bin"
+    assert interpreter.name.startswith("python")
+    assert os.access(interpreter, os.X_OK)
+
+
+def test_staged_agi_runs_a_lookup(stage: Stage, sim, config_file) -> None:
+    """Asterisk's side of a process AGI over pipes: environment block, then one reply a command."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the stage's own package
+    env["NPL_AGI_CONFIG"] = str(config_file)
+    header = (
+        "agi_request: npl-lookup.agi\nagi_channel: Local/07788450450@npl-outbound-00000001;2\n"
+        "agi_context: npl-lookup\nagi_extension: s\nagi_priority: 13\nagi_arg_1: 07788450450\n\n"
+    )
+    result = subprocess.run(
+        [str(stage.agi), "07788450450"],
+        input=header + AGI_REPLIES,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert 'SET VARIABLE "NPL_MCCMNC" "23415"' in lines, result.stdout
+    assert 'SET VARIABLE "NPL_ERR" ""' in lines
+    assert sim.stats()["charged"] == ["447788450450"]
+
+
+def test_rerun_changes_nothing(stage: Stage) -> None:
+    before = snapshot(stage.root)
+    out = ok(run_install(*stage.args()))
+    assert snapshot(stage.root) == before
+    assert not list(stage.root.rglob("*.new"))
+    for path in (*(stage.conf_dir / n for n in (*SNIPPETS, "npl-agi.conf")), stage.agi, stage.cache_dir):
+        assert f"npl-agi: unchanged {path}\n" in out
+
+
+def test_edited_config_and_routes_survive_a_rerun(stage: Stage) -> None:
+    config = stage.conf_dir / "npl-agi.conf"
+    routes = stage.conf_dir / "npl-routes.conf"
+    pristine = {p: p.read_text() for p in (config, routes)}
+    edited = {
+        config: pristine[config].replace("user =\n", "user = acme\n"),
+        routes: pristine[routes] + "\n; Sky Mobile\nexten => 23457,1,Dial(PJSIP/${NPL_DIAL}@trunk-sky,60)\n",
+    }
+    assert edited[config] != pristine[config]
+    try:
+        for path, text in edited.items():
+            path.write_text(text)
+        out = ok(run_install(*stage.args()))
+        for path, text in edited.items():
+            assert path.read_text() == text
+            new = path.with_name(path.name + ".new")
+            assert new.read_text() == pristine[path]
+            assert f"{new}" in out
+        assert (stage.conf_dir / "npl-agi.conf.new").stat().st_mode & 0o777 == 0o640
+        # Unedited snippets are not touched, and a third run is as quiet as the second.
+        assert not (stage.conf_dir / "npl-lookup.conf.new").exists()
+        after_second = snapshot(stage.root)
+        ok(run_install(*stage.args()))
+        assert snapshot(stage.root) == after_second
+    finally:
+        for path, text in pristine.items():
+            path.write_text(text)
+            path.with_name(path.name + ".new").unlink(missing_ok=True)
+
+
+def test_dry_run_writes_nothing(stage: Stage, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    out = ok(
+        run_install("--dry-run", "--destdir", fresh, "--prefix", fresh / "opt" / "npl-agi", "--python", sys.executable)
+    )
+    assert not fresh.exists()
+    assert "would run:" in out and "-m venv" in out
+    before = snapshot(stage.root)
+    out = ok(run_install("--dry-run", "--uninstall", *stage.args()))
+    assert snapshot(stage.root) == before
+    assert f"rm -f -- {stage.agi}" in out
+
+
+def test_packager_stage_names_final_paths_and_uninstalls(tmp_path: Path) -> None:
+    """Default paths under --destdir: files are staged, scripts name /opt/npl-agi (their final home)."""
+    root = tmp_path / "pkg"
+    ok(run_install("--destdir", root, "--python", sys.executable))
+    agi = root / "var/lib/asterisk/agi-bin/npl-lookup.agi"
+    assert agi.read_text().splitlines()[0].startswith("#!/opt/npl-agi/bin/python")
+    assert (root / "opt/npl-agi/bin/npl-agi").read_text().startswith("#!/opt/npl-agi/bin/python")
+    assert str(root) not in (root / "opt/npl-agi/bin/activate").read_text()
+    assert (root / "etc/asterisk/npl-agi.conf").exists()
+    assert (root / "var/lib/asterisk/npl-agi").is_dir()
+
+    # A rerun still works with the relocated scripts (pip is run through bin/python).
+    config = root / "etc/asterisk/npl-agi.conf"
+    config.write_text(config.read_text().replace("password =\n", "password = secret\n"))
+    ok(run_install("--destdir", root, "--python", sys.executable))
+    assert (root / "etc/asterisk/npl-agi.conf.new").exists()
+
+    out = ok(run_install("--uninstall", "--destdir", root))
+    assert not agi.exists()
+    assert not (root / "opt/npl-agi").exists()
+    assert not (root / "var/lib/asterisk/npl-agi").exists()
+    for name in SNIPPETS:
+        assert not (root / "etc/asterisk" / name).exists()
+    assert not (root / "etc/asterisk/npl-agi.conf.new").exists()
+    assert "password = secret" in config.read_text()  # an edited config stays
+    assert "--purge" in out
+
+    ok(run_install("--uninstall", "--purge", "--destdir", root))
+    assert not config.exists()
+    assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+def test_demo_creates_dot_venv_and_passes_on_the_demo_status(demo: Demo, tmp_path: Path) -> None:
+    result = demo.result()
+    tree = demo.tree
+    venv = tree / ".venv"
+    for tool in ("npl-agi", "pytest", "asterisklint"):  # the package and its test extras
+        assert (venv / "bin" / tool).exists(), tool
+    located = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import npl_agi; print(npl_agi.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert located.stdout.strip() == str(tree / "npl_agi" / "__init__.py")  # editable
+    direct = subprocess.run([str(venv / "bin" / "npl-agi"), "demo"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == direct.returncode, result.stdout + result.stderr
+    # After its own lines, install.sh's output is the demo's: as many lines, the same first word.
+    _, marker, demo_output = result.stdout.partition("npl-agi: running .venv/bin/npl-agi demo\n")
+    assert marker, result.stdout
+    assert len(demo_output.splitlines()) == len(direct.stdout.splitlines())
+    assert [line.split()[:1] for line in demo_output.splitlines()] == [
+        line.split()[:1] for line in direct.stdout.splitlines()
+    ]
