@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import sys
 import time
 
@@ -60,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         metavar="S",
         help="deadline of each request in seconds (default: bulk_timeout with --file, else timeout)",
     )
     p.set_defaults(func=cmd_lookup)
 
     p = sub.add_parser("check", parents=[common], help="check the URL and credentials without spending a credit")
-    p.add_argument("--timeout", type=float, metavar="S", help="deadline in seconds (default: timeout)")
+    p.add_argument("--timeout", type=seconds, metavar="S", help="deadline in seconds (default: timeout)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("cache", parents=[common], help="show, purge or export the lookup cache")
@@ -92,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds greater than 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds greater than 0, got {text!r}")
+    return value
+
+
 def _lookup_for(args):
     from .lookup import Lookup
 
@@ -105,7 +119,13 @@ def cmd_lookup(args) -> int:
     if not numbers:
         raise ConfigError("no numbers given (NUMBER arguments or --file)")
     lookup = _lookup_for(args)
-    timeout = args.timeout or (lookup.config.api.bulk_timeout if args.file else lookup.config.api.timeout)
+    timeout = args.timeout
+    if timeout is None:
+        timeout = lookup.config.api.bulk_timeout if args.file else lookup.config.api.timeout
+    try:  # opened before any credit is spent
+        output = open(args.output, "w", newline="", encoding="utf-8") if args.output else None  # noqa: SIM115
+    except OSError as e:
+        raise ConfigError(f"{args.output}: cannot write: {e.strerror}") from None
     progress = Progress(sys.stderr) if args.file and sys.stderr.isatty() else None
     try:
         answers = lookup.many(numbers, timeout, progress)
@@ -114,8 +134,12 @@ def cmd_lookup(args) -> int:
         if not hasattr(e, "answers"):
             raise
         answers, failure = e.answers, e
-    if progress:
-        progress.done()
+    finally:
+        if progress:
+            progress.done()
+    if output:
+        with output:
+            write_csv(output, answers)
     show_answers(args, answers)
     if failure is not None:
         raise failure
@@ -123,10 +147,7 @@ def cmd_lookup(args) -> int:
 
 
 def show_answers(args, answers) -> None:
-    """Print the answers (lines or JSON) and write the CSV file, as the options ask."""
-    if args.output:
-        with open(args.output, "w", newline="", encoding="utf-8") as f:
-            write_csv(f, answers)
+    """Print the answers on stdout: lines, or JSON with ``--json`` (none with only ``--output``)."""
     if args.json:
         json.dump([answer_dict(a) for a in answers], sys.stdout, indent=1)
         print()
@@ -193,7 +214,7 @@ def cmd_check(args) -> int:
     try:
         line = Client(api).check(args.timeout)
     except CreditError as e:
-        print(f"credentials accepted by {api.url}, but the account has no credit: {e.line}")
+        print(f"npl-agi: CREDIT: credentials accepted by {api.url}, but the account has no credit: {e.line}", file=sys.stderr)
         return EXIT_FAILED
     print(f"OK: {api.url} accepted user {api.user!r} (answer to an empty query: {line!r}; no credit spent)")
     return EXIT_OK
@@ -264,6 +285,7 @@ def cmd_simulate(args) -> int:
     )
     accounts = ", ".join(f"{u}/{a.password}" for u, a in default_accounts().items())
     print(f"npl-agi simulator at {sim.url} (accounts: {accounts}); Ctrl-C stops it", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_OK))  # stop as cleanly as on Ctrl-C
     try:
         sim.serve_forever()
     finally:

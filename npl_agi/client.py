@@ -12,11 +12,11 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from . import protocol
 from .config import ApiConfig
-from .errors import TIMEOUT, TRUNCATED, LookupTimeout, NplError, ProtocolError, RequestRejected, Unreachable
+from .errors import TIMEOUT, TRUNCATED, LookupTimeout, ProtocolError, RequestRejected, Unreachable
 from .locks import FileLock
 from .protocol import Answer
 
@@ -58,7 +58,7 @@ class Client:
             if cut_by_deadline and "\n" not in body:
                 raise LookupTimeout("the service did not finish its first line before the deadline")
             cut = TIMEOUT if cut_by_deadline else TRUNCATED
-            yield self._guard(lambda: protocol.parse_response(body, chunk, cut_short=cut))
+            yield protocol.parse_response(body, chunk, cut_short=cut)
 
     def check(self, timeout: float | None = None) -> str:
         """Ask with no numbers: costs no credit, and the service still checks the password.
@@ -67,29 +67,23 @@ class Client:
         accepted); raises ``AuthError``, ``LockedError``, ``CreditError`` or a transport error.
         """
         body, _ = self._exchange([], timeout)
-
-        def status() -> str:
-            first = body.split("\n", 1)[0].strip()
-            try:
-                protocol.check_status(first)
-            except RequestRejected:
-                if first != protocol.FAIL_NO_NUMBERS:
-                    raise
-            return first
-
-        return self._guard(status)
+        first = body.split("\n", 1)[0].strip()
+        try:
+            protocol.check_status(first)
+        except RequestRejected:
+            if first != protocol.FAIL_NO_NUMBERS:
+                raise
+        return first
 
     def _exchange(self, msisdns: list[str], timeout: float | None) -> tuple[str, bool]:
         form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
         deadline = time.monotonic() + (timeout if timeout is not None else self.api.timeout)
-        return self._guard(lambda: self._locked_post(form, deadline))
-
-    def _locked_post(self, form: dict[str, str], deadline: float) -> tuple[str, bool]:
         self.lock.acquire(deadline)
         try:
-            return self._post(form, deadline)
+            body, cut = self._post(form, deadline)
         finally:
             self.lock.release()
+        return self._scrub(body), cut
 
     def _post(self, form: dict[str, str], deadline: float) -> tuple[str, bool]:
         import requests  # only lookups that go to the network pay for this import
@@ -110,7 +104,8 @@ class Client:
                     verify=self.api.ca_file or self.api.verify_tls,
                 ) as resp:
                     if resp.status_code != 200:
-                        raise ProtocolError(f"the service answered HTTP {resp.status_code} {resp.reason or ''}".rstrip())
+                        reason = self._scrub(protocol.shown(resp.reason or "")[1:-1])
+                        raise ProtocolError(f"the service answered HTTP {resp.status_code} {reason}".rstrip())
                     while len(data) <= MAX_BODY:
                         chunk = resp.raw.read1(65536)
                         if not chunk:
@@ -145,20 +140,18 @@ class Client:
             self._session = _new_session()
         return self._session
 
-    def _guard(self, work: Callable):
-        """Run ``work``; whatever it raises leaves here without the password in it."""
-        try:
-            return work()
-        except NplError as e:
-            text = str(e)
-            secret = self.api.password
-            if secret:
-                from urllib.parse import quote, quote_plus
+    def _scrub(self, text: str) -> str:
+        """Foreign text with the password removed, before any of it can reach a message.
 
-                for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
-                    text = text.replace(form, "***")
-                e.args = (text,)
-            raise
+        A broken server may echo the request back; its answer is quoted in errors.
+        """
+        secret = self.api.password
+        if secret:
+            from urllib.parse import quote, quote_plus
+
+            for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
+                text = text.replace(form, "***")
+        return text
 
 
 def _reason(exc: BaseException) -> str:

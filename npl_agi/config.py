@@ -7,12 +7,16 @@ the key instead of a traceback in the middle of a call.
 from __future__ import annotations
 
 import configparser
+import math
 import os
+import re
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/asterisk/npl-agi.conf"
+_INLINE_COMMENT = re.compile(r"\s[;#]")
 ENV_VAR = "NPL_AGI_CONFIG"
 
 NUMBER_TYPES = (
@@ -80,7 +84,8 @@ def config_path(explicit: str | None = None) -> str:
 def load_config(path: str | None = None) -> Config:
     """Read and check the configuration file; raise ``ConfigError`` with one clear line."""
     path = config_path(path)
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    # No special [DEFAULT] section; inline comments are cut in _build, except from the password.
+    parser = configparser.ConfigParser(interpolation=None, default_section="")
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         with open(path, encoding="utf-8") as f:
@@ -104,9 +109,9 @@ def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> C
     for section, cls in known.items():
         values = dict(parser.items(section)) if parser.has_section(section) else {}
         parts[section] = _build(cls, values, path, section)
-    networks = dict(parser.items("networks")) if parser.has_section("networks") else {}
+    networks = {k: _INLINE_COMMENT.split(v, 1)[0].strip() for k, v in parser.items("networks")} if parser.has_section("networks") else {}
     for key in networks:
-        if not (key.isdigit() and len(key) in (5, 6)):
+        if not (_digits(key) and len(key) in (5, 6)):
             raise ConfigError(f"{path}: [networks] {key}: key must be an MCCMNC of 5 or 6 digits")
     _check(parts["api"], parts["number"], parts["cache"], path)
     return Config(parts["api"], parts["number"], parts["cache"], networks, path)
@@ -119,6 +124,8 @@ def _build(cls: type, values: dict[str, str], path: str, section: str):
         if key not in cls.__dataclass_fields__:
             raise ConfigError(f"{path}: [{section}] unknown key {key!r}")
         where = f"{path}: [{section}] {key}"
+        if key != "password":  # a password may hold " ;" or " #"
+            raw = _INLINE_COMMENT.split(raw, 1)[0]
         kwargs[key] = _convert(getattr(defaults, key), raw.strip(), where)
     return cls(**kwargs)
 
@@ -136,8 +143,8 @@ def _convert(default, raw: str, where: str):
             value = type(default)(raw)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
-        if value <= 0:
-            raise ConfigError(f"{where}: must be greater than 0, got {raw!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}: must be a number greater than 0, got {raw!r}")
         return value
     if isinstance(default, tuple):
         return tuple(p.strip().lower() for p in raw.replace(",", " ").split() if p.strip())
@@ -145,19 +152,29 @@ def _convert(default, raw: str, where: str):
 
 
 def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) -> None:
-    if not api.url.startswith(("http://", "https://")):
+    url = urlsplit(api.url)
+    if url.scheme.lower() not in ("http", "https"):
         raise ConfigError(f"{path}: [api] url: must start with https:// or http://")
+    if not url.hostname:
+        raise ConfigError(f"{path}: [api] url: no host name in {api.url!r}")
     if api.batch_size > 1000:
         raise ConfigError(f"{path}: [api] batch_size: the service takes at most 1000 numbers a request")
     for key in ("country_code", "national_prefix", "international_prefix"):
         value = getattr(number, key)
-        if value and not value.isdigit():
-            raise ConfigError(f"{path}: [number] {key}: digits only, got {value!r}")
+        if value and not _digits(value):
+            raise ConfigError(f"{path}: [number] {key}: digits 0-9 only, got {value!r}")
+    if not number.lookup_types:
+        raise ConfigError(f"{path}: [number] lookup_types: empty; list types, or 'any' to look every number up")
     bad = [t for t in number.lookup_types if t not in NUMBER_TYPES and t != "any"]
     if bad:
         raise ConfigError(f"{path}: [number] lookup_types: unknown type {bad[0]!r} (one of: any, {', '.join(NUMBER_TYPES)})")
     if cache.backend not in ("sqlite", "redis", "none"):
         raise ConfigError(f"{path}: [cache] backend: one of sqlite, redis, none; got {cache.backend!r}")
+
+
+def _digits(value: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts fullwidth and superscript digits."""
+    return value.isascii() and value.isdigit()
 
 
 def require_credentials(config: Config) -> None:

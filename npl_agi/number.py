@@ -21,9 +21,12 @@ _SEPARATORS = str.maketrans("", "", " \t-.()/[]")
 def normalise(dialled: str, cfg: NumberConfig) -> tuple[str, ...]:
     """The international forms the dialled number can stand for, most likely first.
 
-    Usually one. A number dialled with no prefix at all may be international already
-    (``447912345678``) or national without a trunk prefix (NANP ``7044518989``): both readings
-    are returned, the international one first, and ``validate`` decides. Raises ``BadNumber``.
+    Usually one. A number dialled with no prefix at all may be national without a trunk prefix
+    (NANP ``7044518989``) or international already (``447912345678``): both readings are
+    returned, and ``validate`` takes the first valid one. The international reading comes
+    first only when it starts with our own country code (a German PBX given ``4915112345678``);
+    otherwise the national one does (a US PBX dialling ``4794518989`` means Arkansas, not
+    Norway). Raises ``BadNumber``.
     """
     if len(dialled) > MAX_INPUT:
         raise BadNumber(f"dialled number longer than {MAX_INPUT} characters")
@@ -36,7 +39,8 @@ def normalise(dialled: str, cfg: NumberConfig) -> tuple[str, ...]:
     elif cfg.national_prefix and cfg.country_code and s.startswith(cfg.national_prefix):
         s = cfg.country_code + s[len(cfg.national_prefix) :]
     elif cfg.country_code:
-        readings = (s, cfg.country_code + s)
+        national = cfg.country_code + s
+        readings = (s, national) if s.startswith(cfg.country_code) else (national, s)
     if not s.isascii() or not s.isdigit():
         raise BadNumber("dialled number has characters other than digits and separators")
     readings = tuple(r for r in readings or (s,) if 7 <= len(r) <= 15)

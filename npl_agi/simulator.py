@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import select
-import socket
 import threading
 import time
 import zlib
@@ -128,10 +127,11 @@ class Simulator:
         return f"{self.scheme}://{host}:{port}{API_PATH}"
 
     def reset(self) -> None:
+        """Forget the recorded queries and peaks (credit is kept); open queries still count."""
         with self._mutex:
             self.requests: list[dict] = []
-            self.active: dict[str, int] = {}
-            self.max_concurrent: dict[str, int] = {}
+            self.active: dict[str, int] = {u: n for u, n in getattr(self, "active", {}).items() if n > 0}
+            self.max_concurrent: dict[str, int] = dict(self.active)
 
     def stats(self) -> dict:
         with self._mutex:
@@ -217,7 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.simulator.reset()
             return self._send(200, "reset\n")
         if url.path == "/_sim/fault":
-            self.server.simulator.fault = parse_qs(body).get("mode", [None])[0]
+            mode = parse_qs(body).get("mode", [None])[0]
+            if mode not in (None, "none", *FAULTS):
+                return self._send(400, f"unknown fault; one of: none, {', '.join(FAULTS)}\n")
+            self.server.simulator.fault = None if mode in (None, "none") else mode
             return self._send(200, "fault set\n")
         self._query(parse_qs(body), url.path, "POST")
 
@@ -231,6 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
         entered = True
         try:
             status, lines, fault = sim._answer(form, method)
+            fault = fault or sim.fault  # a fault set for every query also spoils refusals
             if fault == "hang":
                 self._pause(sim.hang_seconds)
                 return
@@ -272,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         sim = self.server.simulator
         while (left := end - time.monotonic()) > 0 and not sim._stop.is_set():
             readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
-            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+            if readable and not self.connection.recv(4096):  # extra bytes are read and dropped
                 return False
         return not sim._stop.is_set()
 

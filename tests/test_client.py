@@ -302,3 +302,10 @@ def test_https_certificates_are_checked_by_default(tmp_path, certificate):
         assert secure.stats()["requests"] == []
         got = client_for(secure.url, tmp_path, ca_file=certificate[0]).lookup(UK)
         assert got["447788450450"].mccmnc == "23415"
+
+
+def test_scrubbing_the_password_does_not_mangle_our_own_words(sim, tmp_path):
+    """The locked account's password is 'locked': only the server's text is scrubbed."""
+    with pytest.raises(LockedError) as info:
+        client_for(sim.url, tmp_path, user="locked", password="locked").lookup(UK)
+    assert str(info.value).startswith("account locked: ")
