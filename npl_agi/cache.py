@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import protocol
@@ -59,12 +59,13 @@ class Cache:
 
     name = "none"
 
-    def __init__(self, cfg: CacheConfig, clock=time.time) -> None:
+    def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
         self.broken = False
 
     def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
         return self._safely("read", self._get_many, {}, msisdns)
 
     def record(self, hits: int, misses: int) -> None:
@@ -73,12 +74,14 @@ class Cache:
             self._safely("write", self._record, None, hits, misses)
 
     def put_many(self, answers: list[Answer]) -> None:
+        """Keep what deserves keeping (see ``ttl_for``); the rest is dropped silently."""
         now = self.clock()
         rows = [(a, now, now + ttl) for a in answers if (ttl := ttl_for(a, self.cfg)) > 0]
         if rows:
             self._safely("write", self._put_many, None, rows)
 
-    def account_lock(self, api: ApiConfig):
+    def account_lock(self, api: ApiConfig) -> FileLock | RedisLock:
+        """The lock that keeps the account to one connection across this cache's scope."""
         return FileLock.for_account(api.lock_dir, api.url, api.user)
 
     def _safely(self, what: str, work, fallback, *args):
@@ -102,12 +105,15 @@ class Cache:
         pass
 
     def stats(self) -> dict:
+        """Entries, hits, misses and credits saved (``npl-agi cache stats``); may raise."""
         return {"backend": self.name}
 
     def purge(self, msisdns: list[str] | None = None) -> int:
+        """Delete these numbers' entries, or all; the number of live entries deleted. May raise."""
         return 0
 
     def export(self) -> Iterator[dict]:
+        """Every live entry as a dict (``npl-agi cache export``); may raise."""
         return iter(())
 
 
@@ -128,7 +134,7 @@ class SqliteCache(Cache):
         INSERT OR IGNORE INTO counters VALUES ('created', strftime('%s','now')), ('hits', 0), ('misses', 0);
     """
 
-    def __init__(self, cfg: CacheConfig, clock=time.time) -> None:
+    def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
         self._db = None
 
@@ -277,11 +283,12 @@ class RedisCache(Cache):
 
     name = "redis"
 
-    def __init__(self, cfg: CacheConfig, clock=time.time) -> None:
+    def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
         self._redis = None
 
     def client(self):
+        """The redis-py client, made on first use; every operation gives up after ``REDIS_TIMEOUT``."""
         if self._redis is None:
             import redis
 
@@ -295,6 +302,7 @@ class RedisCache(Cache):
 
     @staticmethod
     def key(msisdn: str) -> str:
+        """The Redis key of a number's answer, under the shared ``npl-agi:`` prefix."""
         return f"{REDIS_PREFIX}answer:{msisdn}"
 
     def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
@@ -320,7 +328,8 @@ class RedisCache(Cache):
             pipe.set(self.key(a.msisdn), value, px=max(1, int((expires - stored) * 1000)))
         pipe.execute()
 
-    def account_lock(self, api: ApiConfig):
+    def account_lock(self, api: ApiConfig) -> RedisLock:
+        """The account lock in Redis, shared by every PBX using this Redis."""
         return RedisLock(self, api)
 
     def _scan(self) -> Iterator[str]:
@@ -420,14 +429,14 @@ class RedisLock:
 
     def release(self) -> None:
         """Free the lock if this object holds it; never raises."""
-        from redis.exceptions import LockError
-
         held, self._held = self._held, None
         if held is self.fallback:
             held.release()
             return
         if held is None:
             return
+        from redis.exceptions import LockError
+
         if self._stop_renewing is not None and self._renewer is not None:
             self._stop_renewing.set()
             self._renewer.join(2 * REDIS_TIMEOUT)
