@@ -1,0 +1,413 @@
+"""The bundled dialplan on a real Asterisk, with the real AGI script against the simulator.
+
+One Asterisk (22.x in CI, built by ../shared/asterisk/build-asterisk.sh) serves the module. Its
+extensions.conf includes the real dialplan/npl-lookup.conf and dialplan/npl-outbound.conf, and
+a routes file made from dialplan/npl-routes.conf whose trunks are Local channels into contexts
+that record which trunk got the call. Asterisk runs npl-lookup.agi from an install.sh stage
+(--destdir), so the AGI directory and the Python behind the script are the ones install.sh makes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from asterisk_fixture import DIALPLAN, ROOT, Asterisk, find_asterisk, parse_routes, wait_for
+from conftest import write_config
+
+from npl_agi.config import NumberConfig
+from npl_agi.number import normalise, validate
+from npl_agi.simulator import Simulator, simulated_answer
+
+CDR_FIELDS = [
+    "accountcode",
+    "channel",
+    "dcontext",
+    "dst",
+    "dstchannel",
+    "lastapp",
+    "disposition",
+    "npl_mccmnc",
+    "npl_network",
+    "npl_err",
+    "npl_rate",
+    "npl_route",
+]
+LOOKUP_ERRORS = {"BADNUMBER", "NOTMOBILE", "TIMEOUT", "UNREACHABLE", "PROTOCOL", "AUTH", "CREDIT", "LOCKED"}
+LOOKUP_ERRORS |= {"CONFIG", "DISABLED", "AGIFAIL"} | {f"ERR{n}" for n in (1, 11, 13, 21, 29, 36, 77)}
+UNROUTED = "23420"  # the test routes file leaves Three UK out: its calls must take the fallback
+DOWN = "23430"  # trunk-ee answers with congestion: EE calls must move on to the fallback
+
+EXTENSIONS = """\
+[general]
+static = yes
+writeprotect = yes
+
+[globals]
+NPL_ONNET_MCCMNC=23415
+NPL_TEST_RESULTS={results}
+
+; The originating half of every test call: it stays up until the other half ends the call.
+[caller]
+exten => s,1,Wait(30)
+ same => n,Hangup()
+
+; Trunks: record which one was asked for which number, then answer and end the call.
+[trunk-vodafone]
+exten => _[+0-9].,1,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|trunk|trunk-vodafone|${{EXTEN}})
+ same => n,Answer(,i)
+ same => n,Hangup()
+
+[trunk-o2]
+exten => _[+0-9].,1,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|trunk|trunk-o2|${{EXTEN}})
+ same => n,Answer(,i)
+ same => n,Hangup()
+
+[trunk-three]
+exten => _[+0-9].,1,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|trunk|trunk-three|${{EXTEN}})
+ same => n,Answer(,i)
+ same => n,Hangup()
+
+[trunk-ee]
+exten => _[+0-9].,1,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|trunk|trunk-ee|${{EXTEN}})
+ same => n,Congestion(5)
+
+[trunk-default]
+exten => _[+0-9].,1,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|trunk|trunk-default|${{EXTEN}})
+ same => n,Answer(,i)
+ same => n,Hangup()
+
+; Where a dial string with an injected "&Local/<number>" (no @context) would land.
+[default]
+exten => _X.,1,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|injected|default|${{EXTEN}})
+ same => n,Hangup()
+
+; The subroutine on its own, given the dialled extension as it is.
+[test-gosub]
+exten => _X.,1,Gosub(npl-lookup,s,1(${{EXTEN}}))
+ same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
+ same => n,Hangup()
+
+; Twice on one channel: a failure after a success must not leave the success's network behind.
+[test-gosub-twice]
+exten => _X.,1,Gosub(npl-lookup,s,1(07788450450))
+ same => n,Gosub(npl-lookup,s,1(${{EXTEN}}))
+ same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
+ same => n,Hangup()
+
+; The AGI with no argument: the number comes from agi_extension.
+[test-agi-extension]
+exten => _X.,1,AGI(npl-lookup.agi)
+ same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
+ same => n,Hangup()
+
+#include {dialplan}/npl-lookup.conf
+#include {dialplan}/npl-outbound.conf
+#include {routes}
+"""
+RECORD = "|".join(
+    ["${NPL_TEST_TOKEN}", "lookup", "${AGISTATUS}"]
+    + [f"${{{v}}}" for v in ("NPL_ERR", "NPL_MCCMNC", "NPL_NETWORK", "NPL_NUMBER", "NPL_MCC", "NPL_MNC")]
+    + ["${NPL_COUNTRY}", "${NPL_SOURCE}"]
+)
+LOOKUP_KEYS = ("AGISTATUS", "NPL_ERR", "NPL_MCCMNC", "NPL_NETWORK", "NPL_NUMBER", "NPL_MCC", "NPL_MNC")
+LOOKUP_KEYS += ("NPL_COUNTRY", "NPL_SOURCE")
+
+
+def routes_for_test(text: str, drop: str) -> str:
+    """npl-routes.conf with Local channels for PJSIP and without the route for ``drop``."""
+    routes = {r.mccmnc: r for r in parse_routes(text)}
+    lines = text.replace("Dial(PJSIP/", "Dial(Local/").splitlines()
+    start = routes[drop].line - 2  # the comment naming the network, just above
+    end = routes[drop].line
+    while end < len(lines) and lines[end].strip().startswith("same"):
+        end += 1
+    return "\n".join(lines[:start] + lines[end:]) + "\n"
+
+
+def number_on(mccmnc: str) -> str:
+    """A dialled UK mobile number the simulator places on ``mccmnc``."""
+    cfg = NumberConfig(country_code="44")
+    for i in range(1000):
+        dialled = f"0778845{i:04d}"
+        msisdn = validate(normalise(dialled, cfg), cfg)
+        if simulated_answer(msisdn, "2.4").split()[1].split(",")[0] == mccmnc:
+            return dialled
+    raise LookupError(mccmnc)
+
+
+@dataclass
+class Pbx:
+    asterisk: Asterisk
+    sim: Simulator
+    results: Path
+    stage: Path
+    tokens: Iterator[int]
+
+    @property
+    def agi(self) -> Path:
+        return self.stage / "var/lib/asterisk/agi-bin/npl-lookup.agi"
+
+    def token(self) -> str:
+        return f"call{next(self.tokens)}"
+
+    def records(self, token: str) -> list[list[str]]:
+        lines = self.results.read_text().splitlines()
+        return [line.split("|")[1:] for line in lines if line.split("|")[0] == token]
+
+    def trunks(self, token: str) -> list[tuple[str, str]]:
+        return [(r[1], r[2]) for r in self.records(token) if r[0] in ("trunk", "injected")]
+
+    def lookup(self, exten: str, context: str = "test-gosub") -> dict[str, str]:
+        """Run a lookup in ``context`` and return the variables the dialplan saw afterwards."""
+        token = self.token()
+        self.asterisk.originate(f"Local/{exten}@{context}", token, wait=5)
+        found = wait_for(
+            lambda: [r for r in self.records(token) if r[0] == "lookup"],
+            20,
+            f"the lookup record of {exten!r} ({context})\n{self.asterisk.console_tail()}",
+        )
+        return dict(zip(LOOKUP_KEYS, found[0][1:], strict=True))
+
+    def call(self, exten: str, wait: int = 10) -> tuple[str, list[dict[str, str]]]:
+        """An outbound call through npl-outbound; returns its token and its outbound CDRs."""
+        token = self.token()
+        self.asterisk.originate(f"Local/{exten}@npl-outbound", token, wait=wait)
+
+        def finished() -> list[dict[str, str]]:
+            rows = self.asterisk.cdr_rows(token)
+            ends = {r["channel"][-2:] for r in rows if "@npl-outbound-" in r["channel"]}
+            return rows if {";1", ";2"} <= ends else []
+
+        rows = wait_for(finished, 20, f"the CDRs of {exten!r}\n{self.asterisk.console_tail()}")
+        outbound = [r for r in rows if r["channel"].endswith(";2") and r["dcontext"] == "npl-outbound"]
+        assert outbound, rows
+        return token, outbound
+
+
+@pytest.fixture(scope="module")
+def pbx(tmp_path_factory) -> Iterator[Pbx]:
+    build, looked = find_asterisk()
+    if build is None:
+        reason = f"no Asterisk found (looked at {looked})"
+        print(reason)
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("pbx")
+    stage = root / "stage"
+    command = ["bash", str(ROOT / "install.sh"), "--destdir", str(stage), "--prefix", str(stage / "opt/npl-agi")]
+    install = subprocess.run(
+        [*command, "--python", sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    with Simulator("127.0.0.1", 0) as sim:
+        config = write_config(root / "npl-agi.conf", sim.url)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["NPL_AGI_CONFIG"] = str(config)
+        asterisk = Asterisk(build, root / "asterisk", stage / "var/lib/asterisk/agi-bin", env)
+        results = root / "results.txt"
+        results.touch()
+        routes = asterisk.write_config(
+            "npl-routes-test.conf", routes_for_test((DIALPLAN / "npl-routes.conf").read_text(), UNROUTED)
+        )
+        asterisk.write_config(
+            "extensions.conf",
+            EXTENSIONS.format(results=results, dialplan=DIALPLAN, routes=routes, record=RECORD),
+        )
+        asterisk.cdr_custom(CDR_FIELDS)
+        asterisk.start()
+        try:
+            yield Pbx(asterisk, sim, results, stage, itertools.count(1))
+        finally:
+            asterisk.stop()
+
+
+def test_the_bundled_dialplan_loads(pbx: Pbx) -> None:
+    shown = pbx.asterisk.cli("dialplan show npl-outbound")
+    assert "'_X.'" in shown and "'_+X.'" in shown, shown
+    routes = pbx.asterisk.cli("dialplan show npl-routes")
+    for mccmnc in ("23415", "23410", "23430"):
+        assert f"'{mccmnc}'" in routes
+    assert f"'{UNROUTED}'" not in routes
+    messages = (pbx.asterisk.log / "messages.log").read_text()
+    problems = [
+        line for line in messages.splitlines() if "pbx_config" in line and ("ERROR" in line or "WARNING" in line)
+    ]
+    assert problems == []
+
+
+def test_gosub_sets_the_variables(pbx: Pbx) -> None:
+    seen = pbx.lookup("07788450450")
+    assert seen == {
+        "AGISTATUS": "SUCCESS",
+        "NPL_ERR": "",
+        "NPL_MCCMNC": "23415",
+        "NPL_NETWORK": "Vodafone UK",
+        "NPL_NUMBER": "447788450450",
+        "NPL_MCC": "234",
+        "NPL_MNC": "15",
+        "NPL_COUNTRY": "GB",
+        "NPL_SOURCE": seen["NPL_SOURCE"],
+    }
+    assert seen["NPL_SOURCE"] in ("api", "cache")
+    assert "447788450450" in pbx.sim.stats()["charged"]  # asked of the simulator, by the staged AGI
+
+
+def test_gosub_leaves_nothing_from_an_earlier_lookup(pbx: Pbx) -> None:
+    seen = pbx.lookup("07400000001", context="test-gosub-twice")
+    assert seen["NPL_ERR"] == "ERR1"
+    assert seen["NPL_MCCMNC"] == seen["NPL_NETWORK"] == seen["NPL_MCC"] == ""
+
+
+@pytest.mark.parametrize(
+    ("mccmnc", "trunk", "rate"), [("23415", "trunk-vodafone", "onnet"), ("23410", "trunk-o2", "offnet")]
+)
+def test_outbound_call_goes_to_its_networks_trunk(pbx: Pbx, mccmnc: str, trunk: str, rate: str) -> None:
+    dialled = number_on(mccmnc)
+    token, cdrs = pbx.call(dialled)
+    assert pbx.trunks(token) == [(trunk, dialled)]
+    (cdr,) = cdrs
+    assert cdr["dst"] == dialled  # routes run as subroutines: billing keeps the dialled number
+    assert cdr["disposition"] == "ANSWERED"
+    assert cdr["dstchannel"].startswith(f"Local/{dialled}@{trunk}-")
+    assert (cdr["npl_mccmnc"], cdr["npl_rate"], cdr["npl_route"], cdr["npl_err"]) == (mccmnc, rate, mccmnc, "")
+    assert cdr["npl_network"] == {"23415": "Vodafone UK", "23410": "O2 (UK)"}[mccmnc]
+
+
+def test_outbound_call_dialled_with_plus(pbx: Pbx) -> None:
+    token, cdrs = pbx.call("+447788450450")
+    assert pbx.trunks(token) == [("trunk-vodafone", "+447788450450")]
+    assert [(c["npl_mccmnc"], c["npl_route"]) for c in cdrs] == [("23415", "23415")]
+
+
+@pytest.mark.parametrize(
+    ("dialled", "error"),
+    [("07400000001", "ERR1"), ("0123", "BADNUMBER"), ("02079460018", "NOTMOBILE"), ("07400999902", "TIMEOUT")],
+)
+def test_failed_lookup_takes_the_fallback(pbx: Pbx, dialled: str, error: str) -> None:
+    token, cdrs = pbx.call(dialled)
+    assert pbx.trunks(token) == [("trunk-default", dialled)]
+    (cdr,) = cdrs
+    assert (cdr["npl_err"], cdr["npl_mccmnc"], cdr["npl_rate"], cdr["npl_route"]) == (error, "", "unknown", "fallback")
+    assert cdr["dst"] == dialled
+
+
+def test_network_without_a_route_takes_the_fallback(pbx: Pbx) -> None:
+    dialled = number_on(UNROUTED)
+    token, cdrs = pbx.call(dialled)
+    assert pbx.trunks(token) == [("trunk-default", dialled)]
+    (cdr,) = cdrs
+    assert (cdr["npl_mccmnc"], cdr["npl_network"], cdr["npl_rate"], cdr["npl_route"]) == (
+        UNROUTED,
+        "3",
+        "offnet",
+        "fallback",
+    )
+
+
+def test_unavailable_trunk_moves_on_to_the_fallback(pbx: Pbx) -> None:
+    dialled = number_on(DOWN)
+    token, cdrs = pbx.call(dialled)
+    assert pbx.trunks(token) == [("trunk-ee", dialled), ("trunk-default", dialled)]
+    assert [(c["npl_route"], c["disposition"]) for c in cdrs] == [(DOWN, "CONGESTION"), ("fallback", "ANSWERED")]
+    assert {c["npl_mccmnc"] for c in cdrs} == {DOWN}
+
+
+def test_agi_that_cannot_run_is_a_failure_and_takes_the_fallback(pbx: Pbx) -> None:
+    mode = pbx.agi.stat().st_mode
+    pbx.agi.chmod(mode & ~(stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
+    try:
+        seen = pbx.lookup("07788450450")
+        token, cdrs = pbx.call("07788450450")
+    finally:
+        pbx.agi.chmod(mode)
+    assert (seen["AGISTATUS"], seen["NPL_ERR"], seen["NPL_MCCMNC"]) == ("FAILURE", "AGIFAIL", "")
+    assert pbx.trunks(token) == [("trunk-default", "07788450450")]
+    assert [(c["npl_err"], c["npl_rate"], c["npl_route"]) for c in cdrs] == [("AGIFAIL", "unknown", "fallback")]
+
+
+AGI_PRELUDE = '#!/bin/sh\nwhile read -r line && [ -n "$line" ]; do :; done\n'  # the environment block
+
+
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        # dies after it set a network (killed, out of memory...): the network must not be used
+        (AGI_PRELUDE + "echo 'SET VARIABLE NPL_MCCMNC 23415'\nread -r reply\nexit 3\n", "FAILURE"),
+        # runs and ends without a word (not the npl-agi script at all)
+        (AGI_PRELUDE + "exit 0\n", "SUCCESS"),
+    ],
+    ids=["dies-after-setting-a-network", "sets-nothing"],
+)
+def test_agi_that_fails_midway_is_a_failure(pbx: Pbx, script: str, status: str) -> None:
+    """Fault injection: a stand-in for the script that breaks the way a crashed one would."""
+    real = pbx.agi.read_bytes()
+    try:
+        pbx.agi.write_text(script)
+        seen = pbx.lookup("07788450450")
+    finally:
+        pbx.agi.write_bytes(real)
+    assert (seen["AGISTATUS"], seen["NPL_ERR"], seen["NPL_MCCMNC"]) == (status, "AGIFAIL", "")
+
+
+HOSTILE = [
+    '07788450450"',
+    "07788450450&Local",
+    "07788450450,60,U(npl-lookup^s^1)",
+    "0${EXTEN}$[1+1]",
+    "0\\\\7788450450\\",
+    "0)7788(450450",
+    "07788450450\\;h",
+]
+
+
+@pytest.mark.parametrize("dialled", HOSTILE)
+def test_hostile_dialled_number_reaches_no_dial_string(pbx: Pbx, dialled: str) -> None:
+    token, cdrs = pbx.call(dialled)
+    trunks = pbx.trunks(token)
+    assert len(trunks) == 1, trunks  # one trunk, nothing injected into [default] or elsewhere
+    trunk, number = trunks[0]
+    assert number and set(number) <= set("0123456789+"), number
+    route = cdrs[-1]["npl_route"]
+    assert trunk == ("trunk-default" if route == "fallback" else "trunk-vodafone")
+    assert cdrs[-1]["npl_err"] in LOOKUP_ERRORS | {""}
+
+
+@pytest.mark.parametrize("dialled", HOSTILE)
+def test_hostile_input_to_the_agi_leaves_a_working_dialplan(pbx: Pbx, dialled: str) -> None:
+    by_argument = pbx.lookup(dialled)  # Gosub argument, as the dialplan passes it
+    by_extension = pbx.lookup(dialled, context="test-agi-extension")  # agi_extension, untouched
+    for seen in (by_argument, by_extension):
+        assert seen["AGISTATUS"] == "SUCCESS"
+        assert seen["NPL_ERR"] in LOOKUP_ERRORS | {""}
+        assert seen["NPL_ERR"] or seen["NPL_MCCMNC"] == "23415"
+
+
+@pytest.mark.parametrize("dialled", ["07400999902", "07400999901"])
+def test_caller_hanging_up_during_a_slow_lookup_leaves_no_agi_process(pbx: Pbx, dialled: str) -> None:
+    def agi_processes() -> dict[int, str]:
+        return {pid: cmd for pid, cmd in pbx.asterisk.descendants().items() if "npl-lookup.agi" in cmd}
+
+    assert agi_processes() == {}
+    token = pbx.token()
+    pbx.asterisk.originate(f"Local/{dialled}@npl-outbound", token, wait=1)  # the caller gives up after 1 s
+    running = wait_for(agi_processes, 10, f"the AGI script for {dialled}")
+    assert all(str(pbx.agi) in cmd and str(pbx.stage / "opt/npl-agi/bin/python") in cmd for cmd in running.values())
+    wait_for(lambda: not agi_processes(), 8, "the AGI script to end after the hangup")
+    outbound = wait_for(
+        lambda: [r for r in pbx.asterisk.cdr_rows(token) if r["channel"].endswith(";2")],
+        10,
+        "the CDR of the abandoned call",
+    )
+    assert [(r["lastapp"], r["disposition"]) for r in outbound] == [("AGI", "NO ANSWER")]
+    assert pbx.trunks(token) == []  # a call nobody waits for is not routed
