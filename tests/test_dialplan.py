@@ -1,0 +1,147 @@
+"""The dialplan snippets: asterisklint finds nothing, and the files keep their documented shape.
+
+Behaviour on a real Asterisk is in test_asterisk.py; these checks need no Asterisk.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from asterisk_fixture import DIALPLAN, parse_routes
+
+from npl_agi.agi import VARIABLES
+
+SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf")
+LINT_FINDING = re.compile(r"\b[EWHI]_[A-Z0-9_]+\b")
+UK_NETWORKS = {"23415": "Vodafone UK", "23410": "O2 UK", "23430": "EE", "23420": "Three UK"}
+
+
+def asterisklint() -> str:
+    """The asterisklint command of this environment (a test extra)."""
+    beside = Path(sys.executable).parent / "asterisklint"
+    found = str(beside) if beside.exists() else shutil.which("asterisklint")
+    assert found, "asterisklint is not installed: pip install -e '.[test]'"
+    return found
+
+
+def extensions_conf(directory: Path, snippets: dict[str, str]) -> Path:
+    """An extensions.conf as the README tells admins to write it: the snippets #included last."""
+    for name, text in snippets.items():
+        (directory / name).write_text(text)
+    main = directory / "extensions.conf"
+    main.write_text(
+        "[general]\nstatic=yes\nwriteprotect=yes\n\n"
+        "[globals]\nNPL_ONNET_MCCMNC=23415\n\n"
+        "[from-phones]\ninclude => npl-outbound\n\n" + "".join(f"#include {name}\n" for name in snippets)
+    )
+    return main
+
+
+def lint(command: str, main: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [asterisklint(), command, main.name], cwd=main.parent, capture_output=True, text=True, timeout=60
+    )
+
+
+def bundled() -> dict[str, str]:
+    return {name: (DIALPLAN / name).read_text() for name in SNIPPETS}
+
+
+def test_snippets_pass_asterisklint(tmp_path: Path) -> None:
+    result = lint("dialplan-check", extensions_conf(tmp_path, bundled()))
+    findings = LINT_FINDING.findall(result.stdout + result.stderr)
+    assert findings == [], result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_asterisklint_read_every_context(tmp_path: Path) -> None:
+    """The check above saw the snippets' dialplan, not an empty include."""
+    shown = lint("dialplan-show", extensions_conf(tmp_path, bundled())).stdout
+    for context in ("npl-lookup", "npl-outbound", "npl-outbound-call", "npl-routes", "npl-fallback"):
+        assert f"[ Context '{context}' created by 'pbx_config' ]" in shown
+    assert "AGI(npl-lookup.agi,${ARG1})" in shown
+    for mccmnc in UK_NETWORKS:
+        assert f"'{mccmnc}' =>" in shown
+
+
+def test_asterisklint_does_report_a_broken_snippet(tmp_path: Path) -> None:
+    """A findings-free run means something: the same check on a broken copy does find things."""
+    snippets = bundled()
+    snippets["npl-routes.conf"] += "\n[npl-broken]\nexten => 1,1,Dial(PJSIP/x@y\n same => n,NoSuchApp()\n"
+    result = lint("dialplan-check", extensions_conf(tmp_path, snippets))
+    findings = set(LINT_FINDING.findall(result.stderr))
+    assert {"W_APP_BALANCE", "E_APP_MISSING"} <= findings, result.stderr
+    assert result.returncode != 0
+
+
+def test_routes_file_keeps_the_format_the_demo_reads() -> None:
+    text = (DIALPLAN / "npl-routes.conf").read_text()
+    routes = parse_routes(text)
+    assert {r.mccmnc: r.network for r in routes} == UK_NETWORKS
+    for route in routes:
+        assert route.application == "Dial"
+        assert route.args.startswith("PJSIP/${NPL_DIAL}@trunk-")
+        line_after = text.splitlines()[route.line]
+        assert line_after.split(",", 1)[1].strip() == "Return()", line_after
+    fallback = parse_routes(
+        text.replace("\n[npl-fallback]\n", "\n[npl-fallback]\n; Default\nexten => 00000,1,NoOp()\n")
+    )
+    assert [r.mccmnc for r in fallback if r.mccmnc == "00000"] == []  # only [npl-routes] holds routes
+    assert "exten => s,1,Dial(PJSIP/${NPL_DIAL}@trunk-default,60)" in text.split("\n[npl-fallback]\n")[1]
+
+
+def test_routes_parser_rejects_what_breaks_the_contract() -> None:
+    with pytest.raises(ValueError, match="no comment"):
+        parse_routes("[npl-routes]\n\nexten => 23415,1,Dial(PJSIP/x@y)\n")
+    with pytest.raises(ValueError, match="must start"):
+        parse_routes("[npl-routes]\n; Vodafone UK\nexten => 23415,n,Dial(PJSIP/x@y)\n")
+    same_line = parse_routes("[npl-routes]\nexten => 23415,1,Dial(PJSIP/x@y) ; Vodafone UK\n")
+    assert [(r.mccmnc, r.network, r.application, r.args) for r in same_line] == [
+        ("23415", "Vodafone UK", "Dial", "PJSIP/x@y")
+    ]
+
+
+def test_demo_reads_the_bundled_routes() -> None:
+    """The demo's own reader (npl_agi.demo) finds every route and the fallback."""
+    from npl_agi.demo import read_routes
+
+    found = read_routes(DIALPLAN / "npl-routes.conf")
+    assert set(found) == {*UK_NETWORKS, "s"}
+    assert "trunk-vodafone" in found["23415"]
+    assert "trunk-default" in found["s"]
+
+
+def test_outbound_matches_numbers_only() -> None:
+    """_X. and _+X.; never _. (which also matches h, i and t and would loop or misroute)."""
+    for name, text in bundled().items():
+        patterns = re.findall(r"^exten\s*=>\s*(_[^,]*),", text, flags=re.MULTILINE)
+        assert "_." not in patterns, name
+        assert all(p in ("_X.", "_+X.") for p in patterns), (name, patterns)
+    outbound = bundled()["npl-outbound.conf"]
+    assert re.findall(r"^exten\s*=>\s*(_[^,]*),", outbound, flags=re.MULTILINE) == ["_X.", "_+X."]
+
+
+def test_lookup_clears_every_variable_before_the_agi_runs() -> None:
+    """Every variable npl_agi sets is emptied first, so nothing stale survives an AGI that fails."""
+    text = bundled()["npl-lookup.conf"]
+    before_agi = text.split("AGI(npl-lookup.agi,${ARG1})")[0]
+    cleared = set(re.findall(r"^\s*same\s*=>\s*n,Set\((NPL_[A-Z_]+)=\)\s*$", before_agi, flags=re.MULTILINE))
+    assert cleared == set(VARIABLES)
+
+
+def test_fastagi_variant_is_there_commented_out() -> None:
+    lines = bundled()["npl-lookup.conf"].splitlines()
+    fast = [line for line in lines if "agi://127.0.0.1:4573/npl-lookup" in line]
+    assert fast == ["; same => n,AGI(agi://127.0.0.1:4573/npl-lookup,${ARG1})"]
+
+
+def test_snippets_leave_globals_to_extensions_conf() -> None:
+    """A second [globals] would be ignored or override the admin's; settings are documented instead."""
+    for name, text in bundled().items():
+        assert not re.search(r"^\[globals\]", text, flags=re.MULTILINE), name
+    assert "NPL_ONNET_MCCMNC=23415" in bundled()["npl-outbound.conf"].split("[npl-outbound]")[0]
