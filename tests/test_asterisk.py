@@ -336,6 +336,21 @@ def test_agi_that_cannot_run_is_a_failure_and_takes_the_fallback(pbx: Pbx) -> No
     assert [(c["npl_err"], c["npl_rate"], c["npl_route"]) for c in cdrs] == [("AGIFAIL", "unknown", "fallback")]
 
 
+def test_broken_install_is_a_config_failure(pbx: Pbx) -> None:
+    """The AGI script's own guard: without its package it still answers, with NPL_ERR=CONFIG."""
+    (package,) = (pbx.stage / "opt/npl-agi/lib").glob("python*/site-packages/npl_agi")
+    hidden = package.with_name("npl_agi.hidden")
+    package.rename(hidden)
+    try:
+        seen = pbx.lookup("07788450450")
+        token, cdrs = pbx.call("07788450450")
+    finally:
+        hidden.rename(package)
+    assert (seen["AGISTATUS"], seen["NPL_ERR"], seen["NPL_MCCMNC"]) == ("SUCCESS", "CONFIG", "")
+    assert pbx.trunks(token) == [("trunk-default", "07788450450")]
+    assert [(c["npl_err"], c["npl_route"]) for c in cdrs] == [("CONFIG", "fallback")]
+
+
 AGI_PRELUDE = '#!/bin/sh\nwhile read -r line && [ -n "$line" ]; do :; done\n'  # the environment block
 
 

@@ -244,6 +244,28 @@ def test_dry_run_writes_nothing(stage: Stage, tmp_path: Path) -> None:
     assert f"rm -f -- {stage.agi}" in out
 
 
+def test_machine_without_asterisk_is_told_and_still_gets_the_package(tmp_path: Path) -> None:
+    """No --destdir (a real install) and no asterisk command: a note, then the usual steps.
+    Dry run with every path that has an option in tmp_path, so nothing outside it is at risk."""
+    command, env = install_command(
+        "--dry-run",
+        "--python",
+        sys.executable,
+        *("--prefix", tmp_path / "opt", "--agi-dir", tmp_path / "agi", "--conf-dir", tmp_path / "etc"),
+    )
+    bin_dir = tmp_path / "bin"  # a PATH with the tools install.sh uses, and no asterisk
+    bin_dir.mkdir()
+    for tool in ("bash", "id", "sha256sum", "cut", "awk", "dirname", "cmp", "ls", "getent", "head", "env"):
+        if found := shutil.which(tool):
+            (bin_dir / tool).symlink_to(found)
+    result = subprocess.run(command, env={**env, "PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60)
+    out = ok(result)
+    told = "Asterisk is not installed on this machine" in out
+    assert told == (not Path("/usr/sbin/asterisk").exists())
+    assert "-m pip install" in out
+    assert list(tmp_path.iterdir()) == [bin_dir]
+
+
 def test_packager_stage_names_final_paths_and_uninstalls(tmp_path: Path) -> None:
     """Default paths under --destdir: files are staged, scripts name /opt/npl-agi (their final home)."""
     root = tmp_path / "pkg"
