@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -29,13 +30,13 @@ def install_command(*args: str | Path, script: Path = INSTALL_SH) -> tuple[list[
     return ["bash", str(script), *map(str, args)], env
 
 
-def run_install(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run this checkout's install.sh and wait for it."""
-    command, env = install_command(*args)
+def run_install(*args: str | Path, cwd: Path | None = None, script: Path = INSTALL_SH) -> CompletedProcess[str]:
+    """Run install.sh (this checkout's by default) and wait for it."""
+    command, env = install_command(*args, script=script)
     return subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def ok(result: subprocess.CompletedProcess[str]) -> str:
+def ok(result: CompletedProcess[str]) -> str:
     """The output of a run that must have succeeded (its output in the failure message)."""
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result.stdout
@@ -87,32 +88,49 @@ def copy_source_tree(dest: Path) -> Path:
 
 
 @dataclass
-class Demo:
-    """``install.sh --demo`` in a copy of the source tree, running while the stage is built."""
+class Background:
+    """install.sh from its own copy of the source tree, running while other installs run."""
 
+    top: Path
     tree: Path
     process: subprocess.Popen[str]
 
-    def result(self) -> subprocess.CompletedProcess[str]:
+    def result(self) -> CompletedProcess[str]:
         out, err = self.process.communicate(timeout=300)
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+        return CompletedProcess(self.process.args, self.process.returncode, out, err)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Iterator[Demo]:
-    """Started first: the demo's environment is built while the stage's is (two CPUs, half the wait)."""
-    top = tmp_path_factory.mktemp("demo")
+def start_in_background(top: Path, *args: str | Path) -> Background:
+    """Each run builds from its own tree: pip builds in the source directory."""
     tree = copy_source_tree(top / "npl-agi")
-    command, env = install_command("--demo", "--python", sys.executable, script=tree / "install.sh")
+    command, env = install_command(*args, "--python", sys.executable, script=tree / "install.sh")
     process = subprocess.Popen(command, cwd=top, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    yield Demo(tree, process)
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    return Background(top, tree, process)
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, demo) -> Stage:
+def demo(tmp_path_factory) -> Iterator[Background]:
+    """``install.sh --demo``, started with the stage's install (virtual environments take CPU time)."""
+    run = start_in_background(tmp_path_factory.mktemp("demo"), "--demo")
+    yield run
+    if run.process.poll() is None:
+        run.process.kill()
+        run.process.communicate()
+
+
+@pytest.fixture(scope="module")
+def packager(tmp_path_factory) -> Iterator[Background]:
+    """A packager's stage: default paths under --destdir, started with the stage's install."""
+    top = tmp_path_factory.mktemp("packager")
+    run = start_in_background(top, "--destdir", top / "pkg")
+    yield run
+    if run.process.poll() is None:
+        run.process.kill()
+        run.process.communicate()
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, demo, packager) -> Stage:
     """One in-place staged installation for the module."""
     root = tmp_path_factory.mktemp("stage")
     s = Stage(root, "")
@@ -266,10 +284,11 @@ def test_machine_without_asterisk_is_told_and_still_gets_the_package(tmp_path: P
     assert list(tmp_path.iterdir()) == [bin_dir]
 
 
-def test_packager_stage_names_final_paths_and_uninstalls(tmp_path: Path) -> None:
+def test_packager_stage_names_final_paths_and_uninstalls(packager: Background) -> None:
     """Default paths under --destdir: files are staged, scripts name /opt/npl-agi (their final home)."""
-    root = tmp_path / "pkg"
-    ok(run_install("--destdir", root, "--python", sys.executable))
+    root = packager.top / "pkg"
+    script = packager.tree / "install.sh"
+    ok(packager.result())
     agi = root / "var/lib/asterisk/agi-bin/npl-lookup.agi"
     assert agi.read_text().splitlines()[0].startswith("#!/opt/npl-agi/bin/python")
     assert (root / "opt/npl-agi/bin/npl-agi").read_text().startswith("#!/opt/npl-agi/bin/python")
@@ -280,10 +299,10 @@ def test_packager_stage_names_final_paths_and_uninstalls(tmp_path: Path) -> None
     # A rerun still works with the relocated scripts (pip is run through bin/python).
     config = root / "etc/asterisk/npl-agi.conf"
     config.write_text(config.read_text().replace("password =\n", "password = secret\n"))
-    ok(run_install("--destdir", root, "--python", sys.executable))
+    ok(run_install("--destdir", root, "--python", sys.executable, script=script))
     assert (root / "etc/asterisk/npl-agi.conf.new").exists()
 
-    out = ok(run_install("--uninstall", "--destdir", root))
+    out = ok(run_install("--uninstall", "--destdir", root, script=script))
     assert not agi.exists()
     assert not (root / "opt/npl-agi").exists()
     assert not (root / "var/lib/asterisk/npl-agi").exists()
@@ -293,12 +312,12 @@ def test_packager_stage_names_final_paths_and_uninstalls(tmp_path: Path) -> None
     assert "password = secret" in config.read_text()  # an edited config stays
     assert "--purge" in out
 
-    ok(run_install("--uninstall", "--purge", "--destdir", root))
+    ok(run_install("--uninstall", "--purge", "--destdir", root, script=script))
     assert not config.exists()
     assert [p for p in root.rglob("*") if p.is_file()] == []
 
 
-def test_demo_creates_dot_venv_and_passes_on_the_demo_status(demo: Demo, tmp_path: Path) -> None:
+def test_demo_creates_dot_venv_and_passes_on_the_demo_status(demo: Background, tmp_path: Path) -> None:
     result = demo.result()
     tree = demo.tree
     venv = tree / ".venv"
