@@ -280,6 +280,18 @@ PY
     say "made the scripts in $VENV/bin run from $PREFIX"
 }
 
+# Fail early and clearly when a target cannot be written (forgot sudo?).
+need_writable() {
+    local path dir
+    for path in "$@"; do
+        dir=$(staged "$path")
+        while [ ! -e "$dir" ]; do dir=$(dirname "$dir"); done
+        if [ ! -w "$dir" ]; then
+            die "cannot write $dir (for $(staged "$path")): run as root (sudo), or stage the files with --destdir"
+        fi
+    done
+}
+
 asterisk_present() {
     command -v asterisk >/dev/null 2>&1 || [ -x /usr/sbin/asterisk ]
 }
@@ -291,13 +303,18 @@ do_install() {
     fi
     need_python
     setup_paths
+    [ "$DRY_RUN" = yes ] || need_writable "$PREFIX" "$AGI_DIR" "$CONF_DIR" "$CACHE_DIR"
     if [ -z "$DESTDIR" ] && ! asterisk_present; then
         say "Asterisk is not installed on this machine: installing npl-agi anyway (the npl-agi"
         say "command works without it; the AGI script and snippets take effect once it is here)"
     fi
 
-    if [ -f "$VENV/pyvenv.cfg" ] && [ -e "$VENV/bin/python" ]; then
+    if [ -f "$VENV/pyvenv.cfg" ] && "$VENV/bin/python" -c '' >/dev/null 2>&1; then
         say "using the virtual environment $VENV"
+    elif [ -f "$VENV/pyvenv.cfg" ]; then
+        # Its Python is gone (e.g. removed by a distribution upgrade): build it again.
+        act "$PYTHON" -m venv --clear "$VENV"
+        did "recreated the virtual environment $VENV (its Python no longer ran)"
     elif [ -d "$VENV" ] && [ -n "$(ls -A "$VENV")" ]; then
         die "$VENV exists and is not a virtual environment: choose another --prefix"
     else
@@ -434,10 +451,10 @@ do_demo() {
     local venv=$REPO_DIR/.venv
     [ -f "$REPO_DIR/pyproject.toml" ] || die "$REPO_DIR is not the npl-agi source tree"
     need_python
-    if [ -f "$venv/pyvenv.cfg" ] && [ -e "$venv/bin/python" ]; then
+    if [ -f "$venv/pyvenv.cfg" ] && "$venv/bin/python" -c '' >/dev/null 2>&1; then
         say "using $venv"
     else
-        act "$PYTHON" -m venv "$venv"
+        act "$PYTHON" -m venv --clear "$venv"
         did "created $venv"
     fi
     (cd "$REPO_DIR" && act "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]')
