@@ -292,42 +292,59 @@ def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int
 
 
 def test_fifty_processes_share_one_sqlite_file(tmp_path, sim, subprocess_env):
-    """Fifty AGI processes at once on one new cache file.
+    """Fifty AGI processes at once on one new cache file, each with three lookups.
 
-    What is guaranteed: every lookup answers, the file stays intact, no process loses its
-    cache to contention, the counters lose no update (hits + misses = numbers asked, and
-    misses = numbers charged), and nothing is charged that was in the cache when the process
-    read it. Two processes that miss the same number before either has stored it both pay
-    for it: so a number is charged at least once and at most once per process that asked it.
+    Each looks up its own 20 numbers, then its neighbour's 20, then its own again.
+
+    Guaranteed, and asserted: every lookup answers, the file stays intact, a process that
+    cannot get at the file within the busy timeout goes on uncached after one log line, and
+    a number is charged at least once and at most once per lookup that asked for it.
+    When no process lost its cache (the normal case): the counters lose no update (hits +
+    misses = numbers asked, misses = numbers charged), a number is charged at most once per
+    process asking it, and what a process has stored is a hit for it afterwards.
+    Not guaranteed: two processes that miss a number before either has stored it both pay.
     """
     path = tmp_path / "cache.sqlite"
     conf = configure(tmp_path, sim, {"backend": "sqlite", "path": str(path)})
     pool = [uk(n) for n in range(100)]
-    jobs = [{"config": str(conf), "rounds": [[pool[(7 * i + k) % 100] for k in range(20)]]} for i in range(50)]
-    askers = {msisdn(n): sum(n in job["rounds"][0] for job in jobs) for n in pool}
+    own = [[pool[(7 * i + k) % 100] for k in range(20)] for i in range(50)]
+    jobs = [{"config": str(conf), "rounds": [own[i], own[(i + 1) % 50], own[i]]} for i in range(50)]
 
     results = finish(start_children(jobs, subprocess_env))
+    uncached = 0
     for (rc, out, err), job in zip(results, jobs, strict=True):
         assert rc == 0, err
-        assert err == "", err  # no cache warning: contention did not disable anyone's cache
-        assert [(n, m) for n, m, _, _ in out[0]] == [(n, expected(n).mccmnc) for n in job["rounds"][0]]
+        for numbers, answers in zip(job["rounds"], out, strict=True):
+            assert [(n, m) for n, m, _, _ in answers] == [(n, expected(n).mccmnc) for n in numbers]
+        if err:  # contention beyond the busy timeout: one line, then no cache for this process
+            assert len(err.splitlines()) == 1 and err.startswith("WARNING npl_agi cache "), err
+            uncached += 1
+        else:
+            assert {source for _, _, _, source in out[2]} == {"cache"}
 
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    counters = dict(db.execute("SELECT name, value FROM counters"))
+    counters = dict(db.execute("SELECT name, value FROM counters")) if uncached == 0 else {}
     db.close()
     paid = charged(sim)
-    assert counters["hits"] + counters["misses"] == 50 * 20
-    assert counters["misses"] == len(paid)
-    assert set(paid) == set(askers)
-    for number in askers:
-        assert 1 <= paid.count(number) <= askers[number], number
-    sources = [s for _, out, _ in results for _, _, _, s in out[0]]
-    assert sources.count("cache") == counters["hits"]
+    lookups = [n for job in jobs for numbers in job["rounds"] for n in numbers]
+    processes = {msisdn(n): sum(n in own[i] or n in own[(i + 1) % 50] for i in range(50)) for n in pool}
+    assert set(paid) == set(processes)
+    for number in processes:
+        assert 1 <= paid.count(number) <= lookups.count("0" + number[2:]), number
+    if uncached == 0:
+        assert counters["hits"] + counters["misses"] == len(lookups)
+        assert counters["misses"] == len(paid)
+        sources = [source for _, out, _ in results for answers in out for _, _, _, source in answers]
+        assert sources.count("cache") == counters["hits"]
+        for number, askers in processes.items():
+            assert paid.count(number) <= askers, number
 
     sim.reset()
-    assert {a.source for a in lookup(conf).many(pool)} == {"cache"}
-    assert charged(sim) == []
+    answers = lookup(conf).many(pool)
+    assert [a.mccmnc for a in answers] == [expected(n).mccmnc for n in pool]
+    if uncached == 0:
+        assert charged(sim) == []
 
 
 # --- a broken SQLite file never fails a lookup ----------------------------------------------
