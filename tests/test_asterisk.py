@@ -132,15 +132,23 @@ def routes_for_test(text: str, drop: str) -> str:
     return "\n".join(lines[:start] + lines[end:]) + "\n"
 
 
-def number_on(mccmnc: str) -> str:
-    """A dialled UK mobile number the simulator places on ``mccmnc``."""
+def numbers_on(mccmnc: str, count: int, start: int = 0) -> list[str]:
+    """Dialled UK mobile numbers (0778845NNNN, NNNN from ``start``) the simulator puts on ``mccmnc``."""
     cfg = NumberConfig(country_code="44")
-    for i in range(1000):
+    found = []
+    for i in range(start, 10000):
         dialled = f"0778845{i:04d}"
         msisdn = validate(normalise(dialled, cfg), cfg)
         if simulated_answer(msisdn, "2.4").split()[1].split(",")[0] == mccmnc:
-            return dialled
+            found.append(dialled)
+            if len(found) == count:
+                return found
     raise LookupError(mccmnc)
+
+
+def number_on(mccmnc: str) -> str:
+    """A dialled UK mobile number the simulator places on ``mccmnc``."""
+    return numbers_on(mccmnc, 1)[0]
 
 
 @dataclass
@@ -334,6 +342,22 @@ def test_agi_that_cannot_run_is_a_failure_and_takes_the_fallback(pbx: Pbx) -> No
     assert (seen["AGISTATUS"], seen["NPL_ERR"], seen["NPL_MCCMNC"]) == ("FAILURE", "AGIFAIL", "")
     assert pbx.trunks(token) == [("trunk-default", "07788450450")]
     assert [(c["npl_err"], c["npl_rate"], c["npl_route"]) for c in cdrs] == [("AGIFAIL", "unknown", "fallback")]
+
+
+def test_simultaneous_calls_are_each_routed_over_one_connection(pbx: Pbx) -> None:
+    """Calls at the same moment: each AGI waits its turn for the account (one connection at a
+    time), within the call deadline, and every call still reaches its own network's trunk."""
+    calls = dict.fromkeys(numbers_on("23415", 2, start=5000), "trunk-vodafone")
+    calls |= dict.fromkeys(numbers_on("23410", 2, start=5000), "trunk-o2")
+    tokens = {}
+    for dialled in calls:
+        tokens[dialled] = pbx.token()
+        pbx.asterisk.originate(f"Local/{dialled}@npl-outbound", tokens[dialled])
+    for dialled, trunk in calls.items():
+        token = tokens[dialled]
+        wait_for(lambda token=token: pbx.trunks(token), 20, f"the trunk of {dialled}")
+        assert pbx.trunks(token) == [(trunk, dialled)]
+    assert pbx.sim.stats()["max_concurrent"]["demo"] == 1
 
 
 def test_broken_install_is_a_config_failure(pbx: Pbx) -> None:
