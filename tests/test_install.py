@@ -281,6 +281,8 @@ def test_machine_without_asterisk_is_told_and_still_gets_the_package(tmp_path: P
     told = "Asterisk is not installed on this machine" in out
     assert told == (not Path("/usr/sbin/asterisk").exists())
     assert "-m pip install" in out
+    for path in (tmp_path / "agi/npl-lookup.agi", tmp_path / "etc/npl-agi.conf", tmp_path / "etc/npl-routes.conf"):
+        assert f" {path}\n" in out  # --agi-dir and --conf-dir are where files would go
     assert list(tmp_path.iterdir()) == [bin_dir]
 
 
