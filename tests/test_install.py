@@ -286,6 +286,25 @@ def test_machine_without_asterisk_is_told_and_still_gets_the_package(tmp_path: P
     assert list(tmp_path.iterdir()) == [bin_dir]
 
 
+def test_demo_on_a_machine_without_python3_venv(tmp_path: Path) -> None:
+    """A fresh Debian: as root --demo installs python3-venv first; otherwise it says how."""
+    bin_dir = tmp_path / "bin"  # bash and apt-get, but no python3
+    bin_dir.mkdir()
+    for tool in ("bash", "id", "env", "dirname", "apt-get"):
+        if found := shutil.which(tool):
+            (bin_dir / tool).symlink_to(found)
+    command, env = install_command("--demo", "--dry-run")
+    result = subprocess.run(command, env={**env, "PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60)
+    if (bin_dir / "apt-get").exists() and os.geteuid() == 0:
+        out = ok(result)
+        assert "would run: env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv" in out
+        assert "would run: python3 -m venv" in out
+        assert out.rstrip().endswith("npl-agi demo")
+    else:
+        assert result.returncode == 1
+        assert "apt-get install python3-venv" in result.stderr
+
+
 def test_packager_stage_names_final_paths_and_uninstalls(packager: Background) -> None:
     """Default paths under --destdir: files are staged, scripts name /opt/npl-agi (their final home)."""
     root = packager.top / "pkg"
