@@ -212,7 +212,9 @@ def cmd_check(args) -> int:
     require_credentials(config)
     api = config.api
     try:
-        line = Client(api).check(args.timeout)
+        from .cache import open_cache
+
+        line = Client(api, lock=open_cache(config).account_lock(api)).check(args.timeout)
     except CreditError as e:
         print(f"npl-agi: CREDIT: credentials accepted by {api.url}, but the account has no credit: {e.line}", file=sys.stderr)
         return EXIT_FAILED
@@ -221,8 +223,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from dataclasses import replace
-
     from .cache import open_cache
     from .number import normalise, validate
 
@@ -230,7 +230,7 @@ def cmd_cache(args) -> int:
     cache = open_cache(config)
     try:
         if args.action == "purge":
-            anything = replace(config.number, lookup_types=("any",))
+            anything = config.number._replace(lookup_types=("any",))
             msisdns = [validate(normalise(n, anything), anything) for n in args.numbers] if args.numbers else None
             print(f"purged {cache.purge(msisdns)} entries")
         elif args.action == "stats":
@@ -239,9 +239,10 @@ def cmd_cache(args) -> int:
         elif args.json:
             print(json.dumps(list(cache.export()), indent=1))
         else:
+            rows = cache.export()  # fails here, before the header, if the cache is broken
             w = csv.DictWriter(sys.stdout, fieldnames=[*CSV_FIELDS[1:], "stored", "expires"], extrasaction="ignore")
             w.writeheader()
-            w.writerows(cache.export())
+            w.writerows(rows)
     except NplError:
         raise
     except Exception as e:

@@ -7,7 +7,6 @@ client or the cache on its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 from . import protocol
 from .config import Config, require_credentials
@@ -84,7 +83,7 @@ class Lookup:
             try:
                 readings_of[d] = normalise(d, cfg)
             except NplError as e:
-                local[d] = replace(protocol.failed("", e.npl_err, number=d), error_name=str(e))
+                local[d] = protocol.failed("", e.npl_err, number=d)._replace(error_name=str(e))
         readings = list(dict.fromkeys(r for rs in readings_of.values() for r in rs))
         found = self.cache.get_many(readings) if readings else {}
         msisdn_of: dict[str, str] = {}
@@ -94,7 +93,7 @@ class Lookup:
                 try:  # only numbers that may cost a credit pay for full validation
                     hit = validate(rs, cfg)
                 except NplError as e:
-                    local[d] = replace(protocol.failed("", e.npl_err, number=d), error_name=str(e))
+                    local[d] = protocol.failed("", e.npl_err, number=d)._replace(error_name=str(e))
                     continue
             msisdn_of[d] = hit
         unread = [m for m in dict.fromkeys(msisdn_of.values()) if m not in found and m not in readings]
@@ -110,7 +109,7 @@ class Lookup:
         if misses:
             try:
                 for batch in self.client.batches(misses, timeout):
-                    fresh = {m: replace(a, source="api") for m, a in batch.items()}
+                    fresh = {m: a._replace(source="api") for m, a in batch.items()}
                     self.cache.put_many(list(fresh.values()))
                     found.update(fresh)
                     done += len(batch)
@@ -120,13 +119,13 @@ class Lookup:
                 failure = e
                 for m in misses:
                     if m not in found:
-                        found[m] = replace(protocol.failed(m, e.npl_err), error_name=str(e))
+                        found[m] = protocol.failed(m, e.npl_err)._replace(error_name=str(e))
         out = []
         for d in dialled:
-            answer = local.get(d) or replace(found[msisdn_of[d]], number=d)
+            answer = local.get(d) or found[msisdn_of[d]]._replace(number=d)
             if answer.mccmnc:
                 country, network = self.directory.describe(answer.mccmnc)
-                answer = replace(answer, country=country, network=network)
+                answer = answer._replace(country=country, network=network)
             out.append(answer)
         if failure is not None and strict:
             failure.answers = out

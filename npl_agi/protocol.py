@@ -7,7 +7,7 @@ and the tests drive it with recorded answers.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from collections import namedtuple
 
 from .errors import (
     TRUNCATED,
@@ -45,20 +45,22 @@ _DIGITS_RE = re.compile(r"\d{0,20}")
 _SHOWN = 80  # characters of a bad line quoted in an error message
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What is known about one number: its network now, or why there is no answer."""
+class Answer(
+    namedtuple(
+        "Answer",
+        "msisdn mccmnc msc imsi error error_name source number network country",
+        defaults=("",) * 9,
+    )
+):
+    """What is known about one number: its network now, or why there is no answer.
 
-    msisdn: str
-    mccmnc: str = ""
-    msc: str = ""
-    imsi: str = ""
-    error: str = ""
-    error_name: str = ""
-    source: str = ""
-    number: str = ""
-    network: str = ""
-    country: str = ""
+    ``msisdn`` is the number asked (international, no ``+``); ``mccmnc``, ``msc``, ``imsi`` the
+    service's answer; ``error``/``error_name`` a per-number failure (``ERR1``, ``TIMEOUT``…);
+    ``source`` ``api`` or ``cache``; ``number`` as dialled; ``network``/``country`` from the
+    network directory. A namedtuple: cheap to import on the call path.
+    """
+
+    __slots__ = ()
 
     @property
     def ok(self) -> bool:
@@ -74,7 +76,7 @@ class Answer:
 
     def as_dict(self) -> dict[str, str]:
         """The stable machine-readable form (``npl-agi lookup --json``, cache records)."""
-        d = asdict(self)
+        d = self._asdict()
         d["mcc"], d["mnc"] = self.mcc, self.mnc
         return d
 

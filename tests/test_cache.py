@@ -625,11 +625,6 @@ def can_take(conf: Path, wait: float = 0.2) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py cmd_check builds Client(api), which takes the local file lock only; it must pass "
-    "lock=open_cache(config).account_lock(config.api) so the check waits for the account lock in Redis",
-)
 def test_npl_agi_check_waits_for_the_redis_account_lock(tmp_path, sim, redis_server, subprocess_env):
     """``npl-agi check`` connects too: on a cluster it must not open a second connection."""
     homes = [tmp_path / "a", tmp_path / "b"]

@@ -50,8 +50,9 @@ def closed_port() -> int:
 
 @pytest.fixture
 def secret_sim(sim):
-    """The simulator with one more account whose password is distinctive, and some credit."""
+    """The simulator with accounts whose passwords are distinctive: one with some credit, one locked."""
     sim.accounts["alice"] = Account(SECRET, credit=50)
+    sim.accounts["carol"] = Account(SECRET[::-1], locked=True)
     return sim
 
 
@@ -320,7 +321,7 @@ def test_check_ok_spends_no_credit(secret_config, secret_sim, subprocess_env) ->
 
 @pytest.mark.parametrize(
     ("user", "password", "reason"),
-    [("alice", "wrong-" + SECRET[::-1], "AUTH"), ("nobody", SECRET, "AUTH"), ("locked", "locked", "LOCKED")],
+    [("alice", "wrong-" + SECRET[::-1], "AUTH"), ("nobody", SECRET, "AUTH"), ("carol", SECRET[::-1], "LOCKED")],
 )
 def test_check_refused(tmp_path, secret_sim, subprocess_env, user: str, password: str, reason: str) -> None:
     cfg = write_config(tmp_path / "c.conf", secret_sim.url, user=user, password=password)
