@@ -61,15 +61,17 @@ def parse_routes(text: str, context: str = "npl-routes") -> list[Route]:
     return routes
 
 
-def wait_for(probe: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
+def wait_for(probe: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout`` s
+    (a callable ``what`` is asked only then, e.g. for the log lines at the time of failure)."""
     deadline = time.monotonic() + timeout
     while True:
         result = probe()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {described}")
         time.sleep(0.05)
 
 
@@ -202,7 +204,7 @@ verbose = 3
                 raise AssertionError(f"Asterisk exited with {self.proc.returncode}:\n{self.console_tail()}")
             return "fully booted" in self.cli("core waitfullybooted")
 
-        wait_for(booted, timeout, "Asterisk to boot")
+        wait_for(booted, timeout, lambda: f"Asterisk to boot\n{self.console_tail()}")
 
     def cli(self, command: str) -> str:
         """A CLI command's output (``-rx`` exits 0 even for unknown commands: read the output)."""

@@ -180,7 +180,7 @@ class Pbx:
         found = wait_for(
             lambda: [r for r in self.records(token) if r[0] == "lookup"],
             20,
-            f"the lookup record of {exten!r} ({context})\n{self.asterisk.console_tail()}",
+            lambda: f"the lookup record of {exten!r} ({context})\n{self.asterisk.console_tail()}",
         )
         return dict(zip(LOOKUP_KEYS, found[0][1:], strict=True))
 
@@ -194,7 +194,7 @@ class Pbx:
             ends = {r["channel"][-2:] for r in rows if "@npl-outbound-" in r["channel"]}
             return rows if {";1", ";2"} <= ends else []
 
-        rows = wait_for(finished, 20, f"the CDRs of {exten!r}\n{self.asterisk.console_tail()}")
+        rows = wait_for(finished, 20, lambda: f"the CDRs of {exten!r}\n{self.asterisk.console_tail()}")
         outbound = [r for r in rows if r["channel"].endswith(";2") and r["dcontext"] == "npl-outbound"]
         assert outbound, rows
         return token, outbound
@@ -233,8 +233,8 @@ def pbx(tmp_path_factory) -> Iterator[Pbx]:
             EXTENSIONS.format(results=results, dialplan=DIALPLAN, routes=routes, record=RECORD),
         )
         asterisk.cdr_custom(CDR_FIELDS)
-        asterisk.start()
         try:
+            asterisk.start()
             yield Pbx(asterisk, sim, results, stage, itertools.count(1))
         finally:
             asterisk.stop()
