@@ -7,12 +7,12 @@ always exits 0: every failure becomes an ``NPL_ERR`` value and one ``VERBOSE`` l
 from __future__ import annotations
 
 import io
-import logging
 import re
 import signal
 import sys
 import time
 
+from . import log
 from .errors import Disabled, NplError, npl_err
 
 VARIABLES = (
@@ -131,23 +131,17 @@ def variables_for(answer=None, failure: NplError | None = None, ms: int = 0) -> 
     return values
 
 
-class _ChannelLog(logging.Handler):
-    """Library log lines (cache fallbacks) go to the Asterisk console as VERBOSE."""
-
-    def __init__(self, channel: Channel) -> None:
-        super().__init__(logging.WARNING)
-        self.channel = channel
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.channel.verbose(f"npl-agi: {record.getMessage()}", 1)
-        except ChannelGone:
-            pass
+def _verbose_quietly(channel: Channel, message: str) -> None:
+    """A library warning (cache skipped, lock fell back) on the Asterisk console, if it is still there."""
+    try:
+        channel.verbose(message, 1)
+    except ChannelGone:
+        pass
 
 
 def run(channel: Channel, args: list[str], config_path: str | None = None) -> dict[str, str]:
     """Look up the call's number and set the variables; returns what it set (for tests)."""
-    logging.getLogger("npl_agi").addHandler(_ChannelLog(channel))
+    log.set_sink(lambda message: _verbose_quietly(channel, f"npl-agi: {message}"))
     dialled = dialled_number(args, channel.env)
     started = time.monotonic()
     answer, failure = None, None

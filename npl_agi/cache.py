@@ -11,9 +11,7 @@ one machine, a Redis lock when several machines share the account through one Re
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,8 +20,8 @@ from . import protocol
 from .config import ApiConfig, CacheConfig, Config
 from .locks import FileLock, lock_name
 from .protocol import Answer
+from . import log
 
-log = logging.getLogger("npl_agi")
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
@@ -413,6 +411,8 @@ class RedisLock:
         self._held = self.fallback
 
     def _start_renewing(self, lock, deadline: float) -> None:
+        import threading  # only lookups that go to the network take the lock
+
         stop = threading.Event()
 
         def renew() -> None:
