@@ -34,6 +34,7 @@ def peak_rss_mb(fn) -> float:
 def main(runs: int = 30) -> None:
     env = {"PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp, Simulator() as sim:
+
         def config(enabled: str) -> str:
             path = Path(tmp) / f"{enabled}.conf"
             path.write_text(

@@ -6,6 +6,7 @@ always exits 0: every failure becomes an ``NPL_ERR`` value and one ``VERBOSE`` l
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import signal
@@ -133,10 +134,8 @@ def variables_for(answer=None, failure: NplError | None = None, ms: int = 0) -> 
 
 def _verbose_quietly(channel: Channel, message: str) -> None:
     """A library warning (cache skipped, lock fell back) on the Asterisk console, if it is still there."""
-    try:
+    with contextlib.suppress(ChannelGone):
         channel.verbose(message, 1)
-    except ChannelGone:
-        pass
 
 
 def run(channel: Channel, args: list[str], config_path: str | None = None) -> dict[str, str]:
@@ -156,7 +155,7 @@ def run(channel: Channel, args: list[str], config_path: str | None = None) -> di
         answer = Lookup(config).one(dialled)
     except NplError as e:
         failure = e
-    except Exception as e:  # noqa: BLE001 - a bug of ours must not fail the call either
+    except Exception as e:
         failure = NplError(f"internal error: {e.__class__.__name__}")
     ms = round((time.monotonic() - started) * 1000)
     values = variables_for(answer, failure, ms)
@@ -167,7 +166,9 @@ def run(channel: Channel, args: list[str], config_path: str | None = None) -> di
         reason = str(failure) if failure else (answer.error_name if answer else "")
         channel.verbose(f"npl-agi: {shown} NPL_ERR={values['NPL_ERR']} ({reason}) in {ms} ms", 1)
     else:
-        channel.verbose(f"npl-agi: {shown} -> {values['NPL_MCCMNC']} {values['NPL_NETWORK']} ({values['NPL_SOURCE']}, {ms} ms)", 3)
+        channel.verbose(
+            f"npl-agi: {shown} -> {values['NPL_MCCMNC']} {values['NPL_NETWORK']} ({values['NPL_SOURCE']}, {ms} ms)", 3
+        )
     return values
 
 
@@ -179,6 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         run(Channel(), args)
     except ChannelGone:
         pass  # the caller hung up or Asterisk went away: nothing left to tell
-    except BaseException:  # noqa: BLE001, S110 - never a traceback to Asterisk
+    except BaseException:  # noqa: S110 - never a traceback to Asterisk
         pass
     return 0

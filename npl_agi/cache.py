@@ -16,12 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from . import protocol
+from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
 from .locks import FileLock, lock_name
 from .protocol import Answer
-from . import log
-
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
@@ -383,8 +381,8 @@ class RedisLock:
         self.name = f"{REDIS_PREFIX}lock:{lock_name(api.url, api.user)}"
         self.fallback = FileLock.for_account(api.lock_dir, api.url, api.user)
         self._held = None
-        self._stop_renewing: threading.Event | None = None
-        self._renewer: threading.Thread | None = None
+        self._stop_renewing = None  # a threading.Event while the lease is renewed
+        self._renewer = None  # the threading.Thread renewing it
 
     def acquire(self, deadline: float) -> None:
         """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""

@@ -17,7 +17,20 @@ from . import __version__
 from .config import DEFAULT_PATH, ENV_VAR, load_config
 from .errors import CacheError, ConfigError, CreditError, NplError
 
-CSV_FIELDS = ("number", "msisdn", "mccmnc", "mcc", "mnc", "msc", "imsi", "network", "country", "error", "error_name", "source")
+CSV_FIELDS = (
+    "number",
+    "msisdn",
+    "mccmnc",
+    "mcc",
+    "mnc",
+    "msc",
+    "imsi",
+    "network",
+    "country",
+    "error",
+    "error_name",
+    "source",
+)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -167,7 +180,23 @@ def read_numbers(path: str) -> list[str]:
 
 def answer_dict(a) -> dict[str, str]:
     d = a.as_dict()
-    return {k: d[k] for k in ("number", "msisdn", "mccmnc", "mcc", "mnc", "msc", "imsi", "network", "country", "error", "error_name", "source")}
+    return {
+        k: d[k]
+        for k in (
+            "number",
+            "msisdn",
+            "mccmnc",
+            "mcc",
+            "mnc",
+            "msc",
+            "imsi",
+            "network",
+            "country",
+            "error",
+            "error_name",
+            "source",
+        )
+    }
 
 
 def write_csv(f, answers) -> None:
@@ -216,7 +245,10 @@ def cmd_check(args) -> int:
 
         line = Client(api, lock=open_cache(config).account_lock(api)).check(args.timeout)
     except CreditError as e:
-        print(f"npl-agi: CREDIT: credentials accepted by {api.url}, but the account has no credit: {e.line}", file=sys.stderr)
+        print(
+            f"npl-agi: CREDIT: credentials accepted by {api.url}, but the account has no credit: {e.line}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(f"OK: {api.url} accepted user {api.user!r} (answer to an empty query: {line!r}; no credit spent)")
     return EXIT_OK

@@ -8,6 +8,7 @@ a server that drips bytes cannot hold a call longer than the deadline.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -94,27 +95,29 @@ class Client:
         watchdog = _Watchdog(left)
         data = bytearray()
         try:
-            with watchdog:
-                with self._get_session().post(
+            with (
+                watchdog,
+                self._get_session().post(
                     self.api.url,
                     data=form,
                     timeout=(left, left),
                     stream=True,
                     allow_redirects=False,
                     verify=self.api.ca_file or self.api.verify_tls,
-                ) as resp:
-                    if resp.status_code != 200:
-                        reason = self._scrub(protocol.shown(resp.reason or "")[1:-1])
-                        raise ProtocolError(f"the service answered HTTP {resp.status_code} {reason}".rstrip())
-                    while len(data) <= MAX_BODY:
-                        chunk = resp.raw.read1(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                        if _ENDBATCH_RE.search(data[-16:]):
-                            break  # complete, even if the server keeps the connection open
-                    else:
-                        raise ProtocolError("the service's answer is larger than any lookup answer")
+                ) as resp,
+            ):
+                if resp.status_code != 200:
+                    reason = self._scrub(protocol.shown(resp.reason or "")[1:-1])
+                    raise ProtocolError(f"the service answered HTTP {resp.status_code} {reason}".rstrip())
+                while len(data) <= MAX_BODY:
+                    chunk = resp.raw.read1(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                    if _ENDBATCH_RE.search(data[-16:]):
+                        break  # complete, even if the server keeps the connection open
+                else:
+                    raise ProtocolError("the service's answer is larger than any lookup answer")
         except requests.exceptions.Timeout:
             if not data:
                 raise LookupTimeout(f"no answer from the service within {left:.1f} s") from None
@@ -195,10 +198,8 @@ class _Watchdog:
 
 
 def _shutdown(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # already closed: nothing to stop
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def _new_session():

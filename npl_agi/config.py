@@ -63,7 +63,11 @@ class ApiConfig(
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return super().__repr__().replace(f"password={self.password!r}", "password=***" if self.password else "password=''")
+        return (
+            super()
+            .__repr__()
+            .replace(f"password={self.password!r}", "password=***" if self.password else "password=''")
+        )
 
 
 class NumberConfig(
@@ -130,7 +134,11 @@ def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> C
     for section, cls in known.items():
         values = dict(parser.items(section)) if parser.has_section(section) else {}
         parts[section] = _build(cls, values, path, section)
-    networks = {k: _INLINE_COMMENT.split(v, 1)[0].strip() for k, v in parser.items("networks")} if parser.has_section("networks") else {}
+    networks = (
+        {k: _INLINE_COMMENT.split(v, 1)[0].strip() for k, v in parser.items("networks")}
+        if parser.has_section("networks")
+        else {}
+    )
     for key in networks:
         if not (_digits(key) and len(key) in (5, 6)):
             raise ConfigError(f"{path}: [networks] {key}: key must be an MCCMNC of 5 or 6 digits")
@@ -188,7 +196,9 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         raise ConfigError(f"{path}: [number] lookup_types: empty; list types, or 'any' to look every number up")
     bad = [t for t in number.lookup_types if t not in NUMBER_TYPES and t != "any"]
     if bad:
-        raise ConfigError(f"{path}: [number] lookup_types: unknown type {bad[0]!r} (one of: any, {', '.join(NUMBER_TYPES)})")
+        raise ConfigError(
+            f"{path}: [number] lookup_types: unknown type {bad[0]!r} (one of: any, {', '.join(NUMBER_TYPES)})"
+        )
     if cache.backend not in ("sqlite", "redis", "none"):
         raise ConfigError(f"{path}: [cache] backend: one of sqlite, redis, none; got {cache.backend!r}")
 

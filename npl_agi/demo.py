@@ -64,7 +64,9 @@ def run_demo(out=None) -> int:
     out = out or sys.stdout
     script = find_agi_script()
     if script is None:
-        print("npl-agi demo: npl-lookup.agi not found (run from the source tree or install the package)", file=sys.stderr)
+        print(
+            "npl-agi demo: npl-lookup.agi not found (run from the source tree or install the package)", file=sys.stderr
+        )
         return 1
     routes = read_routes(find_file("dialplan", "npl-routes.conf"))
     with tempfile.TemporaryDirectory(prefix="npl-agi-demo-") as tmp, Simulator("127.0.0.1", 0) as sim:
@@ -74,25 +76,28 @@ def run_demo(out=None) -> int:
             f"[number]\ncountry_code = 44\n[cache]\npath = {tmp}/cache.sqlite\n"
         )
         print(f"npl-agi demo: simulator at {sim.url}, AGI script {script}", file=out)
-        print(f"{'dialled':<22} {'NPL_NUMBER':<13} {'MCCMNC':<7} {'NPL_NETWORK':<13} {'NPL_ERR':<10} {'source':<6} {'ms':>5}  route", file=out)
+        print(_row("dialled", "NPL_NUMBER", "MCCMNC", "NPL_NETWORK", "NPL_ERR", "source", "ms", "route"), file=out)
         emulator = AgiEmulator(str(script), env={"NPL_AGI_CONFIG": str(config), **_pythonpath()})
         for dialled, what in CASES:
             run = emulator.run([dialled], {"agi_extension": dialled})
             v = run.variables
             if run.returncode != 0 or "NPL_ERR" not in v:
-                print(f"{dialled!r}: the AGI script failed (exit {run.returncode}): {run.stderr.strip()[-300:]}", file=out)
+                print(
+                    f"{dialled!r}: the AGI script failed (exit {run.returncode}): {run.stderr.strip()[-300:]}", file=out
+                )
                 return 1
             route = (not v["NPL_ERR"] and routes.get(v["NPL_MCCMNC"])) or routes.get("s", "npl-fallback")
             route = route.replace("npl-routes:", f"npl-routes,{v['NPL_MCCMNC']}:")
-            print(
-                f"{dialled:<22} {v['NPL_NUMBER'] or '-':<13} {v['NPL_MCCMNC'] or '-':<7} {v['NPL_NETWORK'] or '-':<13.13} "
-                f"{v['NPL_ERR'] or '-':<10} {v['NPL_SOURCE'] or '-':<6} {v['NPL_LOOKUP_MS']:>5}  {route}",
-                file=out,
-            )
+            fields = ("NPL_NUMBER", "NPL_MCCMNC", "NPL_NETWORK", "NPL_ERR", "NPL_SOURCE")
+            print(_row(dialled, *(v[f] or "-" for f in fields), v["NPL_LOOKUP_MS"], route), file=out)
             print(f"{'':<22} ({what})", file=out)
         charged = sim.stats()["charged"]
         print(f"credits spent: {len(charged)} for {len(CASES)} calls", file=out)
     return 0
+
+
+def _row(dialled, number, mccmnc, network, err, source, ms, route) -> str:
+    return f"{dialled:<22} {number:<13} {mccmnc:<7} {network:<13.13} {err:<10} {source:<6} {ms:>5}  {route}"
 
 
 def _pythonpath() -> dict[str, str]:

@@ -7,6 +7,7 @@ script set, so a test can see exactly what Asterisk would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -90,7 +91,9 @@ def hung_up_after(k: int) -> Responder:
 class AgiEmulator:
     """Runs one AGI script invocation against an emulated channel."""
 
-    def __init__(self, script: str, *, python: str | list[str] = sys.executable, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, script: str, *, python: str | list[str] = sys.executable, env: dict[str, str] | None = None
+    ) -> None:
         self.script = script
         self.python = [python] if isinstance(python, str) else list(python)
         self.env = {**os.environ, **(env or {})}
@@ -139,10 +142,8 @@ class AgiEmulator:
             run.returncode = proc.wait()
             run.stderr = proc.stderr.read().decode("utf-8", "replace")
             for stream in (proc.stdin, proc.stdout, proc.stderr):
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
             run.seconds = time.monotonic() - started
         return run
 

@@ -21,7 +21,7 @@ from .errors import (
 
 QUERYOK = "QUERYOK"
 ENDBATCH = "ENDBATCH"
-FAIL_PASSWORD = "FAIL Invalid password"
+FAIL_PASSWORD = "FAIL Invalid password"  # noqa: S105 - the service's words, not a secret
 FAIL_CREDIT = "FAIL Insufficient credit"
 FAIL_NO_NUMBERS = "FAIL No numbers specified"
 FAIL_TOO_LONG = "FAIL Request too long"

@@ -143,7 +143,9 @@ class Simulator:
             }
 
     def start(self) -> Simulator:
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="npl-simulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), name="npl-simulator", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -31,7 +31,7 @@ def assert_clean(run):
     assert run.stderr == ""
     assert run.unbalanced == []
     for argv in run.commands:
-        assert argv[:2] == ["SET", "VARIABLE"] and argv[2] in VARIABLES and len(argv) == 4 or argv[0] == "VERBOSE"
+        assert (argv[:2] == ["SET", "VARIABLE"] and argv[2] in VARIABLES and len(argv) == 4) or argv[0] == "VERBOSE"
 
 
 def test_success_sets_every_variable_then_a_second_call_is_served_from_the_cache(agi, sim):
@@ -186,7 +186,11 @@ def test_hangup_at_each_step_still_sets_what_a_dead_channel_accepts(agi, step):
     assert run.variables["NPL_MCCMNC"] == "23415"
 
 
-USAGE = "520-Invalid command syntax.  Proper usage follows:\nUsage: SET VARIABLE <variablename> <value>\n520 End of proper usage."
+USAGE = (
+    "520-Invalid command syntax.  Proper usage follows:\n"
+    "Usage: SET VARIABLE <variablename> <value>\n"
+    "520 End of proper usage."
+)
 
 
 @pytest.mark.parametrize("reply", [DEAD, "200 result=-1", "HANGUP", USAGE, None])

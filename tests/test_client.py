@@ -216,7 +216,9 @@ assert all(a.ok for a in got.values()), got
 def test_twenty_processes_never_open_two_connections(tmp_path, subprocess_env):
     with Simulator(line_delay=0.01) as sim:
         procs = [
-            subprocess.Popen([sys.executable, "-c", LOOKUP_IN_CHILD, sim.url, str(tmp_path), str(i)], env=subprocess_env)
+            subprocess.Popen(
+                [sys.executable, "-c", LOOKUP_IN_CHILD, sim.url, str(tmp_path), str(i)], env=subprocess_env
+            )
             for i in range(20)
         ]
         assert [p.wait(timeout=120) for p in procs] == [0] * 20

@@ -374,7 +374,9 @@ def test_password_is_not_in_errors_about_other_keys(tmp_path) -> None:
 
 
 def test_inline_comments_are_cut_except_from_the_password(tmp_path) -> None:
-    path = write(tmp_path, "[api]\nuser = bob ; the account\npassword = p ;#x # y\n[networks]\n23415 = GB, Voda ; ours\n")
+    path = write(
+        tmp_path, "[api]\nuser = bob ; the account\npassword = p ;#x # y\n[networks]\n23415 = GB, Voda ; ours\n"
+    )
     config = load_config(str(path))
     assert config.api.user == "bob"
     assert config.api.password == "p ;#x # y"

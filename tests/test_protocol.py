@@ -31,7 +31,14 @@ ENDBATCH
 def test_spec_example_v24():
     got = protocol.parse_response(V24, ASKED)
     a = got["447788450450"]
-    assert (a.mccmnc, a.mcc, a.mnc, a.msc, a.imsi, a.error) == ("23415", "234", "15", "447785014185", "234158341040126", "")
+    assert (a.mccmnc, a.mcc, a.mnc, a.msc, a.imsi, a.error) == (
+        "23415",
+        "234",
+        "15",
+        "447785014185",
+        "234158341040126",
+        "",
+    )
     assert got["447810701702"].imsi == "234159002945116"
     e = got["447973100100"]
     assert (e.error, e.error_name, e.mccmnc) == ("ERR1", "Unknown subscriber", "")
@@ -159,7 +166,9 @@ def test_request_form_and_formatting_round_trip():
     assert got["447973100100"].error == "ERR1"
 
 
-@pytest.mark.parametrize(("apiver", "legacy"), [("", True), ("2.3", True), ("2.4", False), ("2.10", False), ("x", True)])
+@pytest.mark.parametrize(
+    ("apiver", "legacy"), [("", True), ("2.3", True), ("2.4", False), ("2.10", False), ("x", True)]
+)
 def test_legacy_versions(apiver, legacy):
     assert protocol.is_legacy(apiver) is legacy
 
