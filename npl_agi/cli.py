@@ -179,24 +179,9 @@ def read_numbers(path: str) -> list[str]:
 
 
 def answer_dict(a) -> dict[str, str]:
+    """The documented keys of one answer, in a stable order (``--json``, CSV rows)."""
     d = a.as_dict()
-    return {
-        k: d[k]
-        for k in (
-            "number",
-            "msisdn",
-            "mccmnc",
-            "mcc",
-            "mnc",
-            "msc",
-            "imsi",
-            "network",
-            "country",
-            "error",
-            "error_name",
-            "source",
-        )
-    }
+    return {k: d[k] for k in CSV_FIELDS}
 
 
 def write_csv(f, answers) -> None:
