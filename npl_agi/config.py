@@ -36,11 +36,7 @@ NUMBER_TYPES = (
 
 
 def record(name: str, **defaults):
-    """An immutable record type; each field's default also gives its type.
-
-    A namedtuple rather than a dataclass: ``dataclasses`` adds about 5 ms of imports to every
-    call the AGI script handles.
-    """
+    """An immutable record type (a namedtuple: cheap to import); each default gives its type."""
     return namedtuple(name, defaults, defaults=tuple(defaults.values()))
 
 

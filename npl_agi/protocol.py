@@ -57,7 +57,7 @@ class Answer(
     ``msisdn`` is the number asked (international, no ``+``); ``mccmnc``, ``msc``, ``imsi`` the
     service's answer; ``error``/``error_name`` a per-number failure (``ERR1``, ``TIMEOUT``…);
     ``source`` ``api`` or ``cache``; ``number`` as dialled; ``network``/``country`` from the
-    network directory. A namedtuple: cheap to import on the call path.
+    network directory.
     """
 
     __slots__ = ()
