@@ -74,52 +74,24 @@ class Lookup:
         error and no later request is sent; with ``strict`` the failure is then raised, carrying
         every answer in its ``answers`` attribute (what was already paid for is not lost).
         """
-        from .number import normalise, validate
-
-        cfg = self.config.number
-        readings_of: dict[str, tuple[str, ...]] = {}
-        local: dict[str, Answer] = {}
-        for d in dict.fromkeys(dialled):
-            try:
-                readings_of[d] = normalise(d, cfg)
-            except NplError as e:
-                local[d] = protocol.failed("", e.npl_err, number=d)._replace(error_name=str(e))
-        readings = list(dict.fromkeys(r for rs in readings_of.values() for r in rs))
-        found = self.cache.get_many(readings) if readings else {}
-        msisdn_of: dict[str, str] = {}
-        for d, rs in readings_of.items():
-            hit = next((r for r in rs if r in found), None)
-            if hit is None:
-                try:  # only numbers that may cost a credit pay for full validation
-                    hit = validate(rs, cfg)
-                except NplError as e:
-                    local[d] = protocol.failed("", e.npl_err, number=d)._replace(error_name=str(e))
-                    continue
-            msisdn_of[d] = hit
-        unread = [m for m in dict.fromkeys(msisdn_of.values()) if m not in found and m not in readings]
-        if unread:  # a canonical form (e.g. "+44 (0)7…" -> 447…) may be cached already
-            found.update(self.cache.get_many(unread))
+        msisdn_of, found, local = self._resolve(dialled)
         wanted = list(dict.fromkeys(msisdn_of.values()))
         misses = [m for m in wanted if m not in found]
         self.cache.record(hits=len(wanted) - len(misses), misses=len(misses))
-        done = len(wanted) - len(misses)
         if progress:
-            progress(done, len(wanted))
+            progress(len(wanted) - len(misses), len(wanted))
         failure = None
-        if misses:
-            try:
-                for batch in self.client.batches(misses, timeout):
-                    fresh = {m: a._replace(source="api") for m, a in batch.items()}
-                    self.cache.put_many(list(fresh.values()))
-                    found.update(fresh)
-                    done += len(batch)
-                    if progress:
-                        progress(done, len(wanted))
-            except NplError as e:
-                failure = e
-                for m in misses:
-                    if m not in found:
-                        found[m] = protocol.failed(m, e.npl_err)._replace(error_name=str(e))
+        try:
+            for batch in self.client.batches(misses, timeout) if misses else ():
+                fresh = {m: a._replace(source="api") for m, a in batch.items()}
+                self.cache.put_many(list(fresh.values()))
+                found.update(fresh)
+                if progress:
+                    progress(sum(m in found for m in wanted), len(wanted))
+        except NplError as e:
+            failure = e
+            for m in misses:
+                found.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
         out = []
         for d in dialled:
             answer = local.get(d) or found[msisdn_of[d]]._replace(number=d)
@@ -131,3 +103,36 @@ class Lookup:
             failure.answers = out
             raise failure
         return out
+
+    def _resolve(self, dialled: list[str]) -> tuple[dict[str, str], dict[str, Answer], dict[str, Answer]]:
+        """Dialled number -> msisdn, the cached answers, and the numbers refused locally.
+
+        The cache is read with the plain string readings of each number first; only numbers it
+        misses pay for full validation (phonenumbers), whose canonical form is read once more.
+        """
+        from .number import normalise, validate
+
+        cfg = self.config.number
+        readings_of: dict[str, tuple[str, ...]] = {}
+        local: dict[str, Answer] = {}
+        for d in dict.fromkeys(dialled):
+            try:
+                readings_of[d] = normalise(d, cfg)
+            except NplError as e:
+                local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
+        readings = set().union(*readings_of.values())
+        found = self.cache.get_many(sorted(readings)) if readings else {}
+        msisdn_of: dict[str, str] = {}
+        for d, rs in readings_of.items():
+            hit = next((r for r in rs if r in found), None)
+            if hit is None:
+                try:
+                    hit = validate(rs, cfg)
+                except NplError as e:
+                    local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
+                    continue
+            msisdn_of[d] = hit
+        unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
+        if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be cached already
+            found.update(self.cache.get_many(sorted(unread)))
+        return msisdn_of, found, local

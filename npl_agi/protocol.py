@@ -90,9 +90,9 @@ def error_name(code: str) -> str:
     return local_error_name(code)
 
 
-def failed(msisdn: str, code: str, *, number: str = "", source: str = "") -> Answer:
-    """An answer that carries a per-number error code and its name."""
-    return Answer(msisdn, error=code, error_name=error_name(code), number=number, source=source)
+def failed(msisdn: str, code: str, *, number: str = "", source: str = "", reason: str = "") -> Answer:
+    """An answer that carries a per-number error code and its name (or a specific reason)."""
+    return Answer(msisdn, error=code, error_name=reason or error_name(code), number=number, source=source)
 
 
 def shown(text: str) -> str:
