@@ -57,7 +57,8 @@ Options:
   --demo           the README quick start: create ./.venv in this source tree with the test
                    extras (pip install -e '.[test]'), then run .venv/bin/npl-agi demo and
                    exit with its status. Needs no Asterisk, no account and no root, except
-                   that root installs python3-venv first on Debian when it is missing.
+                   that root installs python3-venv first on Debian when it is missing, and
+                   redis-server and openssl for the tests.
   -h, --help       show this help
 
 Exit status: 0 done, 1 failed, 2 bad usage; with --demo, the demo's own status.
@@ -169,6 +170,30 @@ python_usable() {
         "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
 }
 
+apt_install() {
+    if ! act env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; then
+        # A fresh system may have no package lists yet.
+        act apt-get update -q
+        act env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+    fi
+}
+
+# The programs the test suite starts: redis-server for the shared cache, openssl for a TLS
+# certificate. Root on Debian gets them installed; anyone else is told.
+need_test_programs() {
+    local missing=() program
+    for program in redis-server openssl; do
+        command -v "$program" >/dev/null 2>&1 || missing+=("$program")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if is_root && command -v apt-get >/dev/null 2>&1; then
+        say "installing ${missing[*]} with apt-get (the tests start them)"
+        apt_install "${missing[@]}"
+    else
+        say "note: the tests need ${missing[*]}: apt-get install ${missing[*]}  (as root)"
+    fi
+}
+
 # python3 -m venv needs the venv and ensurepip modules; Debian ships them as python3-venv.
 need_python() {
     python_usable && return 0
@@ -181,11 +206,7 @@ need_python() {
             die "python3 -m venv is not available here: install it with  apt-get install python3-venv  (as root), then rerun"
         fi
         say "python3 -m venv is not available: installing python3-venv with apt-get"
-        if ! act env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; then
-            # A fresh system may have no package lists yet.
-            act apt-get update -q
-            act env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
-        fi
+        apt_install python3-venv
         [ "$DRY_RUN" = yes ] || python_usable || die "python3 -m venv still fails after installing python3-venv"
         return 0
     fi
@@ -458,6 +479,7 @@ do_demo() {
         did "created $venv"
     fi
     (cd "$REPO_DIR" && act "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]')
+    need_test_programs
     say "running .venv/bin/npl-agi demo"
     if [ "$DRY_RUN" = yes ]; then
         act "$venv/bin/npl-agi" demo
