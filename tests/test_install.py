@@ -293,7 +293,11 @@ def test_demo_on_a_machine_without_python3_venv(tmp_path: Path) -> None:
     for tool in ("bash", "id", "env", "dirname", "apt-get"):
         if found := shutil.which(tool):
             (bin_dir / tool).symlink_to(found)
-    command, env = install_command("--demo", "--dry-run")
+    source = tmp_path / "src"  # a source tree without a ./.venv, whatever this checkout has
+    source.mkdir()
+    for name in ("install.sh", "pyproject.toml"):
+        shutil.copy(ROOT / name, source / name)
+    command, env = install_command("--demo", "--dry-run", script=source / "install.sh")
     result = subprocess.run(command, env={**env, "PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60)
     if (bin_dir / "apt-get").exists() and os.geteuid() == 0:
         out = ok(result)
