@@ -176,10 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``agi-bin/npl-lookup.agi``. Always returns 0."""
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
+    # ChannelGone: the caller hung up or Asterisk went away, nothing left to tell. Anything
+    # else: never a traceback to Asterisk.
+    with contextlib.suppress(BaseException):
         run(Channel(), args)
-    except ChannelGone:
-        pass  # the caller hung up or Asterisk went away: nothing left to tell
-    except BaseException:  # noqa: S110 - never a traceback to Asterisk
-        pass
     return 0

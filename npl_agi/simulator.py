@@ -267,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
             entered = False
             self._write(protocol.ENDBATCH + "\n")
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (its deadline); nothing to answer
+            return  # the client gave up (its deadline); nothing to answer
         finally:
             if entered:
                 sim._leave(user)
