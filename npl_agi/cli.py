@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npl-agi",
         description="Mobile number portability lookups for Asterisk.",
+        epilog="Exit status: 0 done, 1 the service or the network failed (the reason on stderr), "
+        "2 bad usage or configuration.",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"npl-agi {__version__}")
