@@ -13,7 +13,7 @@ import fcntl
 import os
 import time
 
-from .errors import LookupTimeout
+from .errors import ConfigError, LookupTimeout
 
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 
@@ -41,13 +41,25 @@ class FileLock:
             lock_dir = tempfile.gettempdir()
         return cls(os.path.join(lock_dir, lock_name(url, user)))
 
-    def acquire(self, deadline: float) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            if os.fstat(fd).st_uid == os.geteuid():
-                os.fchmod(fd, 0o666)  # the asterisk user and an admin's CLI share it
-        except OSError:
-            pass
+            try:
+                # An existing file is opened without O_CREAT: in a sticky directory such as /tmp
+                # the kernel (fs.protected_regular) refuses O_CREAT on another user's file, and
+                # the asterisk user and an admin running npl-agi as root share this one.
+                return os.open(self.path, flags)
+            except FileNotFoundError:
+                fd = os.open(self.path, flags | os.O_CREAT, 0o666)
+                os.fchmod(fd, 0o666)  # whatever the umask: the other users of the account need it
+                return fd
+        except OSError as e:
+            raise ConfigError(
+                f"{self.path}: cannot open the account lock file: {e.strerror} (see [api] lock_dir)"
+            ) from None
+
+    def acquire(self, deadline: float) -> None:
+        fd = self._open()
         pause = _POLL_FIRST
         while True:
             try:

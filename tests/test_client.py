@@ -1,6 +1,7 @@
 """The API client against the simulator, a real HTTP server on 127.0.0.1."""
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from npl_agi.errors import (
     TIMEOUT,
     TRUNCATED,
     AuthError,
+    ConfigError,
     CreditError,
     LockedError,
     LookupTimeout,
@@ -311,3 +313,19 @@ def test_scrubbing_the_password_does_not_mangle_our_own_words(sim, tmp_path):
     with pytest.raises(LockedError) as info:
         client_for(sim.url, tmp_path, user="locked", password="locked").lookup(UK)
     assert str(info.value).startswith("account locked: ")
+
+
+def test_a_lock_dir_that_cannot_be_used_is_a_config_error(sim, tmp_path):
+    with pytest.raises(ConfigError, match="lock_dir"):
+        client_for(sim.url, tmp_path, lock_dir=str(tmp_path / "missing")).lookup(UK)
+    assert sim.stats()["requests"] == []
+
+
+def test_the_lock_file_is_shared_whatever_the_umask(sim, tmp_path):
+    old = os.umask(0o077)
+    try:
+        client_for(sim.url, tmp_path).lookup(UK)
+    finally:
+        os.umask(old)
+    (lock,) = tmp_path.glob("npl-agi-*.lock")
+    assert lock.stat().st_mode & 0o777 == 0o666
