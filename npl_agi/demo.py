@@ -42,9 +42,9 @@ def find_file(*parts: str) -> Path | None:
 
 
 def find_agi_script() -> Path | None:
-    return find_file("agi-bin", "npl-lookup.agi") or next(
-        (p for p in [Path(sys.prefix) / "bin" / "npl-lookup.agi"] if p.exists()), None
-    )
+    """The source tree's ``agi-bin/npl-lookup.agi``, else the one pip put in the environment's bin/."""
+    installed = Path(sys.prefix) / "bin" / "npl-lookup.agi"
+    return find_file("agi-bin", "npl-lookup.agi") or (installed if installed.exists() else None)
 
 
 def read_routes(path: Path | None) -> dict[str, str]:

@@ -210,6 +210,19 @@ def test_staged_agi_runs_a_lookup(stage: Stage, sim, config_file) -> None:
     assert sim.stats()["charged"] == ["447788450450"]
 
 
+def test_installed_demo_finds_the_bundled_routes(stage: Stage, tmp_path: Path) -> None:
+    """Installed without its source tree, the package still ships npl-routes.conf for the demo."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the stage's own package
+    probe = (
+        "from npl_agi.demo import find_file, read_routes; print(read_routes(find_file('dialplan', 'npl-routes.conf')))"
+    )
+    result = subprocess.run(
+        [str(stage.prefix / "bin" / "python"), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'23415': 'npl-routes: Dial(PJSIP/${NPL_DIAL}@trunk-vodafone,60)'" in result.stdout
+
+
 def test_rerun_changes_nothing(stage: Stage) -> None:
     before = snapshot(stage.root)
     out = ok(run_install(*stage.args()))
