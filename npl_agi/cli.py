@@ -221,16 +221,10 @@ class Progress:
 
 
 def cmd_check(args) -> int:
-    from .client import Client
-    from .config import require_credentials
-
-    config = load_config(args.config)
-    require_credentials(config)
-    api = config.api
-    try:
-        from .cache import open_cache
-
-        line = Client(api, lock=open_cache(config).account_lock(api)).check(args.timeout)
+    lookup = _lookup_for(args)
+    api = lookup.config.api
+    try:  # the lookup path's client: same credentials check, same account lock
+        line = lookup.client.check(args.timeout)
     except CreditError as e:
         print(
             f"npl-agi: CREDIT: credentials accepted by {api.url}, but the account has no credit: {e.line}",

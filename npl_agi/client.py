@@ -56,8 +56,6 @@ class Client:
         for start in range(0, len(unique), size):
             chunk = unique[start : start + size]
             body, cut_by_deadline = self._exchange(chunk, timeout)
-            if cut_by_deadline and "\n" not in body:
-                raise LookupTimeout("the service did not finish its first line before the deadline")
             cut = TIMEOUT if cut_by_deadline else TRUNCATED
             yield protocol.parse_response(body, chunk, cut_short=cut)
 
@@ -118,25 +116,20 @@ class Client:
                         break  # complete, even if the server keeps the connection open
                 else:
                     raise ProtocolError("the service's answer is larger than any lookup answer")
-        except requests.exceptions.Timeout:
-            if not data:
-                raise LookupTimeout(f"no answer from the service within {left:.1f} s") from None
-            return data.decode("utf-8", "replace"), True
-        except requests.exceptions.SSLError as e:
-            raise Unreachable(f"TLS failure talking to the service: {_reason(e)}") from None
-        except requests.exceptions.ConnectionError as e:
-            if watchdog.fired:
-                if data:
-                    return data.decode("utf-8", "replace"), True
-                raise LookupTimeout(f"no answer from the service within {left:.1f} s") from None
-            if data:
-                return data.decode("utf-8", "replace"), False
-            raise Unreachable(f"cannot connect to the service: {_reason(e)}") from None
         except requests.exceptions.RequestException as e:
-            if watchdog.fired:
-                return data.decode("utf-8", "replace"), True
-            raise ProtocolError(f"bad HTTP answer from the service: {_reason(e)}") from None
-        return data.decode("utf-8", "replace"), watchdog.fired
+            cut_by_deadline = watchdog.fired or isinstance(e, requests.exceptions.Timeout)
+            if not data and not cut_by_deadline:
+                if isinstance(e, requests.exceptions.SSLError):
+                    raise Unreachable(f"TLS failure talking to the service: {_reason(e)}") from None
+                if isinstance(e, requests.exceptions.ConnectionError):
+                    raise Unreachable(f"cannot connect to the service: {_reason(e)}") from None
+                raise ProtocolError(f"bad HTTP answer from the service: {_reason(e)}") from None
+        else:
+            cut_by_deadline = watchdog.fired
+        if cut_by_deadline and b"\n" not in data:
+            raise LookupTimeout(f"no answer from the service within {left:.1f} s")
+        # Lines that arrived are kept; the parser marks the numbers left without one.
+        return data.decode("utf-8", "replace"), cut_by_deadline
 
     def _get_session(self):
         if self._session is None:
