@@ -161,7 +161,7 @@ def run(channel: Channel, args: list[str], config_path: str | None = None) -> di
     values = variables_for(answer, failure, ms)
     for name, value in values.items():
         channel.set_variable(name, value)
-    shown = "'" + _UNSAFE.sub("?", dialled[:40]) + "'"
+    shown = f"'{dialled[:40]}'"  # made safe by the quoting every command gets
     if values["NPL_ERR"]:
         reason = str(failure) if failure else (answer.error_name if answer else "")
         channel.verbose(f"npl-agi: {shown} NPL_ERR={values['NPL_ERR']} ({reason}) in {ms} ms", 1)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
+from .errors import LookupTimeout
 from .locks import FileLock, lock_name
 from .protocol import Answer
 
@@ -386,8 +387,6 @@ class RedisLock:
 
     def acquire(self, deadline: float) -> None:
         """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""
-        from .errors import LookupTimeout
-
         if not self.cache.broken:
             left = max(deadline - time.monotonic(), 0.0)
             try:

@@ -13,6 +13,7 @@ import re
 from collections import namedtuple
 
 from .errors import ConfigError
+from .protocol import MAX_NUMBERS
 
 DEFAULT_PATH = "/etc/asterisk/npl-agi.conf"
 _INLINE_COMMENT = re.compile(r"\s[;#]")
@@ -130,11 +131,7 @@ def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> C
     for section, cls in known.items():
         values = dict(parser.items(section)) if parser.has_section(section) else {}
         parts[section] = _build(cls, values, path, section)
-    networks = (
-        {k: _INLINE_COMMENT.split(v, 1)[0].strip() for k, v in parser.items("networks")}
-        if parser.has_section("networks")
-        else {}
-    )
+    networks = {k: _uncomment(v) for k, v in parser.items("networks")} if parser.has_section("networks") else {}
     for key in networks:
         if not (_digits(key) and len(key) in (5, 6)):
             raise ConfigError(f"{path}: [networks] {key}: key must be an MCCMNC of 5 or 6 digits")
@@ -149,9 +146,8 @@ def _build(cls: type, values: dict[str, str], path: str, section: str):
         if key not in cls._fields:
             raise ConfigError(f"{path}: [{section}] unknown key {key!r}")
         where = f"{path}: [{section}] {key}"
-        if key != "password":  # a password may hold " ;" or " #"
-            raw = _INLINE_COMMENT.split(raw, 1)[0]
-        kwargs[key] = _convert(getattr(defaults, key), raw.strip(), where)
+        raw = raw.strip() if key == "password" else _uncomment(raw)  # a password may hold " ;"
+        kwargs[key] = _convert(getattr(defaults, key), raw, where)
     return cls(**kwargs)
 
 
@@ -182,8 +178,8 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         raise ConfigError(f"{path}: [api] url: must start with https:// or http://")
     if not url.group(1):
         raise ConfigError(f"{path}: [api] url: no host name in {api.url!r}")
-    if api.batch_size > 1000:
-        raise ConfigError(f"{path}: [api] batch_size: the service takes at most 1000 numbers a request")
+    if api.batch_size > MAX_NUMBERS:
+        raise ConfigError(f"{path}: [api] batch_size: the service takes at most {MAX_NUMBERS} numbers a request")
     for key in ("country_code", "national_prefix", "international_prefix"):
         value = getattr(number, key)
         if value and not _digits(value):
@@ -197,6 +193,11 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         )
     if cache.backend not in ("sqlite", "redis", "none"):
         raise ConfigError(f"{path}: [cache] backend: one of sqlite, redis, none; got {cache.backend!r}")
+
+
+def _uncomment(raw: str) -> str:
+    """A value without its inline comment (`` ;`` or `` #`` and what follows)."""
+    return _INLINE_COMMENT.split(raw, 1)[0].strip()
 
 
 def _digits(value: str) -> bool:

@@ -126,6 +126,4 @@ def npl_err(failure: NplError | str | None) -> str:
         return ""
     if isinstance(failure, NplError):
         return failure.npl_err
-    if isinstance(failure, BaseException):
-        return "PROTOCOL"
     return _NPL_ERR_OF_CODE.get(failure, failure)

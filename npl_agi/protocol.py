@@ -42,6 +42,7 @@ ERROR_NAMES = {
 _ERR_RE = re.compile(r"ERR(\d{1,4})")
 _MCCMNC_RE = re.compile(r"\d{5,6}")
 _DIGITS_RE = re.compile(r"\d{0,20}")
+_MSISDN_RE = re.compile(r"\+?(\d{1,20})")
 _SHOWN = 80  # characters of a bad line quoted in an error message
 
 
@@ -130,9 +131,10 @@ def check_status(line: str) -> None:
 def parse_answer_line(line: str) -> Answer:
     """One ``<msisdn> <answer>`` line, in the 2.4 (three fields) or legacy (one field) form."""
     parts = line.split()
-    if len(parts) != 2 or not _DIGITS_RE.fullmatch(parts[0].lstrip("+")) or not parts[0].strip("+"):
+    number = _MSISDN_RE.fullmatch(parts[0]) if len(parts) == 2 else None
+    if not number:
         raise ProtocolError(f"malformed answer line: {shown(line)}")
-    msisdn, rest = parts[0].lstrip("+"), parts[1]
+    msisdn, rest = number.group(1), parts[1]
     m = _ERR_RE.fullmatch(rest)
     if m:
         return failed(msisdn, f"ERR{int(m.group(1))}")
