@@ -174,7 +174,7 @@ class Simulator:
             self.active[user] -= 1
 
     def _answer(self, form: dict[str, str], method: str) -> tuple[str, list[str], str | None]:
-        """Decide the status line, the number lines and the fault for one query."""
+        """Decide the status line, the number lines and the fault its numbers trigger."""
         user, apiver = form.get("user", ""), form.get("apiver", "")
         msisdns = [n.strip() for n in form.get("msisdn", "").split(",") if n.strip()]
         record = {"user": user, "apiver": apiver, "method": method, "numbers": msisdns, "charged": []}
@@ -195,7 +195,7 @@ class Simulator:
                 account.credit -= len(msisdns)
             record["charged"] = msisdns
         lines = [simulated_answer(n, apiver) for n in msisdns]
-        return protocol.QUERYOK, lines, self.fault or fault_for(msisdns)
+        return protocol.QUERYOK, lines, fault_for(msisdns)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -236,7 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
         entered = True
         try:
             status, lines, fault = sim._answer(form, method)
-            fault = fault or sim.fault  # a fault set for every query also spoils refusals
+            fault = sim.fault or fault  # a fault set for every query also spoils refusals
             if fault == "hang":
                 self._pause(sim.hang_seconds)
                 return
