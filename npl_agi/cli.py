@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
     p.add_argument("--line-delay", type=float, default=0.0, metavar="S", help="pause before each answer line")
+    p.add_argument("--request-delay", type=float, default=0.0, metavar="S", help="pause before each query's first line")
     p.add_argument("--slow-delay", type=float, default=3.0, metavar="S", help="pause per line of the 'slow' fault")
     p.add_argument("--fault", help="misbehave on every query: slow, hang, truncate, garbage, http500, html, empty")
     p.add_argument("--max-numbers", type=int, default=1000, metavar="N", help="numbers allowed per query")
@@ -293,6 +294,7 @@ def cmd_simulate(args) -> int:
         args.port,
         max_numbers=args.max_numbers,
         line_delay=args.line_delay,
+        request_delay=args.request_delay,
         slow_delay=args.slow_delay,
         fault=args.fault,
         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,

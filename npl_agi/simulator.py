@@ -93,6 +93,7 @@ class Simulator:
         accounts: dict[str, Account] | None = None,
         max_numbers: int = protocol.MAX_NUMBERS,
         line_delay: float = 0.0,
+        request_delay: float = 0.0,
         slow_delay: float = 3.0,
         hang_seconds: float = 30.0,
         fault: str | None = None,
@@ -101,6 +102,7 @@ class Simulator:
         self.accounts = accounts if accounts is not None else default_accounts()
         self.max_numbers = max_numbers
         self.line_delay = line_delay
+        self.request_delay = request_delay
         self.slow_delay = slow_delay
         self.hang_seconds = hang_seconds
         self.fault = fault
@@ -248,6 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, "")
             if fault == "garbage":
                 return self._send(200, "\x00\x1b[31mZ#@!% not a lookup answer\nQUERY?\n")
+            # Set-up cost of a query (connection, TLS, SS7 dialogue) before any answer.
+            if sim.request_delay and not self._pause(sim.request_delay):
+                return
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.end_headers()

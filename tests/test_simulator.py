@@ -542,3 +542,15 @@ def test_reset_during_a_query_still_counts_overlap(sim) -> None:
         assert request(sim, "POST", "/_sim/reset").status == 200
         with hold(sim):  # two connections of one account are open now
             assert sim.stats()["max_concurrent"] == {"demo": 2}
+
+
+def test_request_delay_holds_back_the_whole_answer_then_sends_it(make_sim) -> None:
+    s = make_sim(request_delay=1.0)
+    form = {"user": "demo", "pass": "demo", "apiver": "2.4", "msisdn": "447788450450"}
+    with open_raw(s, form) as sock:
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # not even the status line yet
+        sock.settimeout(WAIT)
+        data = read_all(sock)
+    assert b"QUERYOK\n447788450450 23415," in data and data.endswith(b"ENDBATCH\n")
