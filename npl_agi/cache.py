@@ -11,6 +11,7 @@ one machine, a Redis lock when several machines share the account through one Re
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -50,16 +51,27 @@ def _answer(msisdn: str, mccmnc: str, msc: str, imsi: str, error: str) -> Answer
 class Cache:
     """No cache at all (``backend = none``); the base of the real backends.
 
-    Public methods never raise: a backend error disables the backend for the rest of the
-    process after one log line.
+    Public methods never raise: a backend error disables the backend for ``retry_after``
+    seconds after one log line (for the rest of the process by default: an AGI script lives for
+    one call; the FastAGI server sets a cool-down and tries again).
     """
 
     name = "none"
+    retry_after = math.inf
 
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
         self.broken = False
+
+    @property
+    def broken(self) -> bool:
+        """True while a failed backend is skipped."""
+        return self.clock() < self._broken_until
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self._broken_until = self.clock() + self.retry_after if value else -math.inf
 
     def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
@@ -69,6 +81,13 @@ class Cache:
         """Count hits and misses (for ``npl-agi cache stats``)."""
         if hits or misses:
             self._safely("write", self._record, None, hits, misses)
+
+    def get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        """Network answers among ``msisdns`` whose entry expired less than ``stale_ttl`` ago.
+
+        For a service that is failing: a known number keeps its route (``source = "stale"``).
+        """
+        return self._safely("read", self._get_stale_many, {}, msisdns)
 
     def put_many(self, answers: list[Answer]) -> None:
         """Keep what deserves keeping (see ``ttl_for``); the rest is dropped silently."""
@@ -93,6 +112,9 @@ class Cache:
 
     # -- overridden by the backends --
     def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        return {}
+
+    def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
         return {}
 
     def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
@@ -201,7 +223,23 @@ class SqliteCache(Cache):
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(a.msisdn, *_record(a), stored, expires) for a, stored, expires in rows],
             )
-            db.execute("DELETE FROM answers WHERE expires <= ?", (self.clock(),))
+            # Expired entries stay for stale_ttl: get_stale_many serves them while the service fails.
+            db.execute("DELETE FROM answers WHERE expires <= ?", (self.clock() - self.cfg.stale_ttl,))
+
+    def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        db = self._conn()
+        now = self.clock()
+        found = {}
+        for start in range(0, len(msisdns), 500):
+            part = msisdns[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for row in db.execute(
+                "SELECT msisdn, mccmnc, msc, imsi, error FROM answers WHERE expires <= ? AND expires > ?"  # noqa: S608 - placeholders only
+                f" AND error = '' AND mccmnc != '' AND msisdn IN ({marks})",
+                [now, now - self.cfg.stale_ttl, *part],
+            ):
+                found[row[0]] = _answer(*row)._replace(source="stale")
+        return found
 
     def stats(self) -> dict:
         db = self._conn(create=False)
@@ -302,6 +340,20 @@ class RedisCache(Cache):
         """The Redis key of a number's answer, under the shared ``npl-agi:`` prefix."""
         return f"{REDIS_PREFIX}answer:{msisdn}"
 
+    @staticmethod
+    def stale_key(msisdn: str) -> str:
+        """A network answer's second copy, kept ``stale_ttl`` longer for ``get_stale_many``."""
+        return f"{REDIS_PREFIX}stale:{msisdn}"
+
+    def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        r = self.client()
+        found = {}
+        for m, value in zip(msisdns, r.mget([self.stale_key(m) for m in msisdns]), strict=True):
+            fields = _fields(value)
+            if fields and fields[0] and not fields[3]:
+                found[m] = _answer(m, *fields[:4])._replace(source="stale")
+        return found
+
     def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         r = self.client()
         found = {}
@@ -323,6 +375,8 @@ class RedisCache(Cache):
         for a, stored, expires in rows:
             value = ",".join((*_record(a), f"{stored:.0f}"))
             pipe.set(self.key(a.msisdn), value, px=max(1, int((expires - stored) * 1000)))
+            if a.mccmnc and not a.error:
+                pipe.set(self.stale_key(a.msisdn), value, px=int((expires - stored + self.cfg.stale_ttl) * 1000))
         pipe.execute()
 
     def account_lock(self, api: ApiConfig) -> RedisLock:
@@ -343,7 +397,13 @@ class RedisCache(Cache):
 
     def purge(self, msisdns: list[str] | None = None) -> int:
         r = self.client()
-        keys = list(self._scan()) if msisdns is None else [self.key(m) for m in msisdns]
+        if msisdns is None:
+            keys = list(self._scan())
+            stale = list(r.scan_iter(match=self.stale_key("*"), count=1000))
+        else:
+            keys, stale = [self.key(m) for m in msisdns], [self.stale_key(m) for m in msisdns]
+        if stale:
+            r.delete(*stale)
         return r.delete(*keys) if keys else 0
 
     def export(self) -> Iterator[dict]:

@@ -87,12 +87,39 @@ class CacheConfig(
         redis_url="redis://127.0.0.1:6379/0",
         ttl=86400.0,
         error_ttl=3600.0,
+        stale_ttl=604800.0,
     )
 ):
     __slots__ = ()
 
 
-class Config(record("Config", api=ApiConfig(), number=NumberConfig(), cache=CacheConfig(), networks={}, path="")):
+class FastagiConfig(
+    record(
+        "FastagiConfig",
+        listen="127.0.0.1:4573",
+        batch_window=0.02,
+        breaker_failures=5,
+        breaker_cooldown=30.0,
+        metrics_listen="127.0.0.1:9573",
+        log_numbers="masked",
+    )
+):
+    """``npl-agi serve``: where it listens, how it batches, when it stops asking a failing service."""
+
+    __slots__ = ()
+
+
+class Config(
+    record(
+        "Config",
+        api=ApiConfig(),
+        number=NumberConfig(),
+        cache=CacheConfig(),
+        networks={},
+        path="",
+        fastagi=FastagiConfig(),
+    )
+):
     """The whole configuration; ``networks`` maps MCCMNC to the ``[networks]`` override text."""
 
     __slots__ = ()
@@ -123,7 +150,7 @@ def load_config(path: str | None = None) -> Config:
 
 def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> Config:
     """Build a ``Config`` from parsed INI sections, checking every key and value."""
-    known = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig}
+    known = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig, "fastagi": FastagiConfig}
     for section in parser.sections():
         if section not in known and section != "networks":
             raise ConfigError(f"{path}: unknown section [{section}]")
@@ -136,7 +163,8 @@ def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> C
         if not (_digits(key) and len(key) in (5, 6)):
             raise ConfigError(f"{path}: [networks] {key}: key must be an MCCMNC of 5 or 6 digits")
     _check(parts["api"], parts["number"], parts["cache"], path)
-    return Config(parts["api"], parts["number"], parts["cache"], networks, path)
+    _check_fastagi(parts["fastagi"], path)
+    return Config(parts["api"], parts["number"], parts["cache"], networks, path, fastagi=parts["fastagi"])
 
 
 def _build(cls: type, values: dict[str, str], path: str, section: str):
@@ -193,6 +221,23 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         )
     if cache.backend not in ("sqlite", "redis", "none"):
         raise ConfigError(f"{path}: [cache] backend: one of sqlite, redis, none; got {cache.backend!r}")
+
+
+def _check_fastagi(fastagi: FastagiConfig, path: str) -> None:
+    parse_listen(fastagi.listen, f"{path}: [fastagi] listen")
+    if fastagi.metrics_listen:
+        parse_listen(fastagi.metrics_listen, f"{path}: [fastagi] metrics_listen")
+    if fastagi.log_numbers not in ("masked", "full"):
+        raise ConfigError(f"{path}: [fastagi] log_numbers: masked or full, got {fastagi.log_numbers!r}")
+
+
+def parse_listen(text: str, where: str = "--listen") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a host and a port number; ``ConfigError`` if not."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not _digits(port) or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT, e.g. 127.0.0.1:4573, got {text!r}")
+    return host, int(port)
 
 
 def _uncomment(raw: str) -> str:

@@ -91,6 +91,12 @@ class Unreachable(TransportError):
     npl_err = "UNREACHABLE"
 
 
+class Unavailable(TransportError):
+    """The FastAGI server stopped asking a failing service for a while (its circuit breaker)."""
+
+    npl_err = "UNAVAILABLE"
+
+
 class ProtocolError(TransportError):
     """The answer was not the contract: HTML, empty, bad status, malformed or unasked lines."""
 
@@ -103,12 +109,14 @@ BADNUMBER = "BADNUMBER"
 NOTMOBILE = "NOTMOBILE"
 TIMEOUT = "TIMEOUT"
 TRUNCATED = "TRUNCATED"
+UNAVAILABLE = "UNAVAILABLE"
 
 _LOCAL_ERROR_NAMES = {
     BADNUMBER: "Not a valid international number",
     NOTMOBILE: "Not a mobile number (skipped, no credit spent)",
     TIMEOUT: "No answer before the deadline",
     TRUNCATED: "Answer cut short (no ENDBATCH)",
+    UNAVAILABLE: "Service failing; not asked for a while",
 }
 
 # NPL_ERR value for each per-number error that is not sent as it is.

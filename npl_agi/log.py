@@ -8,8 +8,11 @@ the standard ``logging`` logger ``npl_agi``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 
 _sink: Callable[[str], None] | None = None
+# A sink of the task at hand (one FastAGI call): its warnings belong to it, not to the process.
+call_sink: ContextVar[Callable[[str], None] | None] = ContextVar("npl_agi_call_sink", default=None)
 
 
 def set_sink(sink: Callable[[str], None] | None) -> None:
@@ -19,8 +22,9 @@ def set_sink(sink: Callable[[str], None] | None) -> None:
 
 
 def warning(message: str, *args: object) -> None:
-    if _sink is not None:
-        _sink(message % args)
+    sink = call_sink.get() or _sink
+    if sink is not None:
+        sink(message % args)
         return
     import logging
 

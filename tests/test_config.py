@@ -18,16 +18,18 @@ from npl_agi.config import (
     ApiConfig,
     CacheConfig,
     Config,
+    FastagiConfig,
     NumberConfig,
     config_path,
     load_config,
+    parse_listen,
     require_credentials,
 )
 from npl_agi.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "npl-agi.conf.sample"
-SECTIONS = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig}
+SECTIONS = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig, "fastagi": FastagiConfig}
 SECRET = "Pw-7f3Q-zK9-never-shown"
 
 
@@ -87,6 +89,7 @@ def test_empty_file_gives_defaults(tmp_path) -> None:
     assert config.api == ApiConfig()
     assert config.number == NumberConfig()
     assert config.cache == CacheConfig()
+    assert config.fastagi == FastagiConfig()
     assert config.networks == {}
 
 
@@ -160,7 +163,7 @@ def test_sample_documents_every_key(section: str) -> None:
 
 
 def test_sample_has_exactly_the_known_sections() -> None:
-    assert set(sample_parser().sections()) == {"api", "number", "cache", "networks"}
+    assert set(sample_parser().sections()) == {"api", "number", "cache", "fastagi", "networks"}
 
 
 def test_sample_shows_the_defaults() -> None:
@@ -169,6 +172,7 @@ def test_sample_shows_the_defaults() -> None:
     assert config.api == ApiConfig()
     assert config.number == NumberConfig()._replace(country_code="44")
     assert config.cache == CacheConfig()
+    assert config.fastagi == FastagiConfig()
     assert config.networks == {}
 
 
@@ -233,6 +237,12 @@ BAD = [
     ("bad-networks-key-long", "[networks]\n2341567 = GB, Long\n", "2341567"),
     ("bad-networks-key-letters", "[networks]\nabcde = GB, Letters\n", "abcde"),
     ("bad-networks-key-fullwidth", "[networks]\n\uff12\uff13\uff14\uff11\uff15 = GB, Wide\n", "[networks]"),
+    ("bad-listen-no-port", "[fastagi]\nlisten = 127.0.0.1\n", "[fastagi] listen"),
+    ("bad-listen-port", "[fastagi]\nlisten = 127.0.0.1:70000\n", "[fastagi] listen"),
+    ("bad-metrics-listen", "[fastagi]\nmetrics_listen = :x\n", "[fastagi] metrics_listen"),
+    ("bad-log-numbers", "[fastagi]\nlog_numbers = some\n", "[fastagi] log_numbers"),
+    ("bad-breaker-failures", "[fastagi]\nbreaker_failures = 0\n", "[fastagi] breaker_failures"),
+    ("bad-stale-ttl", "[cache]\nstale_ttl = soon\n", "[cache] stale_ttl"),
 ]
 
 
@@ -381,3 +391,12 @@ def test_inline_comments_are_cut_except_from_the_password(tmp_path) -> None:
     assert config.api.user == "bob"
     assert config.api.password == "p ;#x # y"
     assert config.networks == {"23415": "GB, Voda"}
+
+
+def test_fastagi_section(tmp_path) -> None:
+    text = "[fastagi]\nlisten = [::1]:4574\nbatch_window = 0.05\nmetrics_listen =\nlog_numbers = full\n"
+    config = load_config(str(write(tmp_path, text)))
+    assert config.fastagi == FastagiConfig(
+        listen="[::1]:4574", batch_window=0.05, metrics_listen="", log_numbers="full"
+    )
+    assert parse_listen(config.fastagi.listen) == ("::1", 4574)
