@@ -11,6 +11,7 @@ one machine, a Redis lock when several machines share the account through one Re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -19,8 +20,8 @@ from contextlib import contextmanager
 
 from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
-from .errors import LookupTimeout
-from .locks import FileLock, lock_name
+from .errors import LockUnavailable, LookupTimeout
+from .locks import FallbackRecord, FileLock, lock_name, wait_for
 from .protocol import Answer
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
@@ -63,6 +64,13 @@ class Cache:
         self.cfg = cfg
         self.clock = clock
         self.broken = False
+        self.deadline: float | None = None  # time.monotonic() by which a call needs its answer
+
+    def _within(self, longest: float) -> float:
+        """How long one cache operation may wait: ``longest``, or less as the deadline nears."""
+        if self.deadline is None:
+            return longest
+        return max(0.0, min(longest, self.deadline - time.monotonic()))
 
     @property
     def broken(self) -> bool:
@@ -78,9 +86,14 @@ class Cache:
         return self._safely("read", self._get_many, {}, msisdns)
 
     def record(self, hits: int, misses: int) -> None:
-        """Count hits and misses (for ``npl-agi cache stats``)."""
-        if hits or misses:
-            self._safely("write", self._record, None, hits, misses)
+        """Count hits and misses (for ``npl-agi cache stats``).
+
+        Best effort and quiet: during a burst the file is busy with other calls' writes, and a
+        counter is not worth a call's time or a warning (answers are; see ``put_many``).
+        """
+        if (hits or misses) and not self.broken:
+            with contextlib.suppress(Exception):
+                self._record(hits, misses)
 
     def get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """Network answers among ``msisdns`` whose entry expired less than ``stale_ttl`` ago.
@@ -172,9 +185,8 @@ class SqliteCache(Cache):
             os.makedirs(os.path.dirname(path) or ".", mode=0o770, exist_ok=True)
             if not os.path.exists(path):
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o660))
-            db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
+            db = sqlite3.connect(path, timeout=self._within(SQLITE_BUSY_TIMEOUT), isolation_level=None)
             try:
-                db.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
                 if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
@@ -184,6 +196,8 @@ class SqliteCache(Cache):
                 db.close()
                 raise
             self._db = db
+        # Another process's write makes us wait, but never past the call's deadline.
+        self._db.execute(f"PRAGMA busy_timeout = {int(self._within(SQLITE_BUSY_TIMEOUT) * 1000)}")
         return self._db
 
     @contextmanager
@@ -327,11 +341,9 @@ class RedisCache(Cache):
         if self._redis is None:
             import redis
 
+            wait = max(self._within(REDIS_TIMEOUT), 0.01)
             self._redis = redis.Redis.from_url(
-                self.cfg.redis_url,
-                socket_timeout=REDIS_TIMEOUT,
-                socket_connect_timeout=REDIS_TIMEOUT,
-                decode_responses=True,
+                self.cfg.redis_url, socket_timeout=wait, socket_connect_timeout=wait, decode_responses=True
             )
         return self._redis
 
@@ -429,18 +441,20 @@ class RedisLock:
 
     A token-checked lock (redis-py's ``Lock``): only its holder releases it. It is taken for a
     short lease that the holder renews while its request runs (a bulk request may run for
-    minutes), so a holder that dies, whatever its deadline, blocks the account for at most
-    ``LEASE`` seconds. If Redis cannot be reached the lock falls back to the local file lock,
-    with one log line, so calls go on.
+    minutes), so a holder that dies blocks the account for at most ``LEASE`` seconds. Waiters
+    back off between tries. If Redis cannot be reached, the lock falls back to the local file
+    lock (``[cache] lock_fallback = file``: calls go on, counted, with a warning a minute) or
+    the lookup fails with ``NOLOCK`` (``lock_fallback = none``: never two connections).
     """
 
-    LEASE = 2.0  # seconds a lock outlives its last renewal: how long a dead holder blocks the account
+    LEASE = 1.0  # seconds a lock outlives its last renewal: how long a dead holder blocks the account
     RENEW_EVERY = LEASE / 4  # leaves room for a few slow Redis answers before the lease runs out
 
     def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
         self.cache = cache
         self.name = f"{REDIS_PREFIX}lock:{lock_name(api.url, api.user)}"
         self.fallback = FileLock.for_account(api.lock_dir, api.url, api.user)
+        self.fallbacks = FallbackRecord(api.lock_dir)
         self._held = None
         self._stop_renewing = None  # a threading.Event while the lease is renewed
         self._renewer = None  # the threading.Thread renewing it
@@ -448,33 +462,42 @@ class RedisLock:
     def acquire(self, deadline: float) -> None:
         """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""
         if not self.cache.broken:
-            left = max(deadline - time.monotonic(), 0.0)
             try:
                 # thread_local=False: the renewing thread must see the token this thread got
-                lock = self.cache.client().lock(
-                    self.name, timeout=self.LEASE, sleep=0.005, blocking_timeout=left, thread_local=False
-                )
-                acquired = lock.acquire()
-            except Exception as e:  # Redis down, slow or misconfigured: the call goes on
+                lock = self.cache.client().lock(self.name, timeout=self.LEASE, thread_local=False)
+                wait_for(lambda: lock.acquire(blocking=False), deadline, "held in Redis by another lookup")
+            except LookupTimeout:
+                raise
+            except Exception as e:  # Redis down, slow or misconfigured
                 self.cache.broken = True
-                log.warning("Redis lock failed, falling back to the local file lock: %s", _short(e))
+                self._fall_back(_short(e))
             else:
-                if not acquired:
-                    raise LookupTimeout("deadline passed while waiting for the account lock in Redis")
                 self._held = lock
-                self._start_renewing(lock, deadline)
+                self._start_renewing(lock)
                 return
+        else:
+            self._fall_back("the redis cache failed earlier in this lookup")
         self.fallback.acquire(deadline)
         self._held = self.fallback
 
-    def _start_renewing(self, lock, deadline: float) -> None:
+    def _fall_back(self, reason: str) -> None:
+        """Go on with the local file lock, counted and warned about, unless that is forbidden."""
+        if self.cache.cfg.lock_fallback == "none":
+            raise LockUnavailable(f"cannot take the account lock in Redis (lock_fallback = none): {reason}")
+        if self.fallbacks.add():
+            log.warning(
+                "Redis lock failed, falling back to the local file lock (other PBXs on this account may "
+                "query at the same time; lock_fallback = none forbids it): %s",
+                reason,
+            )
+
+    def _start_renewing(self, lock) -> None:
         import threading  # only lookups that go to the network take the lock
 
         stop = threading.Event()
 
         def renew() -> None:
-            # Past the deadline the client has closed its connection: the lease may run out.
-            while not stop.wait(self.RENEW_EVERY) and time.monotonic() < deadline:
+            while not stop.wait(self.RENEW_EVERY):
                 try:
                     lock.reacquire()
                 except Exception:  # expired or Redis gone: release() tells

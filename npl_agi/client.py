@@ -3,27 +3,30 @@
 Each request holds the account lock from before it connects until its socket is closed, so
 npl-agi never opens a second connection for one account. The deadline covers the wait for the
 lock, the connection and the whole answer: a watchdog shuts the socket down when it passes, so
-a server that drips bytes cannot hold a call longer than the deadline.
+a server that drips bytes cannot hold a request longer than its deadline. The answer is parsed
+line by line as it arrives: every well-formed line is kept, whatever happens to the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from . import protocol
+from . import log, protocol
 from .config import ApiConfig
 from .errors import TIMEOUT, TRUNCATED, LookupTimeout, ProtocolError, RequestRejected, Unreachable
 from .locks import FileLock
 from .protocol import Answer
 
 MAX_BODY = 4 * 1024 * 1024  # far above 1000 answer lines; stops a runaway server
-_ENDBATCH_RE = re.compile(rb"(^|\n)ENDBATCH\r?\n$")
+MAX_LINE = 4096  # far above any answer line
 _local = threading.local()
+_warned_tls = False
+
+OnAnswer = Callable[[Answer], None]
 
 
 class Client:
@@ -44,20 +47,47 @@ class Client:
             answers.update(batch)
         return answers
 
-    def batches(self, msisdns: list[str], timeout: float | None = None) -> Iterator[dict[str, Answer]]:
+    def batches(
+        self,
+        msisdns: list[str],
+        timeout: float | None = None,
+        *,
+        deadline: float | None = None,
+        lock_deadline: float | None = None,
+        on_answer: OnAnswer | None = None,
+    ) -> Iterator[dict[str, Answer]]:
         """Ask in requests of at most ``batch_size`` numbers, one after another.
 
-        Yields each request's answers as it completes, so a bulk caller can keep (and cache)
-        what it has paid for if a later request fails. ``timeout`` is the total deadline of
-        each request; it defaults to the configured call-time ``timeout``.
+        Yields each request's answers (``source = "api"``) as it completes, so a caller can
+        keep (and cache) what it has paid for if a later request fails. Each request has
+        ``timeout`` seconds (default: the configured call-time ``timeout``), and none runs past
+        ``deadline`` or waits for the lock past ``lock_deadline`` (``time.monotonic()``
+        seconds). ``on_answer`` sees each answer the moment its line arrives.
         """
         unique = list(dict.fromkeys(msisdns))
         size = self.api.batch_size
         for start in range(0, len(unique), size):
-            chunk = unique[start : start + size]
-            body, cut_by_deadline = self._exchange(chunk, timeout)
-            cut = TIMEOUT if cut_by_deadline else TRUNCATED
-            yield protocol.parse_response(body, chunk, cut_short=cut)
+            ends = time.monotonic() + (timeout if timeout is not None else self.api.timeout)
+            if deadline is not None:
+                ends = min(ends, deadline)
+            yield self.request(unique[start : start + size], ends, lock_deadline=lock_deadline, on_answer=on_answer)
+
+    def request(
+        self,
+        msisdns: list[str],
+        deadline: float,
+        *,
+        lock_deadline: float | None = None,
+        on_answer: OnAnswer | None = None,
+    ) -> dict[str, Answer]:
+        """One request: an answer or a per-number failure for every number in ``msisdns``.
+
+        Raises ``ServiceRefused`` subclasses for a refused query, and ``TransportError``
+        subclasses when no answer line could be had (nothing was paid for).
+        """
+        reader = protocol.AnswerReader(msisdns, self.api.password)
+        cut = self._exchange(msisdns, deadline, lock_deadline, reader, on_answer)
+        return {m: a._replace(source="api") for m, a in reader.finish(TIMEOUT if cut else TRUNCATED).items()}
 
     def check(self, timeout: float | None = None) -> str:
         """Ask with no numbers: costs no credit, and the service still checks the password.
@@ -65,33 +95,40 @@ class Client:
         Returns the service's line (``FAIL No numbers specified`` means the credentials were
         accepted); raises ``AuthError``, ``LockedError``, ``CreditError`` or a transport error.
         """
-        body, _ = self._exchange([], timeout)
-        first = body.split("\n", 1)[0].strip()
-        try:
-            protocol.check_status(first)
-        except RequestRejected:
-            if first != protocol.FAIL_NO_NUMBERS:
-                raise
-        return first
-
-    def _exchange(self, msisdns: list[str], timeout: float | None) -> tuple[str, bool]:
-        form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
         deadline = time.monotonic() + (timeout if timeout is not None else self.api.timeout)
-        self.lock.acquire(deadline)
+        reader = _FirstLine(self.api.password)
+        self._exchange([], deadline, None, reader, None)
         try:
-            body, cut = self._post(form, deadline)
+            protocol.check_status(reader.line, self.api.password)
+        except RequestRejected:
+            if reader.line != protocol.FAIL_NO_NUMBERS:
+                raise
+        return reader.line
+
+    def _exchange(self, msisdns, deadline: float, lock_deadline: float | None, reader, on_answer) -> bool:
+        """Lock, send, read every line into ``reader``; True when our deadline cut the answer."""
+        import requests  # noqa: F401 - imported before the lock is taken: the holder must not wait for it
+
+        form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
+        latest_start = deadline - self.api.min_request_time
+        self.lock.acquire(latest_start if lock_deadline is None else min(lock_deadline, latest_start))
+        try:
+            if time.monotonic() > latest_start:  # the answer could not arrive in time: spend nothing
+                raise LookupTimeout("too little time left before the deadline to send a request")
+            return self._post(form, deadline, reader, on_answer)
         finally:
             self.lock.release()
-        return self._scrub(body), cut
 
-    def _post(self, form: dict[str, str], deadline: float) -> tuple[str, bool]:
-        import requests  # only lookups that go to the network pay for this import
+    def _post(self, form: dict[str, str], deadline: float, reader, on_answer: OnAnswer | None) -> bool:
+        import requests
+        from urllib3.exceptions import HTTPError
 
         left = deadline - time.monotonic()
         if left <= 0:
             raise LookupTimeout("deadline passed before the request could be sent")
+        self._tls_warning()
         watchdog = _Watchdog(left)
-        data = bytearray()
+        lines = _Lines(reader, on_answer)
         try:
             with (
                 watchdog,
@@ -105,49 +142,110 @@ class Client:
                 ) as resp,
             ):
                 if resp.status_code != 200:
-                    reason = self._scrub(protocol.shown(resp.reason or "")[1:-1])
+                    reason = protocol.shown(resp.reason or "", self.api.password)[1:-1]
                     raise ProtocolError(f"the service answered HTTP {resp.status_code} {reason}".rstrip())
-                while len(data) <= MAX_BODY:
+                while not lines.complete and not lines.overflow:
                     chunk = resp.raw.read1(65536)
                     if not chunk:
                         break
-                    data += chunk
-                    if _ENDBATCH_RE.search(data[-16:]):
-                        break  # complete, even if the server keeps the connection open
-                else:
-                    raise ProtocolError("the service's answer is larger than any lookup answer")
-        except requests.exceptions.RequestException as e:
+                    lines.add(chunk)
+        except (requests.exceptions.RequestException, HTTPError, OSError) as e:
             cut_by_deadline = watchdog.fired or isinstance(e, requests.exceptions.Timeout)
-            if not data and not cut_by_deadline:
+            if not lines.received and not cut_by_deadline:
                 if isinstance(e, requests.exceptions.SSLError):
                     raise Unreachable(f"TLS failure talking to the service: {_reason(e)}") from None
                 if isinstance(e, requests.exceptions.ConnectionError):
                     raise Unreachable(f"cannot connect to the service: {_reason(e)}") from None
                 raise ProtocolError(f"bad HTTP answer from the service: {_reason(e)}") from None
+            # Cut off mid-answer (reset, short body, bad chunk, deadline): the lines that
+            # arrived are kept, the parser marks the numbers left without one.
         else:
             cut_by_deadline = watchdog.fired
-        if cut_by_deadline and b"\n" not in data:
+        lines.close(cut_by_deadline)
+        if lines.overflow and not lines.status:
+            raise ProtocolError(lines.overflow)
+        if cut_by_deadline and not lines.status:
             raise LookupTimeout(f"no answer from the service within {left:.1f} s")
-        # Lines that arrived are kept; the parser marks the numbers left without one.
-        return data.decode("utf-8", "replace"), cut_by_deadline
+        return cut_by_deadline
+
+    def _tls_warning(self) -> None:
+        """One warning line per process instead of urllib3's two on every request."""
+        global _warned_tls
+        if self.api.verify_tls or self.api.url.startswith("http:"):
+            return
+        import warnings
+
+        from urllib3.exceptions import InsecureRequestWarning
+
+        warnings.simplefilter("ignore", InsecureRequestWarning)
+        if not _warned_tls:
+            _warned_tls = True
+            log.warning("TLS certificate checks are off (verify_tls = no): the service is not authenticated")
 
     def _get_session(self):
         if self._session is None:
             self._session = _new_session()
         return self._session
 
-    def _scrub(self, text: str) -> str:
-        """Foreign text with the password removed, before any of it can reach a message.
 
-        A broken server may echo the request back; its answer is quoted in errors.
-        """
-        secret = self.api.password
-        if secret:
-            from urllib.parse import quote, quote_plus
+class _Lines:
+    """Cuts the body into lines as bytes arrive and hands each to the parser at once."""
 
-            for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
-                text = text.replace(form, "***")
-        return text
+    def __init__(self, reader, on_answer: OnAnswer | None) -> None:
+        self.reader = reader
+        self.on_answer = on_answer
+        self.received = 0
+        self.status = False  # a whole first line arrived
+        self.overflow = ""  # why reading stopped early: more than any answer could be
+        self._partial = b""
+
+    @property
+    def complete(self) -> bool:
+        return self.reader.ended
+
+    def add(self, chunk: bytes) -> None:
+        """Take a chunk; past ``MAX_BODY`` or ``MAX_LINE`` stop (the lines before it are kept)."""
+        self.received += len(chunk)
+        *whole, self._partial = (self._partial + chunk).split(b"\n")
+        for raw in whole:
+            if len(raw) > MAX_LINE:
+                self.overflow = "the service sent a line longer than any lookup answer"
+                return
+            self._line(raw)
+        if len(self._partial) > MAX_LINE:
+            self.overflow = "the service sent a line longer than any lookup answer"
+        elif self.received > MAX_BODY:
+            self.overflow = "the service's answer is larger than any lookup answer"
+
+    def _line(self, raw: bytes) -> None:
+        self.status = True
+        answer = self.reader.feed(raw.decode("utf-8", "replace"))
+        if answer is not None and self.on_answer is not None:
+            self.on_answer(answer._replace(source="api"))
+
+    def close(self, cut: bool) -> None:
+        """The body ended; a last line without its newline counts only if it is ``ENDBATCH``
+        (or the only line: a status line some servers send without one)."""
+        tail, self._partial = self._partial, b""
+        if self.overflow:
+            return
+        if tail.strip() == protocol.ENDBATCH.encode() or (tail.strip() and not self.status and not cut):
+            self._line(tail)
+        if not self.status and not cut:
+            self._line(b"")  # nothing at all: the parser's "empty answer"
+
+
+class _FirstLine:
+    """A reader for ``check``: keeps the first line, whatever it says."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.line = ""
+        self.ended = False
+
+    def feed(self, line: str) -> None:
+        if not self.ended:
+            self.line, self.ended = protocol.redact(line.strip(), self.secret), True
 
 
 def _reason(exc: BaseException) -> str:

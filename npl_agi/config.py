@@ -49,6 +49,8 @@ class ApiConfig(
         password="",
         apiver="2.4",
         timeout=2.0,
+        min_request_time=0.3,
+        finish_timeout=30.0,
         bulk_timeout=600.0,
         batch_size=1000,
         enabled=True,
@@ -87,6 +89,7 @@ class CacheConfig(
         redis_url="redis://127.0.0.1:6379/0",
         ttl=86400.0,
         error_ttl=3600.0,
+        lock_fallback="file",
         stale_ttl=604800.0,
     )
 ):
@@ -206,6 +209,8 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         raise ConfigError(f"{path}: [api] url: must start with https:// or http://")
     if not url.group(1):
         raise ConfigError(f"{path}: [api] url: no host name in {api.url!r}")
+    if api.min_request_time >= api.timeout:
+        raise ConfigError(f"{path}: [api] min_request_time: must be less than timeout ({api.timeout:g} s)")
     if api.batch_size > MAX_NUMBERS:
         raise ConfigError(f"{path}: [api] batch_size: the service takes at most {MAX_NUMBERS} numbers a request")
     for key in ("country_code", "national_prefix", "international_prefix"):
@@ -219,6 +224,8 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         raise ConfigError(
             f"{path}: [number] lookup_types: unknown type {bad[0]!r} (one of: any, {', '.join(NUMBER_TYPES)})"
         )
+    if cache.lock_fallback not in ("file", "none"):
+        raise ConfigError(f"{path}: [cache] lock_fallback: file or none; got {cache.lock_fallback!r}")
     if cache.backend not in ("sqlite", "redis", "none"):
         raise ConfigError(f"{path}: [cache] backend: one of sqlite, redis, none; got {cache.backend!r}")
 

@@ -91,6 +91,13 @@ class Unreachable(TransportError):
     npl_err = "UNREACHABLE"
 
 
+class LockUnavailable(TransportError):
+    """The cluster account lock (Redis) cannot be taken and ``lock_fallback = none`` forbids the
+    local one: no request is sent rather than risk a second connection."""
+
+    npl_err = "NOLOCK"
+
+
 class Unavailable(TransportError):
     """The FastAGI server stopped asking a failing service for a while (its circuit breaker)."""
 
@@ -109,6 +116,7 @@ BADNUMBER = "BADNUMBER"
 NOTMOBILE = "NOTMOBILE"
 TIMEOUT = "TIMEOUT"
 TRUNCATED = "TRUNCATED"
+PROTOCOL = "PROTOCOL"
 UNAVAILABLE = "UNAVAILABLE"
 
 _LOCAL_ERROR_NAMES = {
@@ -116,11 +124,19 @@ _LOCAL_ERROR_NAMES = {
     NOTMOBILE: "Not a mobile number (skipped, no credit spent)",
     TIMEOUT: "No answer before the deadline",
     TRUNCATED: "Answer cut short (no ENDBATCH)",
+    PROTOCOL: "No valid answer line for this number",
     UNAVAILABLE: "Service failing; not asked for a while",
 }
 
 # NPL_ERR value for each per-number error that is not sent as it is.
 _NPL_ERR_OF_CODE = {TRUNCATED: "PROTOCOL"}
+
+
+def error_for(npl_err_value: str, message: str) -> NplError:
+    """The exception an ``NPL_ERR`` value stands for (a failure handed over from another process)."""
+    kinds = (ConfigError, AuthError, CreditError, LockedError, LookupTimeout, Unreachable, LockUnavailable)
+    kind = next((k for k in kinds if k.npl_err == npl_err_value), ProtocolError)
+    return kind(message)
 
 
 def local_error_name(code: str) -> str:

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Callable
 
 from .errors import ConfigError, LookupTimeout
 
@@ -24,6 +25,21 @@ def lock_name(url: str, user: str) -> str:
 
     digest = hashlib.sha256(f"{url}\0{user}".encode()).hexdigest()[:16]
     return f"npl-agi-{digest}.lock"
+
+
+def wait_for(attempt: Callable[[], bool], deadline: float, holder: str) -> None:
+    """Call ``attempt`` until it succeeds, backing off from 2 ms to 50 ms between tries.
+
+    Raises ``LookupTimeout`` at ``deadline`` (``time.monotonic()`` seconds). Many waiters poll
+    at once during a burst of calls, so the pause grows instead of hammering the lock.
+    """
+    pause = _POLL_FIRST
+    while not attempt():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LookupTimeout(f"deadline passed while waiting for the account lock ({holder})")
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, _POLL_MAX)
 
 
 class FileLock:
@@ -59,25 +75,69 @@ class FileLock:
             ) from None
 
     def acquire(self, deadline: float) -> None:
+        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""
         fd = self._open()
-        pause = _POLL_FIRST
-        while True:
+
+        def attempt() -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fd = fd
-                return
+                return True
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
                     raise
-            left = deadline - time.monotonic()
-            if left <= 0:
-                os.close(fd)
-                raise LookupTimeout("deadline passed while waiting for the account lock (another lookup holds it)")
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, _POLL_MAX)
+                return False
+
+        try:
+            wait_for(attempt, deadline, "another lookup holds it")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)  # closing drops the flock
+
+
+class FallbackRecord:
+    """Counts the lookups that went on with the local lock because the cluster lock failed.
+
+    A file beside the lock files, one byte appended per fallback (``O_APPEND`` is atomic across
+    processes): its size is the count, its time the last one. It also spaces the warnings out
+    to one a minute, however many processes fall back.
+    """
+
+    WARN_EVERY = 60.0  # seconds
+
+    def __init__(self, lock_dir: str, clock: Callable[[], float] = time.time) -> None:
+        if not lock_dir:
+            import tempfile
+
+            lock_dir = tempfile.gettempdir()
+        self.path = os.path.join(lock_dir, "npl-agi-lock-fallbacks")
+        self.clock = clock
+
+    def add(self) -> bool:
+        """Count one fallback; True when it is time for a warning (none in the last minute)."""
+        try:
+            last = os.stat(self.path).st_mtime
+        except OSError:
+            last = None
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            try:
+                os.write(fd, b".")
+            finally:
+                os.close(fd)
+        except OSError:
+            return True  # cannot count: warn every time rather than never
+        return last is None or self.clock() - last >= self.WARN_EVERY
+
+    def read(self) -> tuple[int, float | None]:
+        """How many fallbacks so far, and when the last one was (``None``: never)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return 0, None
+        return st.st_size, st.st_mtime

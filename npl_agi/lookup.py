@@ -6,7 +6,8 @@ client or the cache on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Iterator
 
 from . import protocol
 from .config import Config, require_credentials
@@ -19,8 +20,11 @@ Progress = Callable[[int, int], None]
 class Lookup:
     """Looks numbers up for one configuration. Build it once; it opens what it needs lazily."""
 
-    def __init__(self, config: Config, *, cache=None, client=None, directory=None) -> None:
+    def __init__(self, config: Config, *, cache=None, client=None, directory=None, detached: bool = False) -> None:
+        """``detached``: requests run in a detached child process that outlives a call's deadline
+        to cache what it paid for (the AGI script); otherwise in this process (the CLI)."""
         self.config = config
+        self.detached = detached
         self._cache = cache
         self._client = client
         self._directory = directory
@@ -50,13 +54,13 @@ class Lookup:
             self._directory = Directory.load(self.config.networks)
         return self._directory
 
-    def one(self, dialled: str, timeout: float | None = None) -> Answer:
+    def one(self, dialled: str, timeout: float | None = None, *, deadline: float | None = None) -> Answer:
         """The answer for one dialled number (call time: the short deadline by default).
 
         Never raises ``NplError``: a service or network failure is the answer's ``error``
         (its ``NPL_ERR`` value, e.g. ``TIMEOUT``), with the reason in ``error_name``.
         """
-        return self.many([dialled], timeout, strict=False)[0]
+        return self.many([dialled], timeout, deadline=deadline, strict=False)[0]
 
     def many(
         self,
@@ -64,51 +68,84 @@ class Lookup:
         timeout: float | None = None,
         progress: Progress | None = None,
         *,
+        deadline: float | None = None,
         strict: bool = True,
     ) -> list[Answer]:
         """One answer per dialled number, in input order.
 
         Numbers that cannot be normalised or are skipped by type get a per-number error and cost
-        nothing; cached answers cost nothing; the rest are asked once each. When a request fails
-        as a whole (refused, unreachable, timed out), its numbers get that failure as their
-        error and no later request is sent; with ``strict`` the failure is then raised, carrying
-        every answer in its ``answers`` attribute (what was already paid for is not lost).
+        nothing; cached answers cost nothing; the rest are asked once each, each request within
+        ``timeout`` and all of them before ``deadline`` (``time.monotonic()`` seconds). When a
+        request fails as a whole (refused, unreachable, timed out), its numbers get that failure
+        as their error and no later request is sent; with ``strict`` the failure is then raised,
+        carrying every answer in its ``answers`` attribute (what was already paid for is not lost).
         """
-        msisdn_of, found, local = self._resolve(dialled)
-        wanted = list(dict.fromkeys(msisdn_of.values()))
-        misses = [m for m in wanted if m not in found]
-        self.cache.record(hits=len(wanted) - len(misses), misses=len(misses))
+        if deadline is not None:
+            self.cache.deadline = deadline
+        resolved = self.resolve(dialled)
+        misses = resolved.misses
+        done = len(resolved.wanted) - len(misses)
         if progress:
-            progress(len(wanted) - len(misses), len(wanted))
+            progress(done, len(resolved.wanted))
+        fresh: dict[str, Answer] = {}
         failure = None
         try:
-            for batch in self.client.batches(misses, timeout) if misses else ():
-                fresh = {m: a._replace(source="api") for m, a in batch.items()}
-                self.cache.put_many(list(fresh.values()))
-                found.update(fresh)
+            for batch in self._ask(misses, timeout, deadline) if misses else ():
+                fresh.update(batch)
                 if progress:
-                    progress(sum(m in found for m in wanted), len(wanted))
+                    progress(done + len(fresh), len(resolved.wanted))
         except NplError as e:
             failure = e
             for m in misses:
-                found.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
-        out = []
-        for d in dialled:
-            answer = local.get(d) or found[msisdn_of[d]]._replace(number=d)
-            if answer.mccmnc:
-                country, network = self.directory.describe(answer.mccmnc)
-                answer = answer._replace(country=country, network=network)
-            out.append(answer)
+                fresh.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
+        out = self.finish(resolved, fresh)
         if failure is not None and strict:
             failure.answers = out
             raise failure
         return out
 
-    def _resolve(self, dialled: list[str]) -> tuple[dict[str, str], dict[str, Answer], dict[str, Answer]]:
-        """Dialled number -> msisdn, the cached answers, and the numbers refused locally.
+    def _ask(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict[str, Answer]]:
+        """Each request's answers (``source = "api"``), in the cache before they are yielded."""
+        if self.detached:
+            from .handoff import ask_detached
+
+            yield from ask_detached(self, misses, deadline if deadline is not None else self._deadline(timeout))
+            return
+        for batch in self.client.batches(misses, timeout, deadline=deadline):
+            self.store(batch.values())
+            yield batch
+
+    def _deadline(self, timeout: float | None) -> float:
+        import time
+
+        return time.monotonic() + (self.config.api.timeout if timeout is None else timeout)
+
+    def store(self, answers: Iterable[Answer]) -> None:
+        """Cache what the service answered and deserves keeping (see ``cache.ttl_for``)."""
+        self.cache.put_many(list(answers))
+
+    def finish(self, resolved: Resolved, fresh: dict[str, Answer]) -> list[Answer]:
+        """The answers in the order dialled, with the network directory's names filled in.
+
+        ``fresh`` holds an answer (or a per-number failure) for every number in
+        ``resolved.misses``.
+        """
+        found = {**resolved.found, **fresh}
+        out = []
+        for d in resolved.dialled:
+            answer = resolved.local.get(d) or found[resolved.msisdn_of[d]]._replace(number=d)
+            if answer.mccmnc:
+                country, network = self.directory.describe(answer.mccmnc)
+                answer = answer._replace(country=country, network=network)
+            out.append(answer)
+        return out
+
+    def resolve(self, dialled: list[str]) -> Resolved:
+        """Dialled numbers -> msisdns, their cached answers, and the numbers refused locally.
 
         The cache is read with the plain string readings of each number first; only numbers it
         misses pay for full validation (phonenumbers), whose canonical form is read once more.
+        Counts the cache's hits and misses, once per distinct number.
         """
         from .number import normalise, validate
 
@@ -135,4 +172,27 @@ class Lookup:
         unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
         if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be cached already
             found.update(self.cache.get_many(sorted(unread)))
-        return msisdn_of, found, local
+        resolved = Resolved(list(dialled), msisdn_of, found, local)
+        self.cache.record(hits=len(resolved.wanted) - len(resolved.misses), misses=len(resolved.misses))
+        return resolved
+
+
+class Resolved(namedtuple("Resolved", "dialled msisdn_of found local")):
+    """What the cache and the numbering plan made of the dialled numbers, before any request.
+
+    ``msisdn_of`` maps each dialled number that may be looked up to its msisdn, ``found`` the
+    cached answers by msisdn, ``local`` the dialled numbers refused without asking (BADNUMBER,
+    NOTMOBILE) to their answers.
+    """
+
+    __slots__ = ()
+
+    @property
+    def wanted(self) -> list[str]:
+        """The distinct msisdns, in the order first dialled."""
+        return list(dict.fromkeys(self.msisdn_of.values()))
+
+    @property
+    def misses(self) -> list[str]:
+        """The distinct msisdns the cache does not hold: what the service must be asked."""
+        return [m for m in self.wanted if m not in self.found]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections import namedtuple
+from collections.abc import Iterable
 
 from .errors import (
+    PROTOCOL,
     TRUNCATED,
     AuthError,
     CreditError,
@@ -96,10 +98,27 @@ def failed(msisdn: str, code: str, *, number: str = "", source: str = "", reason
     return Answer(msisdn, error=code, error_name=reason or error_name(code), number=number, source=source)
 
 
-def shown(text: str) -> str:
-    """A bounded, printable rendering of foreign text for error messages and logs."""
+def shown(text: str, secret: str = "") -> str:
+    """A bounded, printable rendering of foreign text for error messages and logs.
+
+    ``secret`` (the account password) is masked in the text first, in every form a server
+    might echo it, before anything is cut or escaped: a cut or escape must never leave part
+    of it readable. Only messages are redacted; data is never rewritten.
+    """
+    text = redact(text, secret)
     text = "".join(c if c.isprintable() else "?" for c in text[:_SHOWN])
     return repr(text)
+
+
+def redact(text: str, secret: str) -> str:
+    """``text`` with ``secret`` masked as ``***``, raw and URL-encoded (for messages only)."""
+    if not secret:
+        return text
+    from urllib.parse import quote, quote_plus
+
+    for form in sorted({secret, quote(secret, safe=""), quote_plus(secret)}, key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
 
 
 def request_form(user: str, password: str, apiver: str, msisdns: list[str]) -> dict[str, str]:
@@ -107,20 +126,25 @@ def request_form(user: str, password: str, apiver: str, msisdns: list[str]) -> d
     return {"user": user, "pass": password, "apiver": apiver, "msisdn": ",".join(msisdns)}
 
 
-def check_status(line: str) -> None:
-    """Raise the typed error a first line stands for; return quietly for ``QUERYOK``."""
+def check_status(line: str, secret: str = "") -> None:
+    """Raise the typed error a first line stands for; return quietly for ``QUERYOK``.
+
+    The error keeps the service's line (``.line``) with ``secret`` masked: a server that
+    echoes the request must not put the password into a message.
+    """
     line = line.strip()
     if line == QUERYOK:
         return
+    line = redact(line, secret)
     if line.startswith("FAIL"):
         reason = line[4:].strip()
         kind = {
             "invalid password": AuthError,
             "insufficient credit": CreditError,
         }.get(reason.lower(), RequestRejected)
-        raise kind(f"service refused the query: {shown(line)}", line)
+        raise kind(f"service refused the query: {shown(line)}", line[:_SHOWN])
     if line.upper().startswith("ERR ACCOUNT LOCKED"):
-        raise LockedError(f"account locked: {shown(line)}", line)
+        raise LockedError(f"account locked: {shown(line)}", line[:_SHOWN])
     if line.lower().startswith(("<!doctype", "<html", "<?xml", "<head", "<body")):
         raise ProtocolError("the service sent an HTML page, not a lookup answer")
     if not line:
@@ -151,40 +175,86 @@ def parse_answer_line(line: str) -> Answer:
     return Answer(msisdn, mccmnc=fields[0], msc=fields[1], imsi=fields[2])
 
 
-def parse_response(body: str, asked: list[str], *, cut_short: str = TRUNCATED) -> dict[str, Answer]:
-    """Answers for every number asked, keyed by msisdn.
+class AnswerReader:
+    """Reads one answer line by line, so each number's answer is usable the moment it arrives.
 
-    A body without ``ENDBATCH`` was cut short: the complete lines that arrived are kept, a
-    trailing partial line is dropped, and every number left without a line gets ``cut_short``
-    (``TRUNCATED``, or ``TIMEOUT`` when our own deadline ended the read). Raises a
-    ``ServiceRefused`` subclass for a refused query and ``ProtocolError`` for anything that
-    is not the contract.
+    A malformed line, or a line for a number that was not asked, is set aside (its text is kept
+    for the message) and never sinks the well-formed lines around it: each of those answers was
+    paid for. ``finish`` then gives every asked number its answer or a per-number failure.
     """
+
+    def __init__(self, asked: Iterable[str], secret: str = "") -> None:
+        self.asked = list(dict.fromkeys(asked))
+        self.secret = secret
+        self.found: dict[str, Answer] = {}
+        self.started = False  # the first line was QUERYOK
+        self.ended = False  # ENDBATCH arrived
+        self.problem = ""  # the first line that was off the contract, for the message
+        self._wanted = set(self.asked)
+
+    def feed(self, line: str) -> Answer | None:
+        """One line without its newline: the answer it carries, or None.
+
+        The first line is the query's status: anything but ``QUERYOK`` raises the typed error
+        it stands for (``ServiceRefused`` subclasses, ``ProtocolError``).
+        """
+        line = line.strip()
+        if not self.started:
+            check_status(line, self.secret)
+            self.started = True
+            return None
+        if not line or self.ended:
+            return None
+        if line == ENDBATCH:
+            self.ended = True
+            return None
+        try:
+            answer = parse_answer_line(line)
+        except ProtocolError as e:
+            self._off_contract(str(e))
+            return None
+        if answer.msisdn not in self._wanted:
+            self._off_contract(f"answer for a number that was not asked: {shown(answer.msisdn)}")
+            return None
+        if answer.msisdn in self.found:
+            return None
+        self.found[answer.msisdn] = answer
+        return answer
+
+    def _off_contract(self, message: str) -> None:
+        if not self.problem:
+            self.problem = redact(message, self.secret)
+
+    def finish(self, cut_short: str = TRUNCATED) -> dict[str, Answer]:
+        """Every asked number: its answer, or why there is none.
+
+        Without ``ENDBATCH`` the answer was cut short: numbers without a line get ``cut_short``
+        (``TRUNCATED``, or ``TIMEOUT`` when our own deadline ended the read). With it, a number
+        without a line gets ``PROTOCOL``, named after the first line that was off the contract.
+        """
+        if not self.started:
+            raise ProtocolError("the service sent an empty answer")
+        if self.ended:
+            why = self.problem or "the service did not answer this number"
+            return {n: self.found.get(n) or failed(n, PROTOCOL, reason=why) for n in self.asked}
+        return {n: self.found.get(n) or failed(n, cut_short) for n in self.asked}
+
+
+def parse_response(body: str, asked: list[str], *, cut_short: str = TRUNCATED, secret: str = "") -> dict[str, Answer]:
+    """Answers for every number asked, keyed by msisdn, from a whole body (see ``AnswerReader``).
+
+    A trailing line without its newline is dropped (it may have lost its end), unless it is
+    ``ENDBATCH``. Raises a ``ServiceRefused`` subclass for a refused query and ``ProtocolError``
+    for a body that is not the contract at all (empty, HTML, garbage first line).
+    """
+    reader = AnswerReader(asked, secret)
     lines = body.split("\n")
     tail = lines.pop()  # "" after a final newline, else a line that lost its end
     if not lines or tail.strip() == ENDBATCH:
         lines.append(tail)
-    check_status(lines[0])
-    wanted = set(asked)
-    found: dict[str, Answer] = {}
-    ended = False
-    for raw in lines[1:]:
-        line = raw.strip()
-        if not line:
-            continue
-        if line == ENDBATCH:
-            ended = True
-            break
-        answer = parse_answer_line(line)
-        if answer.msisdn not in wanted:
-            raise ProtocolError(f"answer for a number that was not asked: {shown(answer.msisdn)}")
-        found.setdefault(answer.msisdn, answer)
-    if ended:
-        missing = [n for n in asked if n not in found]
-        if missing:
-            raise ProtocolError(f"the service did not answer {len(missing)} number(s), e.g. {missing[0]}")
-        return found
-    return {n: found.get(n) or failed(n, cut_short) for n in asked}
+    for line in lines:
+        reader.feed(line)
+    return reader.finish(cut_short)
 
 
 def format_answer(msisdn: str, mccmnc: str, msc: str = "", imsi: str = "", *, apiver: str = DEFAULT_APIVER) -> str:

@@ -101,18 +101,88 @@ def test_first_lines_become_typed_errors_with_the_service_text(line, kind):
         ("<!DOCTYPE html>\n<html><body>Login</body></html>\n", "HTML"),
         ("<html><head><title>502 Bad Gateway</title></head></html>", "HTML"),
         ("\x00\x1b[31mgarbage\n", "unexpected first line"),
-        ("QUERYOK\n447788450450 hello\nENDBATCH\n", "malformed"),
-        ("QUERYOK\n447788450450 23415,1\nENDBATCH\n", "malformed"),
-        ("QUERYOK\n447788450450 2341X\nENDBATCH\n", "malformed"),
-        ("QUERYOK\n447788450450\nENDBATCH\n", "malformed"),
-        ("QUERYOK\nabc 23415\nENDBATCH\n", "malformed"),
-        ("QUERYOK\n449999999999 23415\nENDBATCH\n", "not asked"),
-        ("QUERYOK\n447788450450 23415\nENDBATCH\n", "did not answer"),
     ],
 )
-def test_anything_off_contract_is_a_protocol_error(body, message):
+def test_a_body_that_is_not_the_contract_at_all_is_a_protocol_error(body, message):
     with pytest.raises(ProtocolError, match=message):
         protocol.parse_response(body, ASKED)
+
+
+GOOD = "447810701702 23415,447785014185,234159002945116\n447973100100 ERR1\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("447788450450 hello", "malformed"),
+        ("447788450450 23415,1", "malformed"),
+        ("447788450450 2341X", "malformed"),
+        ("447788450450 2341X,,", "malformed"),
+        ("447788450450", "malformed"),
+        ("abc 23415", "malformed"),
+        ("449999999999 23415", "not asked"),
+        ("", "did not answer"),
+    ],
+)
+def test_an_off_contract_line_fails_only_the_number_left_without_an_answer(line, message):
+    got = protocol.parse_response(f"QUERYOK\n{line}\n{GOOD}ENDBATCH\n", ASKED)
+    bad = got["447788450450"]
+    assert (bad.error, bad.ok) == ("PROTOCOL", False)
+    assert message in bad.error_name
+    assert got["447810701702"].mccmnc == "23415" and got["447973100100"].error == "ERR1"
+
+
+def test_one_malformed_line_in_a_thousand_keeps_the_other_999():
+    asked = [f"4477009{i:05d}" for i in range(1000)]
+    lines = [f"{n} 23415,447785014185," for n in asked]
+    lines[500] = f"{asked[500]} 2341X,,"
+    got = protocol.parse_response("QUERYOK\n" + "\n".join(lines) + "\nENDBATCH\n", asked)
+    assert [n for n, a in got.items() if not a.ok] == [asked[500]]
+    assert sum(a.mccmnc == "23415" for a in got.values()) == 999
+
+
+def test_the_reader_hands_each_answer_over_as_its_line_arrives():
+    reader = protocol.AnswerReader(ASKED)
+    assert reader.feed("QUERYOK") is None
+    first = reader.feed("447788450450 23415,447785014185,234158341040126")
+    assert first.msisdn == "447788450450" and first.mccmnc == "23415"
+    assert reader.feed("447788450450 23410,1,2") is None  # a repeat does not replace the first
+    assert reader.feed("not a line") is None
+    assert not reader.ended
+    got = reader.finish(TIMEOUT)
+    assert got["447788450450"].mccmnc == "23415"
+    assert [got[n].error for n in ASKED[1:]] == [TIMEOUT, TIMEOUT]
+
+
+@pytest.mark.parametrize("line", ["FAIL Invalid password", "<html>"])
+def test_the_reader_raises_for_a_refused_or_foreign_first_line(line):
+    with pytest.raises((AuthError, ProtocolError)):
+        protocol.AnswerReader(ASKED).feed(line)
+
+
+# The spec's own example account is bob/123: its password occurs in ordinary data.
+@pytest.mark.parametrize("secret", ["123", "44", "7", "OK", "QUERYOK", "ENDBATCH", "23415", "ERR1"])
+def test_the_password_never_rewrites_the_data(secret):
+    body = (
+        "QUERYOK\n447788450450 23415,447712312345,234151230000123\n447810701702 23415,,\n447973100100 ERR1\nENDBATCH\n"
+    )
+    got = protocol.parse_response(body, ASKED, secret=secret)
+    assert got["447788450450"] == protocol.Answer("447788450450", "23415", "447712312345", "234151230000123")
+    assert got["447810701702"].mccmnc == "23415" and got["447973100100"].error == "ERR1"
+
+
+@pytest.mark.parametrize("secret", ["123", 'p\\w"x', "a b&c=d", "s3cr3t-" + "x" * 100])
+def test_an_echoed_password_is_masked_in_messages_whatever_its_form(secret):
+    from urllib.parse import quote_plus
+
+    for echoed in (secret, quote_plus(secret)):
+        with pytest.raises(ProtocolError) as info:
+            protocol.parse_response(f"user=bob&pass={echoed}&msisdn=1\n", ASKED, secret=secret)
+        assert secret not in str(info.value) and secret[:6] not in str(info.value).replace("***", "")
+        with pytest.raises(RequestRejected) as refused:
+            protocol.parse_response(f"FAIL bad pass {echoed}\n", ASKED, secret=secret)
+        assert secret not in str(refused.value) and secret not in refused.value.line
+        assert repr(secret)[1:-1] not in str(refused.value)
 
 
 def test_error_messages_quote_foreign_text_bounded_and_printable():

@@ -1,0 +1,150 @@
+"""Requests that outlive their call: the AGI script's lookups run in a detached child process.
+
+A call waits for its answer until its deadline and not a moment longer. The request it started
+must not be cut off then: the credit is already spent, and a lock released while the service is
+still answering would let the next caller open a second connection. So the script forks before
+the account lock is taken. The child takes the lock, asks, hands each answer to the parent over
+a pipe the moment its line arrives, caches everything it was charged for, and only then releases
+the lock and exits. The parent reads the pipe until its deadline. The child runs in a session of
+its own with its standard streams on /dev/null, so Asterisk sees the script end when the parent
+exits, and the call's hangup never reaches the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+from collections.abc import Iterator
+
+from . import log, protocol
+from .errors import TIMEOUT, NplError, ProtocolError, error_for
+from .protocol import Answer
+
+_FIELDS = len(Answer._fields)
+
+
+def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[str, Answer]]:
+    """Answers for ``misses`` from a detached child, as ``Lookup`` takes a request's answers.
+
+    What has not arrived by ``deadline`` is ``TIMEOUT`` here, while the child goes on to cache
+    it. When the child's request failed as a whole, the answers that did arrive are yielded
+    first, then its ``NplError`` is raised.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns from here
+        os.close(read_end)
+        _child(lookup.config, misses, deadline, write_end)
+    os.close(write_end)
+    try:
+        got, failure = _collect(read_end, misses, deadline)
+    finally:
+        os.close(read_end)
+        _reap(pid)
+    if got:
+        yield got
+    if failure is not None:
+        raise failure
+
+
+def _collect(fd: int, misses: list[str], deadline: float) -> tuple[dict[str, Answer], NplError | None]:
+    got: dict[str, Answer] = {}
+    failure: NplError | None = None
+    ended = False
+    pending = b""
+    while len(got) < len(misses) and failure is None and not ended:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 65536)
+        ended = not chunk
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            kind, _, rest = line.decode("utf-8", "replace").partition("\t")
+            if kind == "A":
+                fields = rest.split("\t")
+                if len(fields) == _FIELDS:
+                    answer = Answer(*fields)
+                    got[answer.msisdn] = answer
+            elif kind == "W":
+                log.warning("%s", rest)
+            elif kind == "F":
+                code, _, message = rest.partition("\t")
+                failure = error_for(code, message)
+    if len(got) < len(misses) and failure is None:
+        if ended:
+            failure = ProtocolError("the lookup process ended without an answer")
+        else:
+            why = "no answer before the call's deadline (the request goes on, to cache its answer)"
+            got.update({m: protocol.failed(m, TIMEOUT, source="api", reason=why) for m in misses if m not in got})
+    return got, failure
+
+
+def _reap(pid: int) -> None:
+    """Collect the child if it is done already; otherwise it outlives us and init reaps it."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+class _Pipe:
+    """The child's side: answers, warnings and a failure, one line each, to the waiting parent."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.sent: set[str] = set()
+
+    def _send(self, *fields: str) -> None:
+        if self.fd < 0:
+            return
+        line = "\t".join(f.replace("\t", " ").replace("\n", " ").replace("\r", " ") for f in fields) + "\n"
+        try:
+            os.write(self.fd, line.encode())
+        except OSError:  # the parent is gone (its deadline passed): go on without it
+            os.close(self.fd)
+            self.fd = -1
+
+    def answer(self, answer: Answer) -> None:
+        if answer.msisdn not in self.sent:
+            self.sent.add(answer.msisdn)
+            self._send("A", *answer)
+
+    def warning(self, message: str) -> None:
+        self._send("W", message)
+
+    def failure(self, error: NplError) -> None:
+        self._send("F", error.npl_err, str(error))
+
+
+def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
+    status = 1
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(null, std)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        pipe = _Pipe(fd)
+        log.set_sink(pipe.warning)
+        from .lookup import Lookup
+
+        # A cache connection and a client of its own: nothing opened before the fork is used.
+        lookup = Lookup(config)
+        api = config.api
+        try:
+            for batch in lookup.client.batches(
+                misses,
+                api.finish_timeout,
+                lock_deadline=call_deadline - api.min_request_time,
+                on_answer=pipe.answer,
+            ):
+                lookup.store(batch.values())
+                for answer in batch.values():
+                    pipe.answer(answer)
+        except NplError as e:
+            pipe.failure(e)
+        status = 0
+    finally:
+        os._exit(status)
