@@ -10,14 +10,12 @@ blocking wait runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
 
 import httpx
 
 from . import protocol
-from .client import MAX_BODY
+from .client import _Lines
 from .config import ApiConfig
 from .errors import ConfigError, LookupTimeout, ProtocolError, Unreachable
 
@@ -42,12 +40,13 @@ class AsyncClient:
                 try:
                     verify = ssl.create_default_context(cafile=self.api.ca_file)
                 except (OSError, ssl.SSLError) as e:
-                    raise ConfigError(f"[api] ca_file: cannot load {self.api.ca_file}: {e.__class__.__name__}") from None
+                    why = e.__class__.__name__
+                    raise ConfigError(f"[api] ca_file: cannot load {self.api.ca_file}: {why}") from None
             self._http = httpx.AsyncClient(
                 verify=verify,
                 trust_env=False,  # no .netrc credentials or proxy surprises on a PBX
                 follow_redirects=False,
-                timeout=None,  # the whole exchange has one deadline, set around it
+                timeout=httpx.Timeout(None),  # the whole exchange has one deadline, set around it
                 # Closed after each request: an idle kept-alive connection would be a second
                 # connection while an AGI script holds the account lock.
                 headers={"User-Agent": "npl-agi", "Connection": "close"},
@@ -60,40 +59,50 @@ class AsyncClient:
             await self._http.aclose()
             self._http = None
 
-    async def exchange(self, msisdns: list[str], start_by: float, deadline: float, on_line: Callable[[str], None]) -> None:
-        """Ask for ``msisdns``; call ``on_line`` with each line of the answer, without its newline.
+    async def exchange(self, msisdns: list[str], start_by: float, deadline: float, reader, on_answer) -> bool:
+        """Ask for ``msisdns``, feeding each line of the answer to ``reader`` as it arrives.
 
-        The account lock must be had by ``start_by`` and the whole answer by ``deadline`` (both
-        ``time.monotonic()``). Returns when the answer ended (with ``ENDBATCH`` or without);
-        raises ``LookupTimeout`` at the deadline, ``Unreachable`` or ``ProtocolError`` when the
-        exchange failed, and whatever ``on_line`` raises (a refused query).
+        ``reader`` is a ``protocol.AnswerReader``; ``on_answer`` gets each answer it yields
+        (``source = "api"``). The account lock must be had by ``start_by`` and the whole answer
+        by ``deadline`` (both ``time.monotonic()``). Returns True when the deadline cut the
+        answer short. Raises ``LookupTimeout`` when not even a first line came in time,
+        ``Unreachable`` or ``ProtocolError`` when nothing usable came, and what the reader
+        raises for a refused query.
         """
         form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
         await self._acquire(start_by)
+        lines = _Lines(reader, on_answer)
         try:
-            async with asyncio.timeout_at(deadline):
-                await self._post(form, on_line)
-        except TimeoutError:
-            raise LookupTimeout("deadline passed before the service's answer was complete") from None
+            if time.monotonic() > start_by:  # the answer could not arrive in time: spend nothing
+                raise LookupTimeout("too little time left before the deadline to send a request")
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._post(form, lines)
+                cut = False
+            except TimeoutError:
+                cut = True
+            except (Unreachable, ProtocolError):
+                if not lines.received:
+                    raise
+                cut = False  # cut off mid-answer: the lines that arrived are kept
         finally:
-            await _in_thread(self.lock.release)
+            await asyncio.shield(asyncio.to_thread(self.lock.release))
+        lines.close(cut)
+        if lines.overflow and not lines.status:
+            raise ProtocolError(lines.overflow)
+        if cut and not lines.status:
+            raise LookupTimeout("no answer from the service before the deadline")
+        return cut
 
-    async def _post(self, form: dict[str, str], on_line: Callable[[str], None]) -> None:
+    async def _post(self, form: dict[str, str], lines: _Lines) -> None:
         try:
             async with self._client().stream("POST", self.api.url, data=form) as resp:
                 if resp.status_code != 200:
                     raise ProtocolError(f"the service answered HTTP {resp.status_code}")
-                buffer, size = b"", 0
                 async for chunk in resp.aiter_raw():
-                    size += len(chunk)
-                    if size > MAX_BODY:
-                        raise ProtocolError("the service's answer is larger than any lookup answer")
-                    *lines, buffer = (buffer + chunk).split(b"\n")
-                    for raw in lines:
-                        line = raw.decode("utf-8", "replace").rstrip("\r")
-                        on_line(line)
-                        if line.strip() == protocol.ENDBATCH:
-                            return  # complete, even if the server keeps the connection open
+                    lines.add(chunk)
+                    if lines.complete or lines.overflow:
+                        return  # complete, even if the server keeps the connection open
         except httpx.ConnectError as e:
             raise Unreachable(f"cannot connect to the service: {_reason(e)}") from None
         except httpx.HTTPError as e:
@@ -110,12 +119,6 @@ class AsyncClient:
             # The thread may still get the lock after we stopped waiting: give it back then.
             attempt.add_done_callback(lambda done: done.exception() is None and self.lock.release())
             raise
-
-
-async def _in_thread(work: Callable[[], None]) -> None:
-    """Run ``work`` in a thread to its end, even if the awaiting task is cancelled meanwhile."""
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.shield(asyncio.to_thread(work))
 
 
 def _reason(exc: BaseException) -> str:

@@ -18,9 +18,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.lookups = Counter(
-            "npl_lookups", "Lookups answered, by NPL_ERR ('' for success) and NPL_SOURCE", ["npl_err", "source"], registry=r
-        )
+        self.lookups = Counter("npl_lookups", "Lookups by NPL_ERR and NPL_SOURCE", ["npl_err", "source"], registry=r)
         self.cache_hits = Counter("npl_cache_hits", "Numbers answered from the cache", registry=r)
         self.cache_misses = Counter("npl_cache_misses", "Numbers the cache did not have", registry=r)
         self.batch_numbers = Histogram(
@@ -36,7 +34,7 @@ class Metrics:
             registry=r,
         )
         self.requests = Counter("npl_service_requests", "Requests to the service, by outcome", ["outcome"], registry=r)
-        self.deadline_misses = Counter("npl_deadline_misses", "Calls whose deadline passed before an answer", registry=r)
+        self.deadline_misses = Counter("npl_deadline_misses", "Calls past their deadline", registry=r)
         self.breaker = Enum("npl_breaker", "Circuit breaker state", states=[CLOSED, OPEN, HALF_OPEN], registry=r)
         self.in_flight = Gauge("npl_calls_in_flight", "FastAGI calls being served", registry=r)
 
