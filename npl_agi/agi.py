@@ -168,15 +168,20 @@ def run(
     values = variables_for(answer, failure, ms)
     for name, value in values.items():
         channel.set_variable(name, value)
-    shown = f"'{dialled[:40]}'"  # made safe by the quoting every command gets
+    channel.verbose(*outcome_line(f"'{dialled[:40]}'", values, answer, failure))
+    return values
+
+
+def outcome_line(shown: str, values: dict[str, str], answer=None, failure: NplError | None = None) -> tuple[str, int]:
+    """The one line that says how a lookup ended, and its VERBOSE level (1 failed, 3 done).
+
+    ``shown`` is how the number may appear; the caller makes it safe for where it goes.
+    """
+    ms = values["NPL_LOOKUP_MS"]
     if values["NPL_ERR"]:
         reason = str(failure) if failure else (answer.error_name if answer else "")
-        channel.verbose(f"npl-agi: {shown} NPL_ERR={values['NPL_ERR']} ({reason}) in {ms} ms", 1)
-    else:
-        channel.verbose(
-            f"npl-agi: {shown} -> {values['NPL_MCCMNC']} {values['NPL_NETWORK']} ({values['NPL_SOURCE']}, {ms} ms)", 3
-        )
-    return values
+        return f"npl-agi: {shown} NPL_ERR={values['NPL_ERR']} ({reason}) in {ms} ms", 1
+    return f"npl-agi: {shown} -> {values['NPL_MCCMNC']} {values['NPL_NETWORK']} ({values['NPL_SOURCE']}, {ms} ms)", 3
 
 
 def process_started() -> float:

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.set_defaults(func=cmd_simulate)
 
+    p = sub.add_parser(
+        "serve", parents=[common], help="run the FastAGI server: AGI(agi://127.0.0.1:4573/npl-lookup,NUMBER)"
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: [fastagi] listen)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="the whole path on the bundled simulator: no account, no Asterisk needed")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -307,6 +313,12 @@ def cmd_simulate(args) -> int:
     finally:
         sim.server.server_close()
     return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    return serve(args.config, args.listen)
 
 
 def cmd_demo(args) -> int:

@@ -88,6 +88,78 @@ def hung_up_after(k: int) -> Responder:
     return respond
 
 
+def environment(request: str, args, agi_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment block Asterisk sends an AGI, with the arguments as ``agi_arg_N``."""
+    env_block = {
+        "agi_request": request,
+        "agi_channel": "Local/emulated-00000001;2",
+        "agi_language": "en",
+        "agi_type": "Local",
+        "agi_uniqueid": "1764000000.1",
+        "agi_version": "22.10.1",
+        "agi_callerid": "unknown",
+        "agi_calleridname": "unknown",
+        "agi_context": "npl-outbound",
+        "agi_extension": "s",
+        "agi_priority": "1",
+        "agi_enhanced": "0.0",
+        "agi_accountcode": "",
+        "agi_threadid": "140000000000000",
+        **(agi_env or {}),
+    }
+    for i, a in enumerate(args, 1):
+        env_block[f"agi_arg_{i}"] = a
+    return env_block
+
+
+async def fastagi_call(
+    host: str,
+    port: int,
+    args: list[str] = (),
+    agi_env: dict[str, str] | None = None,
+    *,
+    script: str = "npl-lookup",
+    respond: Responder = answer_all,
+    hangup_after: float | None = None,
+    timeout: float = 15.0,
+) -> AgiRun:
+    """One FastAGI call as Asterisk makes it: connect, send the environment (with
+    ``agi_network_script``), answer each command; ``hangup_after`` seconds in, send ``HANGUP``
+    inline as Asterisk does when the caller hangs up. Ends when the server closes."""
+    import asyncio
+
+    started = time.monotonic()
+    run = AgiRun()
+    reader, writer = await asyncio.open_connection(host, port)
+    env_block = {
+        "agi_network": "yes",
+        "agi_network_script": script,
+        **environment(f"agi://{host}:{port}/{script}", args, agi_env),
+    }
+    writer.write(("".join(f"{k}: {v}\n" for k, v in env_block.items()) + "\n").encode("utf-8", "surrogateescape"))
+
+    async def hang_up() -> None:
+        await asyncio.sleep(hangup_after)
+        writer.write(b"HANGUP\n")
+
+    hangup = asyncio.ensure_future(hang_up()) if hangup_after is not None else None
+    try:
+        async with asyncio.timeout(timeout):
+            while line := await reader.readline():
+                reply = AgiEmulator._handle(line.decode("utf-8", "replace").rstrip("\r\n"), respond, run)
+                if reply is None:
+                    break
+                writer.write((reply + "\n").encode())
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        if hangup is not None:
+            hangup.cancel()
+        writer.close()
+        run.seconds = time.monotonic() - started
+    return run
+
+
 class AgiEmulator:
     """Runs one AGI script invocation against an emulated channel."""
 
@@ -109,25 +181,7 @@ class AgiEmulator:
     ) -> AgiRun:
         """Run the script; ``respond`` gives each reply (None closes the pipe), and
         ``sighup_after`` sends SIGHUP that many seconds after the environment block."""
-        env_block = {
-            "agi_request": os.path.basename(self.script),
-            "agi_channel": "Local/emulated-00000001;2",
-            "agi_language": "en",
-            "agi_type": "Local",
-            "agi_uniqueid": "1764000000.1",
-            "agi_version": "22.10.1",
-            "agi_callerid": "unknown",
-            "agi_calleridname": "unknown",
-            "agi_context": "npl-outbound",
-            "agi_extension": "s",
-            "agi_priority": "1",
-            "agi_enhanced": "0.0",
-            "agi_accountcode": "",
-            "agi_threadid": "140000000000000",
-            **(agi_env or {}),
-        }
-        for i, a in enumerate(args, 1):
-            env_block[f"agi_arg_{i}"] = a
+        env_block = environment(os.path.basename(self.script), args, agi_env)
         cmd = [*self.python, self.script, *args]
         started = time.monotonic()
         proc = subprocess.Popen(

@@ -1,0 +1,83 @@
+"""Asterisk's FastAGI protocol over ``asyncio`` streams: the server's side of one call.
+
+The same conversation as a process AGI, over TCP: Asterisk sends the environment block
+(``agi_*: value`` lines, then a blank line), then each command gets one reply line. On hangup
+Asterisk sends ``HANGUP`` inline (instead of SIGHUP) and still answers dead-safe commands such
+as ``SET VARIABLE``. Whatever the peer sends (nothing, garbage, a megabyte without a newline)
+ends only its own session: every read has a line-length limit and runs within a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .agi import MAX_VERBOSE, agi_quote
+
+MAX_LINE = 8192  # bytes of one environment line or reply; Asterisk's own buffer is 2048
+MAX_ENV_LINES = 200  # Asterisk sends about 20, plus one per AGI argument
+
+
+class SessionEnded(Exception):
+    """The peer hung up, broke the protocol or refused a command: stop talking to it."""
+
+
+class Session:
+    """One FastAGI connection. Make the stream with ``limit=MAX_LINE``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.env: dict[str, str] = {}
+        self.hung_up = False
+
+    @property
+    def script(self) -> str:
+        """The script part of ``agi://host:port/SCRIPT?...``, as Asterisk relays it."""
+        return self.env.get("agi_network_script", "").split("?", 1)[0].strip("/")
+
+    @property
+    def args(self) -> list[str]:
+        """The AGI arguments (``agi_arg_1``, ``agi_arg_2``, …)."""
+        args = []
+        while (value := self.env.get(f"agi_arg_{len(args) + 1}")) is not None:
+            args.append(value)
+        return args
+
+    async def read_env(self) -> dict[str, str]:
+        """The environment block; raises ``SessionEnded`` for anything that is not one."""
+        while True:
+            line = await self._line()
+            if not line:
+                return self.env
+            key, sep, value = line.partition(":")
+            if not sep or not key.startswith("agi_") or len(self.env) >= MAX_ENV_LINES:
+                raise SessionEnded("not an AGI environment block")
+            self.env[key] = value.removeprefix(" ")
+
+    async def command(self, line: str) -> str:
+        """Send one command, return its ``200`` reply; ``HANGUP`` lines are noted and skipped."""
+        self.writer.write(line.encode("utf-8", "replace") + b"\n")
+        await self.writer.drain()
+        while True:
+            reply = await self._line()
+            if reply == "HANGUP":
+                self.hung_up = True
+                continue
+            if reply.startswith("200"):
+                return reply
+            raise SessionEnded(f"command refused: {reply[:60]!r}")
+
+    async def set_variable(self, name: str, value: str) -> None:
+        await self.command(f"SET VARIABLE {name} {agi_quote(value)}")
+
+    async def verbose(self, message: str, level: int = 1) -> None:
+        await self.command(f"VERBOSE {agi_quote(message[:MAX_VERBOSE])} {level}")
+
+    async def _line(self) -> str:
+        try:
+            raw = await self.reader.readline()
+        except (ValueError, OSError) as e:  # ValueError: a line longer than the stream's limit
+            raise SessionEnded(e.__class__.__name__) from None
+        if not raw.endswith(b"\n"):
+            raise SessionEnded("connection closed")
+        return raw.decode("utf-8", "replace").rstrip("\r\n")
