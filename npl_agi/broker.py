@@ -194,10 +194,14 @@ class Broker:
         if self._pending.get(msisdn) is p:
             del self._pending[msisdn]
 
+    async def settled(self) -> None:
+        """Wait until nothing is queued or in flight."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
     async def close(self) -> None:
         """Let the queued and in-flight requests end (they keep what they pay for), then close."""
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        await self.settled()
         await self.client.aclose()
 
 

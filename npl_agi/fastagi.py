@@ -44,15 +44,20 @@ class Session:
         return args
 
     async def read_env(self) -> dict[str, str]:
-        """The environment block; raises ``SessionEnded`` for anything that is not one."""
-        while True:
+        """The environment block, up to its blank line.
+
+        Lines that are not ``agi_*: value`` are skipped: Asterisk writes arguments as they are,
+        so a newline in a dialled number splits its line. ``SessionEnded`` past
+        ``MAX_ENV_LINES`` lines.
+        """
+        for _ in range(MAX_ENV_LINES):
             line = await self._line()
             if not line:
                 return self.env
             key, sep, value = line.partition(":")
-            if not sep or not key.startswith("agi_") or len(self.env) >= MAX_ENV_LINES:
-                raise SessionEnded("not an AGI environment block")
-            self.env[key] = value.removeprefix(" ")
+            if sep and key.startswith("agi_"):
+                self.env[key] = value.removeprefix(" ")
+        raise SessionEnded("not an AGI environment block")
 
     async def command(self, line: str) -> str:
         """Send one command, return its ``200`` reply; ``HANGUP`` lines are noted and skipped."""

@@ -1,0 +1,374 @@
+"""npl-agi serve over real TCP on 127.0.0.1: emulated Asterisk connections against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from npl_agi.agi import VARIABLES
+from npl_agi.cache import SqliteCache
+from npl_agi.config import load_config
+from npl_agi.emulator import AgiEmulator, fastagi_call
+from npl_agi.protocol import Answer
+from npl_agi.server import Server
+from npl_agi.simulator import Simulator
+from tests.conftest import AGI_SCRIPT, write_config
+
+
+class Clock:
+    """An injectable monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def uk(i: int) -> str:
+    return f"07400{100000 + i:06d}"
+
+
+def config_for(tmp_path, sim, name="npl-agi.conf", **sections):
+    sections.setdefault("fastagi", {}).setdefault("metrics_listen", "127.0.0.1:0")
+    return load_config(str(write_config(tmp_path / name, sim.url, **sections)))
+
+
+async def serving(config, clock=time.monotonic) -> Server:
+    server = Server(config, listen="127.0.0.1:0", clock=clock)
+    await server.start()
+    return server
+
+
+async def calls(server: Server, numbers: list[str], **kwargs):
+    host, port = server.address
+    return await asyncio.gather(*(fastagi_call(host, port, [n], **kwargs) for n in numbers))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_a_call_sets_what_the_agi_script_sets(tmp_path, sim, subprocess_env):
+    """One implementation of which number, which variables, how quoted: two transports."""
+    config = config_for(tmp_path, sim)
+    dialled = ["07788450450", '0740"0\\123410', "07973100100", "hello", "07400999905", ""]
+
+    async def main():
+        server = await serving(config)
+        try:  # one after another: the simulator's fault numbers spoil the whole request
+            return [(await calls(server, [d]))[0] for d in dialled]
+        finally:
+            await server.drain()
+
+    served = run(main())
+    other = write_config(tmp_path / "process.conf", sim.url, cache={"path": str(tmp_path / "process.sqlite")})
+    script = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(other)})
+    for number, fast in zip(dialled, served, strict=True):
+        process = script.run([number])
+        assert list(fast.variables) == list(VARIABLES)
+        assert fast.unbalanced == []
+        assert {**fast.variables, "NPL_LOOKUP_MS": ""} == {**process.variables, "NPL_LOOKUP_MS": ""}, number
+        assert [c[:2] for c in fast.commands[: len(VARIABLES)]] == [["SET", "VARIABLE"]] * len(VARIABLES)
+    assert served[0].variables["NPL_MCCMNC"] == "23415" and served[0].variables["NPL_SOURCE"] == "api"
+    assert served[2].variables["NPL_ERR"] == "ERR1" and served[3].variables["NPL_ERR"] == "BADNUMBER"
+    assert served[4].variables["NPL_ERR"] == "PROTOCOL"
+    assert any("NPL_ERR=PROTOCOL" in v for v in served[4].verbose)
+
+
+def test_200_distinct_calls_at_once_share_one_connection_and_a_few_requests(tmp_path, sim):
+    config = config_for(tmp_path, sim)
+
+    async def main():
+        server = await serving(config)
+        try:
+            return await calls(server, [uk(i) for i in range(200)]), server.state.broker.requests
+        finally:
+            await server.drain()
+
+    runs, requests = run(main())
+    assert [r.variables["NPL_ERR"] for r in runs] == [""] * 200
+    assert all(r.variables["NPL_SOURCE"] == "api" and r.variables["NPL_MCCMNC"] for r in runs)
+    stats = sim.stats()
+    assert stats["max_concurrent"] == {"demo": 1}
+    assert len(stats["requests"]) == requests <= 10
+    assert sorted(stats["charged"]) == sorted(f"44{uk(i)[1:]}" for i in range(200))
+
+
+def test_50_calls_for_one_number_cost_one_credit(tmp_path, sim):
+    config = config_for(tmp_path, sim)
+
+    async def main():
+        server = await serving(config)
+        try:
+            first = await calls(server, ["07788450450"] * 50)
+            again = await calls(server, ["+44 7788 450450"] * 5)
+            return first, again
+        finally:
+            await server.drain()
+
+    first, again = run(main())
+    assert {r.variables["NPL_MCCMNC"] for r in first} == {"23415"}
+    assert {r.variables["NPL_SOURCE"] for r in again} == {"cache"}
+    assert sim.stats()["charged"] == ["447788450450"]
+
+
+def test_slow_service_each_call_ends_by_its_deadline_and_the_answers_are_cached_afterwards(tmp_path):
+    timeout = 1.0
+    with Simulator(request_delay=0.2, line_delay=0.05) as sim:
+        config = config_for(tmp_path, sim, api={"timeout": str(timeout), "finish_timeout": "10"})
+        numbers = [uk(i) for i in range(40)]  # 0.2 s + 40 x 0.05 s: the last lines come after 2 s
+
+        async def main():
+            server = await serving(config)
+            try:
+                return await calls(server, numbers)
+            finally:
+                await server.drain()  # the request ends and is stored before this returns
+
+        runs = run(main())
+        errors = [r.variables["NPL_ERR"] for r in runs]
+        assert "" in errors and "TIMEOUT" in errors and set(errors) == {"", "TIMEOUT"}
+        for r in runs:
+            assert int(r.variables["NPL_LOOKUP_MS"]) <= timeout * 1000 + 50
+        # Every number paid for is in the cache, also those whose call gave up; numbers whose
+        # calls could no longer wait for a request were never sent (nor paid for).
+        charged = sim.stats()["charged"]
+        cached = SqliteCache(config.cache).get_many([f"44{n[1:]}" for n in numbers])
+        assert len(charged) == len(set(charged)) and set(cached) == set(charged)
+        answered = {r.variables["NPL_NUMBER"] for r in runs if r.variables["NPL_ERR"] == ""}
+        assert answered < set(charged)  # some were paid for after their call had moved on
+        assert sim.stats()["max_concurrent"] == {"demo": 1}
+
+
+def test_a_hanging_service_opens_the_breaker_stale_answers_keep_known_numbers_routed_then_it_recovers(tmp_path):
+    clock = Clock()
+    with Simulator(hang_seconds=3) as sim:
+        config = config_for(
+            tmp_path,
+            sim,
+            api={"timeout": "0.5", "finish_timeout": "1"},
+            fastagi={"breaker_failures": "3", "breaker_cooldown": "30"},
+        )
+        # An answer stored two days ago: expired a day ago, within stale_ttl.
+        SqliteCache(config.cache, clock=lambda: time.time() - 2 * 86400).put_many(
+            [Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")]
+        )
+        sim.fault = "hang"
+
+        async def main():
+            server = await serving(config, clock)
+            try:
+                hung = await calls(server, [uk(i) for i in range(3)])
+                assert server.state.breaker.state == "open"
+                asked = len(sim.stats()["requests"])
+                known, unknown = await calls(server, ["07788450450", uk(99)])
+                assert len(sim.stats()["requests"]) == asked  # open: not even queued
+                await server.state.broker.settled()  # the hung request gave up (finish_timeout)
+                sim.fault = None
+                clock.now += 31  # the cool-down is over: the next miss is the probe
+                probe = await calls(server, [uk(50)])
+                after = await calls(server, [uk(51)])
+                return hung, known, unknown, probe, after, server.state.breaker.state
+            finally:
+                await server.drain()
+
+        hung, known, unknown, probe, after, state = run(main())
+        assert {r.variables["NPL_ERR"] for r in hung} == {"TIMEOUT"}
+        assert (known.variables["NPL_SOURCE"], known.variables["NPL_MCCMNC"], known.variables["NPL_ERR"]) == (
+            "stale",
+            "23415",
+            "",
+        )
+        assert unknown.variables["NPL_ERR"] == "UNAVAILABLE"
+        assert int(unknown.variables["NPL_LOOKUP_MS"]) < 400  # answered at once, not at the deadline
+        assert probe[0].variables["NPL_ERR"] == "" and after[0].variables["NPL_SOURCE"] == "api"
+        assert state == "closed"
+
+
+def test_a_refused_account_keeps_its_npl_err_and_does_not_open_the_breaker(tmp_path, sim):
+    config = config_for(tmp_path, sim, api={"password": "wrong"}, fastagi={"breaker_failures": "1"})
+
+    async def main():
+        server = await serving(config)
+        try:
+            first = await calls(server, [uk(1)])
+            second = await calls(server, [uk(2)])
+            return first + second, server.state.breaker.state
+        finally:
+            await server.drain()
+
+    runs, state = run(main())
+    assert [r.variables["NPL_ERR"] for r in runs] == ["AUTH", "AUTH"]
+    assert state == "closed"
+
+
+async def misbehave(host: str, port: int, kind: str) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    if kind == "garbage":
+        writer.write(b"\x00\x1b[31m GET / HTTP/1.1\r\n\r\n")
+    elif kind == "megabyte":
+        writer.write(b"agi_network: " + b"y" * (1 << 20))
+    elif kind == "disconnect":
+        writer.write(b"agi_network: yes\nagi_network_script: npl-lookup\nagi_arg_1: 07400100099\n\n")
+        await writer.drain()
+        writer.close()
+        return
+    elif kind == "refuses":  # answers the first command with an error
+        writer.write(b"agi_network: yes\nagi_network_script: npl-lookup\nagi_arg_1: 07788450450\n\n")
+        await reader.readline()
+        writer.write(b"510 Invalid or unknown command\n")
+    # "silent": sends nothing at all
+    await writer.drain()
+    try:
+        async with asyncio.timeout(5):
+            await reader.read()
+    finally:
+        writer.close()
+
+
+def test_misbehaving_clients_end_only_their_own_session_and_leave_no_task(tmp_path, sim):
+    config = config_for(tmp_path, sim, api={"timeout": "1"})
+
+    async def main():
+        server = await serving(config)
+        host, port = server.address
+        try:
+            kinds = ["garbage", "megabyte", "disconnect", "refuses", "silent"]
+            bad = [asyncio.ensure_future(misbehave(host, port, k)) for k in kinds]
+            hung_up = asyncio.ensure_future(fastagi_call(host, port, [uk(7)], hangup_after=0.0))
+            good = await calls(server, [uk(i) for i in range(20)])
+            await asyncio.gather(*bad, return_exceptions=True)
+            late = await hung_up
+            async with asyncio.timeout(3):  # every session ends by its deadline + grace
+                while server._calls:
+                    await asyncio.sleep(0.05)
+            return good, late, set(server._calls)
+        finally:
+            await server.drain()
+
+    good, late, left = run(main())
+    assert [r.variables["NPL_ERR"] for r in good] == [""] * 20
+    assert late.variables["NPL_ERR"] == ""  # a hung-up channel still takes SET VARIABLE
+    assert left == set()
+
+
+def test_unknown_script_sets_nothing(tmp_path, sim):
+    config = config_for(tmp_path, sim)
+
+    async def main():
+        server = await serving(config)
+        try:
+            return await calls(server, ["07788450450"], script="something-else")
+        finally:
+            await server.drain()
+
+    (r,) = run(main())
+    assert r.variables == {}
+    assert any("unknown FastAGI script" in v for v in r.verbose)
+    assert sim.stats()["requests"] == []
+
+
+def test_metrics(tmp_path, sim):
+    config = config_for(tmp_path, sim)
+
+    async def main():
+        server = await serving(config)
+        try:
+            await calls(server, ["07788450450", "07788450450", "hello"])
+            await calls(server, ["07788450450"])
+            host, port = server.metrics_address
+            url = f"http://{host}:{port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        finally:
+            await server.drain()
+
+    text = run(main())
+    assert 'npl_lookups_total{npl_err="",source="api"} 2.0' in text
+    assert 'npl_lookups_total{npl_err="",source="cache"} 1.0' in text
+    assert 'npl_lookups_total{npl_err="BADNUMBER",source=""} 1.0' in text
+    assert "npl_cache_hits_total 1.0" in text
+    assert 'npl_breaker{npl_breaker="closed"} 1.0' in text
+    assert "npl_batch_numbers_count 1.0" in text
+    assert "npl_calls_in_flight 0.0" in text
+
+
+# -- the process: signals --
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_process(config_path, subprocess_env) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "npl_agi.cli", "serve", "--config", str(config_path), "--listen", f"127.0.0.1:{port}"],
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("npl-agi serve did not listen")
+
+
+def test_sigterm_finishes_the_calls_in_flight_then_exits_0_and_sighup_reloads(tmp_path, subprocess_env):
+    with Simulator(request_delay=0.5) as sim:
+        path = write_config(tmp_path / "npl-agi.conf", sim.url, fastagi={"metrics_listen": ""})
+        proc, port = start_process(path, subprocess_env)
+        try:
+            before = asyncio.run(fastagi_call("127.0.0.1", port, ["07973100100"]))
+            path.write_text(path.read_text().replace("[api]\n", "[api]\nenabled = no\n"))
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while (off := asyncio.run(fastagi_call("127.0.0.1", port, ["07788450450"]))).variables.get(
+                "NPL_ERR"
+            ) != "DISABLED" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            path.write_text(path.read_text().replace("enabled = no\n", ""))
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+
+            async def in_flight():
+                call = asyncio.ensure_future(fastagi_call("127.0.0.1", port, ["07788450450"]))
+                await asyncio.sleep(0.2)  # the call waits for the service's answer
+                proc.send_signal(signal.SIGTERM)
+                return await call
+
+            during = asyncio.run(in_flight())
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            out, err = proc.communicate()
+        assert before.variables["NPL_ERR"] == "ERR1"
+        assert off.variables["NPL_ERR"] == "DISABLED"
+        assert (during.variables["NPL_ERR"], during.variables["NPL_MCCMNC"]) == ("", "23415")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1)
+        assert "configuration reloaded" in err
+        assert "Traceback" not in err
+        # One line per lookup, the number masked to its last 4 digits.
+        lines = [line for line in err.splitlines() if "NPL_ERR=" in line or "->" in line]
+        assert any("*******0100" in line for line in lines)
+        assert not any("07973100100" in line for line in lines)
+        assert os.path.exists(tmp_path / "cache.sqlite")
