@@ -199,7 +199,7 @@ class Server:
         """One log line and the metrics of a lookup."""
         full = state.config.fastagi.log_numbers == "full"
         shown = protocol.shown(dialled if full or len(dialled) <= 4 else "*" * (len(dialled) - 4) + dialled[-4:])
-        logger.info("npl-agi: [%s] %s", call, outcome_line(shown, values, answer, failure)[0])
+        logger.info("[%s] %s", call, outcome_line(shown, values, answer, failure)[0])
         self.metrics.lookups.labels(values["NPL_ERR"], values["NPL_SOURCE"]).inc()
         if values["NPL_ERR"] == TIMEOUT:
             self.metrics.deadline_misses.inc()
@@ -249,6 +249,7 @@ class Server:
 def serve(config_path: str | None, listen: str | None) -> int:
     """``npl-agi serve``: log lines to stderr (journald), run until SIGTERM, exit 0."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per lookup is ours
     config = load_config(config_path)
     server = Server(config, listen=listen)
     try:

@@ -134,10 +134,12 @@ def test_lookup_clears_every_variable_before_the_agi_runs() -> None:
     assert cleared == set(VARIABLES)
 
 
-def test_fastagi_variant_is_there_commented_out() -> None:
-    lines = bundled()["npl-lookup.conf"].splitlines()
-    fast = [line for line in lines if "agi://127.0.0.1:4573/npl-lookup" in line]
-    assert fast == ["; same => n,AGI(agi://127.0.0.1:4573/npl-lookup,${ARG1})"]
+def test_fastagi_when_npl_fastagi_is_set_and_the_process_script_when_it_fails() -> None:
+    lines = [line.strip() for line in bundled()["npl-lookup.conf"].splitlines() if not line.startswith(";")]
+    fast = lines.index("same => n,AGI(${NPL_FASTAGI}/npl-lookup,${ARG1})")
+    assert lines[fast - 1] == 'same => n,GotoIf($["${NPL_FASTAGI}" = ""]?process)'
+    assert lines[fast + 1] == 'same => n,GotoIf($["${AGISTATUS}" != "FAILURE"]?done)'
+    assert lines[fast + 2] == "same => n(process),AGI(npl-lookup.agi,${ARG1})"
 
 
 def test_snippets_leave_globals_to_extensions_conf() -> None:

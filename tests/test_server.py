@@ -359,7 +359,7 @@ def test_sigterm_finishes_the_calls_in_flight_then_exits_0_and_sighup_reloads(tm
         finally:
             if proc.poll() is None:
                 proc.kill()
-            out, err = proc.communicate()
+            _, err = proc.communicate()
         assert before.variables["NPL_ERR"] == "ERR1"
         assert off.variables["NPL_ERR"] == "DISABLED"
         assert (during.variables["NPL_ERR"], during.variables["NPL_MCCMNC"]) == ("", "23415")
