@@ -362,7 +362,7 @@ class RedisCache(Cache):
         found = {}
         for m, value in zip(msisdns, r.mget([self.stale_key(m) for m in msisdns]), strict=True):
             fields = _fields(value)
-            if fields and fields[0] and not fields[3]:
+            if fields and fields[0] and not fields[3] and float(fields[4]) + self.cfg.ttl <= self.clock():
                 found[m] = _answer(m, *fields[:4])._replace(source="stale")
         return found
 
