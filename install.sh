@@ -20,6 +20,7 @@ PYTHON=python3
 ACTION=install
 PURGE=no
 DRY_RUN=no
+FASTAGI=no
 SNIPPETS="npl-lookup.conf npl-outbound.conf npl-routes.conf"
 
 usage() {
@@ -53,6 +54,9 @@ Options:
   --uninstall      remove what install.sh installed; configuration files and snippets that
                    were edited are kept
   --purge          with --uninstall: remove edited files and the lookup cache too
+  --fastagi        also install the FastAGI server (npl-agi serve) as the systemd service
+                   npl-agi-fastagi (user asterisk, hardened), enable and start it; with
+                   --uninstall, stop and remove it
   --dry-run        show what would be done; change nothing
   --demo           the README quick start: create ./.venv in this source tree with the test
                    extras (pip install -e '.[test]'), then run .venv/bin/npl-agi demo and
@@ -139,6 +143,11 @@ parse_args() {
             ;;
         --dry-run)
             DRY_RUN=yes
+            shift
+            continue
+            ;;
+        --fastagi)
+            FASTAGI=yes
             shift
             continue
             ;;
@@ -488,9 +497,57 @@ do_demo() {
     exec "$venv/bin/npl-agi" demo
 }
 
+# The FastAGI server's systemd unit (--fastagi), with this installation's paths.
+UNIT=npl-agi-fastagi.service
+UNIT_DIR=/etc/systemd/system
+
+systemd_running() {
+    [ -z "$DESTDIR" ] && [ "$DRY_RUN" = no ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
+}
+
+install_fastagi() {
+    local dest tmp
+    dest=$(staged "$UNIT_DIR")/$UNIT
+    tmp=$(mktemp)
+    sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@CONF_DIR@|$CONF_DIR|g" -e "s|@CACHE_DIR@|$CACHE_DIR|g" \
+        "$REPO_DIR/systemd/$UNIT" >"$tmp"
+    act mkdir -p "$(dirname "$dest")"
+    act install -m 0644 "$tmp" "$dest"
+    rm -f "$tmp"
+    did "installed $dest"
+    if systemd_running; then
+        systemctl daemon-reload
+        systemctl enable --now "$UNIT"
+        say "started $UNIT; check it with: systemctl status $UNIT"
+    else
+        say "enable it where systemd runs: systemctl daemon-reload && systemctl enable --now $UNIT"
+    fi
+    say "then route lookups through it: NPL_FASTAGI=agi://127.0.0.1:4573 in [globals] of extensions.conf"
+}
+
+uninstall_fastagi() {
+    local dest
+    dest=$(staged "$UNIT_DIR")/$UNIT
+    [ -e "$dest" ] || return 0
+    if systemd_running; then
+        systemctl disable --now "$UNIT" || true
+    fi
+    act rm -f -- "$dest"
+    did "removed $dest"
+    if systemd_running; then
+        systemctl daemon-reload
+    fi
+}
+
 parse_args "$@"
 case $ACTION in
-install) do_install ;;
-uninstall) do_uninstall ;;
+install)
+    do_install
+    [ "$FASTAGI" = no ] || install_fastagi
+    ;;
+uninstall)
+    [ "$FASTAGI" = no ] || uninstall_fastagi
+    do_uninstall
+    ;;
 demo) do_demo ;;
 esac
