@@ -214,18 +214,18 @@ class SqliteCache(Cache):
             raise
 
     def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+        return {row[0]: _answer(*row) for row in self._select("expires > ?", [self.clock()], msisdns)}
+
+    def _select(self, where: str, params: list, msisdns: list[str]) -> Iterator[tuple]:
+        """The answer rows of ``msisdns`` that match ``where`` (500 placeholders a query)."""
         db = self._conn()
-        now = self.clock()
-        found = {}
         for start in range(0, len(msisdns), 500):
             part = msisdns[start : start + 500]
             marks = ",".join("?" * len(part))
-            for row in db.execute(
-                f"SELECT msisdn, mccmnc, msc, imsi, error FROM answers WHERE expires > ? AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
-                [now, *part],
-            ):
-                found[row[0]] = _answer(*row)
-        return found
+            yield from db.execute(
+                f"SELECT msisdn, mccmnc, msc, imsi, error FROM answers WHERE {where} AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
+                [*params, *part],
+            )
 
     def _record(self, hits: int, misses: int) -> None:
         with self._writing() as db:
@@ -241,19 +241,10 @@ class SqliteCache(Cache):
             db.execute("DELETE FROM answers WHERE expires <= ?", (self.clock() - self.cfg.stale_ttl,))
 
     def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
-        db = self._conn()
         now = self.clock()
-        found = {}
-        for start in range(0, len(msisdns), 500):
-            part = msisdns[start : start + 500]
-            marks = ",".join("?" * len(part))
-            for row in db.execute(
-                "SELECT msisdn, mccmnc, msc, imsi, error FROM answers WHERE expires <= ? AND expires > ?"  # noqa: S608 - placeholders only
-                f" AND error = '' AND mccmnc != '' AND msisdn IN ({marks})",
-                [now, now - self.cfg.stale_ttl, *part],
-            ):
-                found[row[0]] = _answer(*row)._replace(source="stale")
-        return found
+        where = "expires <= ? AND expires > ? AND error = '' AND mccmnc != ''"
+        rows = self._select(where, [now, now - self.cfg.stale_ttl], msisdns)
+        return {row[0]: _answer(*row)._replace(source="stale") for row in rows}
 
     def stats(self) -> dict:
         db = self._conn(create=False)
