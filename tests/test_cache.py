@@ -29,7 +29,7 @@ from npl_agi import protocol
 from npl_agi.cache import REDIS_TIMEOUT, RedisLock, SqliteCache, open_cache
 from npl_agi.config import load_config
 from npl_agi.errors import LookupTimeout
-from npl_agi.locks import FileLock
+from npl_agi.locks import FallbackRecord, FileLock
 from npl_agi.lookup import Lookup
 from npl_agi.simulator import Simulator, simulated_answer
 
@@ -733,3 +733,64 @@ def test_sqlite_backend_takes_the_file_lock(tmp_path, sim):
     config = load_config(str(conf))
     assert isinstance(open_cache(config), SqliteCache)
     assert_uses_file_lock(lookup(conf), conf, sim, PORTED)
+
+
+def test_a_crashed_redis_lock_holder_costs_no_credit(tmp_path, sim, redis_server, subprocess_env):
+    """The next call waits for the dead holder's lease; with too little time left after it, it
+    answers TIMEOUT without connecting, rather than pay for an answer it cannot wait for."""
+    conf = redis_conf(tmp_path, sim, redis_server.url, api={"timeout": "1", "min_request_time": "0.3"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(conf), "600"], stdout=subprocess.PIPE, text=True, env=subprocess_env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(5)
+        answer = lookup(conf).one(uk(7))
+    finally:
+        holder.kill()
+        holder.wait(5)
+    assert answer.error == "TIMEOUT", answer
+    assert sim.stats()["requests"] == []
+
+
+def test_redis_lock_waiters_back_off(tmp_path, sim, redis_server):
+    conf = redis_conf(tmp_path, sim, redis_server.url)
+    held = account_lock(conf)
+    held.acquire(time.monotonic() + 5)
+    r = redis_server.client()
+    before = r.info("commandstats").get("cmdstat_set", {}).get("calls", 0)
+    try:
+        assert not can_take(conf, wait=1.0)
+    finally:
+        held.release()
+    tries = r.info("commandstats")["cmdstat_set"]["calls"] - before
+    assert 5 <= tries <= 60, tries  # polling every 5 ms would be some 200 tries a second
+
+
+def test_without_redis_the_lock_falls_back_counted_and_warned_once(tmp_path, sim, dead_redis, caplog):
+    conf = redis_conf(tmp_path, sim, dead_redis)
+    for n in range(3):
+        assert lookup(conf).one(uk(n)).source == "api"
+    fell_back = [w for w in warnings(caplog) if "falling back to the local file lock" in w]
+    assert len(fell_back) == 1, warnings(caplog)
+    assert FallbackRecord(str(tmp_path)).read()[0] == 3
+
+
+def test_lock_fallback_none_sends_nothing_without_the_cluster_lock(tmp_path, sim, dead_redis):
+    conf = configure(tmp_path, sim, {"backend": "redis", "redis_url": dead_redis, "lock_fallback": "none"})
+    answer = lookup(conf).one(PORTED)
+    assert answer.error == "NOLOCK" and "lock_fallback = none" in answer.error_name
+    assert sim.stats()["requests"] == []
+
+
+def test_fallback_warnings_are_a_minute_apart_across_processes(tmp_path):
+    offset = [0.0]
+    record = FallbackRecord(str(tmp_path), clock=lambda: time.time() + offset[0])
+    assert record.add() is True
+    offset[0] = 30.0
+    assert FallbackRecord(str(tmp_path), clock=record.clock).add() is False
+    offset[0] = FallbackRecord.WARN_EVERY + 1
+    assert record.add() is True
+    count, last = record.read()
+    assert count == 3 and last is not None
