@@ -13,9 +13,10 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
 
 from . import log
-from .errors import Disabled, NplError, npl_err
+from .errors import Disabled, LookupTimeout, NplError, npl_err
 
 VARIABLES = (
     "NPL_NUMBER",
@@ -32,6 +33,9 @@ VARIABLES = (
 )
 SPECIAL_EXTENSIONS = frozenset({"s", "h", "i", "t", "e", "o", "a", "T", "failed"})
 MAX_VERBOSE = 300
+# Seconds kept back from the call's deadline for telling Asterisk the outcome (a dozen commands),
+# so that the call has its variables by the deadline even on a busy machine.
+REPLY_RESERVE = 0.05
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -159,7 +163,13 @@ def run(
             raise Disabled("lookups are switched off (enabled = no)")
         from .lookup import Lookup
 
-        answer = Lookup(config, detached=True).one(dialled, deadline=started + config.api.timeout)
+        deadline = started + config.api.timeout
+        try:
+            with _alarm_at(deadline - REPLY_RESERVE):
+                answer = Lookup(config, detached=True).one(dialled, deadline=deadline)
+        except _DeadlinePassed:
+            if answer is None:  # else the alarm rang just as the answer came: keep the answer
+                raise LookupTimeout(f"no answer within the call's {config.api.timeout:g} s") from None
     except NplError as e:
         failure = e
     except Exception as e:
@@ -182,6 +192,31 @@ def outcome_line(shown: str, values: dict[str, str], answer=None, failure: NplEr
         reason = str(failure) if failure else (answer.error_name if answer else "")
         return f"npl-agi: {shown} NPL_ERR={values['NPL_ERR']} ({reason}) in {ms} ms", 1
     return f"npl-agi: {shown} -> {values['NPL_MCCMNC']} {values['NPL_NETWORK']} ({values['NPL_SOURCE']}, {ms} ms)", 3
+
+
+class _DeadlinePassed(BaseException):
+    """Raised by the alarm wherever the script is when the call's deadline passes.
+
+    A ``BaseException``, so that no ``except Exception`` on the way (a cache that skips its
+    own failures) can swallow it and let the call wait on.
+    """
+
+
+@contextlib.contextmanager
+def _alarm_at(deadline: float) -> Iterator[None]:
+    """Interrupt whatever runs past ``deadline`` (``time.monotonic()``): CPU-bound imports under
+    a burst of calls, a busy cache, the wait for the answer. A detached request goes on."""
+
+    def ring(signum, frame) -> None:
+        raise _DeadlinePassed
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def process_started() -> float:

@@ -450,8 +450,12 @@ class RedisLock:
         self._stop_renewing = None  # a threading.Event while the lease is renewed
         self._renewer = None  # the threading.Thread renewing it
 
-    def acquire(self, deadline: float) -> None:
-        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""
+    def acquire(self, deadline: float, hold_until: float | None = None) -> None:
+        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``.
+
+        The lease is renewed until ``release``, or at the latest until ``hold_until`` (default
+        ``deadline``), when the request that holds it has been cut off.
+        """
         if not self.cache.broken:
             try:
                 # thread_local=False: the renewing thread must see the token this thread got
@@ -464,11 +468,11 @@ class RedisLock:
                 self._fall_back(_short(e))
             else:
                 self._held = lock
-                self._start_renewing(lock)
+                self._start_renewing(lock, deadline if hold_until is None else hold_until)
                 return
         else:
             self._fall_back("the redis cache failed earlier in this lookup")
-        self.fallback.acquire(deadline)
+        self.fallback.acquire(deadline, hold_until)
         self._held = self.fallback
 
     def _fall_back(self, reason: str) -> None:
@@ -482,13 +486,14 @@ class RedisLock:
                 reason,
             )
 
-    def _start_renewing(self, lock) -> None:
+    def _start_renewing(self, lock, deadline: float) -> None:
         import threading  # only lookups that go to the network take the lock
 
         stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(self.RENEW_EVERY):
+            # Past the deadline the client has closed its connection: the lease may run out.
+            while not stop.wait(self.RENEW_EVERY) and time.monotonic() < deadline:
                 try:
                     lock.reacquire()
                 except Exception:  # expired or Redis gone: release() tells

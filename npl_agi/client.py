@@ -110,10 +110,12 @@ class Client:
         import requests  # noqa: F401 - imported before the lock is taken: the holder must not wait for it
 
         form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
-        latest_start = deadline - self.api.min_request_time
-        self.lock.acquire(latest_start if lock_deadline is None else min(lock_deadline, latest_start))
+        start_by = deadline - self.api.request_floor
+        if lock_deadline is not None:
+            start_by = min(start_by, lock_deadline)
+        self.lock.acquire(start_by, hold_until=deadline)
         try:
-            if time.monotonic() > latest_start:  # the answer could not arrive in time: spend nothing
+            if time.monotonic() > start_by:  # the answer could not arrive in time: spend nothing
                 raise LookupTimeout("too little time left before the deadline to send a request")
             return self._post(form, deadline, reader, on_answer)
         finally:

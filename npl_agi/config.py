@@ -61,6 +61,12 @@ class ApiConfig(
 ):
     __slots__ = ()
 
+    @property
+    def request_floor(self) -> float:
+        """Seconds a request needs before the deadline to be worth sending: ``min_request_time``,
+        but never more than half of ``timeout`` (a short timeout still sends its requests)."""
+        return min(self.min_request_time, self.timeout / 2)
+
     def __repr__(self) -> str:
         return (
             super()
@@ -209,8 +215,6 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         raise ConfigError(f"{path}: [api] url: must start with https:// or http://")
     if not url.group(1):
         raise ConfigError(f"{path}: [api] url: no host name in {api.url!r}")
-    if api.min_request_time >= api.timeout:
-        raise ConfigError(f"{path}: [api] min_request_time: must be less than timeout ({api.timeout:g} s)")
     if api.batch_size > MAX_NUMBERS:
         raise ConfigError(f"{path}: [api] batch_size: the service takes at most {MAX_NUMBERS} numbers a request")
     for key in ("country_code", "national_prefix", "international_prefix"):

@@ -137,7 +137,7 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
             for batch in lookup.client.batches(
                 misses,
                 api.finish_timeout,
-                lock_deadline=call_deadline - api.min_request_time,
+                lock_deadline=call_deadline - api.request_floor,
                 on_answer=pipe.answer,
             ):
                 lookup.store(batch.values())

@@ -74,8 +74,10 @@ class FileLock:
                 f"{self.path}: cannot open the account lock file: {e.strerror} (see [api] lock_dir)"
             ) from None
 
-    def acquire(self, deadline: float) -> None:
-        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""
+    def acquire(self, deadline: float, hold_until: float | None = None) -> None:
+        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``.
+
+        ``hold_until`` is for leased locks; a file lock is held until ``release`` or death."""
         fd = self._open()
 
         def attempt() -> bool:

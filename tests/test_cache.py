@@ -29,7 +29,7 @@ from npl_agi import protocol
 from npl_agi.cache import REDIS_TIMEOUT, RedisLock, SqliteCache, open_cache
 from npl_agi.config import load_config
 from npl_agi.errors import LookupTimeout
-from npl_agi.locks import FileLock
+from npl_agi.locks import FallbackRecord, FileLock
 from npl_agi.lookup import Lookup
 from npl_agi.simulator import Simulator, simulated_answer
 
@@ -68,6 +68,15 @@ def asked(sim: Simulator) -> list[list[str]]:
 
 def warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.startswith("npl_agi") and r.levelno >= logging.WARNING]
+
+
+def assert_one_redis_warning(caplog, lock_fallbacks: int = 1) -> None:
+    """One warning for the failed Redis cache, and one for the lock that fell back to the file
+    lock (further fallbacks within a minute are counted, not warned about)."""
+    fell_back = [w for w in warnings(caplog) if "falling back to the local file lock" in w]
+    others = [w for w in warnings(caplog) if w not in fell_back]
+    assert len(others) == 1, warnings(caplog)
+    assert len(fell_back) == lock_fallbacks, warnings(caplog)
 
 
 @pytest.fixture(autouse=True)
@@ -469,7 +478,7 @@ def test_redis_down_from_the_start(tmp_path, sim, dead_redis, caplog):
         ("api", expected(uk(1)).mccmnc),
     ]
     assert_uses_file_lock(look, conf, sim, uk(2))
-    assert len(warnings(caplog)) == 1, warnings(caplog)
+    assert_one_redis_warning(caplog)
     assert "redis" in warnings(caplog)[0].lower()
 
 
@@ -484,7 +493,7 @@ def test_redis_killed_between_lookups(tmp_path, sim, redis_own, caplog):
     answers = [look.one(PORTED), look.one(uk(1))]
     assert [(a.source, a.mccmnc) for a in answers] == [("api", "23415"), ("api", expected(uk(1)).mccmnc)]
     assert_uses_file_lock(look, conf, sim, uk(2))
-    assert len(warnings(caplog)) == 1, warnings(caplog)
+    assert_one_redis_warning(caplog)
 
 
 def test_redis_killed_between_cache_read_and_account_lock(tmp_path, sim, redis_own, caplog):
@@ -520,7 +529,7 @@ def test_redis_killed_while_the_account_lock_is_held(tmp_path, redis_own, caplog
         assert [(a.source, a.error) for a in answers] == [("api", "")] * 3
         again = look.one(PORTED)
         assert (again.source, again.mccmnc) == ("api", "23415")
-    assert len(warnings(caplog)) == 1, warnings(caplog)
+    assert_one_redis_warning(caplog)
 
 
 @pytest.fixture
@@ -546,7 +555,7 @@ def test_hung_redis_costs_at_most_its_short_timeout(tmp_path, sim, request, capl
     assert (answer.source, answer.mccmnc, answer.error) == ("api", "23415", "")
     # one Redis timeout, the request and slack: well inside the call-time deadline
     assert took < 4 * REDIS_TIMEOUT + 0.5, took
-    assert len(warnings(caplog)) == 1, warnings(caplog)
+    assert_one_redis_warning(caplog)
 
 
 def test_malformed_redis_value_is_a_miss_and_keeps_the_redis_lock(tmp_path, sim, redis_server, caplog):
@@ -724,3 +733,64 @@ def test_sqlite_backend_takes_the_file_lock(tmp_path, sim):
     config = load_config(str(conf))
     assert isinstance(open_cache(config), SqliteCache)
     assert_uses_file_lock(lookup(conf), conf, sim, PORTED)
+
+
+def test_a_crashed_redis_lock_holder_costs_no_credit(tmp_path, sim, redis_server, subprocess_env):
+    """The next call waits for the dead holder's lease; with too little time left after it, it
+    answers TIMEOUT without connecting, rather than pay for an answer it cannot wait for."""
+    conf = redis_conf(tmp_path, sim, redis_server.url, api={"timeout": "1", "min_request_time": "0.3"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(conf), "600"], stdout=subprocess.PIPE, text=True, env=subprocess_env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(5)
+        answer = lookup(conf).one(uk(7))
+    finally:
+        holder.kill()
+        holder.wait(5)
+    assert answer.error == "TIMEOUT", answer
+    assert sim.stats()["requests"] == []
+
+
+def test_redis_lock_waiters_back_off(tmp_path, sim, redis_server):
+    conf = redis_conf(tmp_path, sim, redis_server.url)
+    held = account_lock(conf)
+    held.acquire(time.monotonic() + 5)
+    r = redis_server.client()
+    before = r.info("commandstats").get("cmdstat_set", {}).get("calls", 0)
+    try:
+        assert not can_take(conf, wait=1.0)
+    finally:
+        held.release()
+    tries = r.info("commandstats")["cmdstat_set"]["calls"] - before
+    assert 5 <= tries <= 60, tries  # polling every 5 ms would be some 200 tries a second
+
+
+def test_without_redis_the_lock_falls_back_counted_and_warned_once(tmp_path, sim, dead_redis, caplog):
+    conf = redis_conf(tmp_path, sim, dead_redis)
+    for n in range(3):
+        assert lookup(conf).one(uk(n)).source == "api"
+    fell_back = [w for w in warnings(caplog) if "falling back to the local file lock" in w]
+    assert len(fell_back) == 1, warnings(caplog)
+    assert FallbackRecord(str(tmp_path)).read()[0] == 3
+
+
+def test_lock_fallback_none_sends_nothing_without_the_cluster_lock(tmp_path, sim, dead_redis):
+    conf = configure(tmp_path, sim, {"backend": "redis", "redis_url": dead_redis, "lock_fallback": "none"})
+    answer = lookup(conf).one(PORTED)
+    assert answer.error == "NOLOCK" and "lock_fallback = none" in answer.error_name
+    assert sim.stats()["requests"] == []
+
+
+def test_fallback_warnings_are_a_minute_apart_across_processes(tmp_path):
+    offset = [0.0]
+    record = FallbackRecord(str(tmp_path), clock=lambda: time.time() + offset[0])
+    assert record.add() is True
+    offset[0] = 30.0
+    assert FallbackRecord(str(tmp_path), clock=record.clock).add() is False
+    offset[0] = FallbackRecord.WARN_EVERY + 1
+    assert record.add() is True
+    count, last = record.read()
+    assert count == 3 and last is not None
