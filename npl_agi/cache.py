@@ -26,6 +26,7 @@ from .protocol import Answer
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
+SQLITE_BACKGROUND_BUSY_TIMEOUT = 10.0  # a request finishing in the background can wait to store its answers
 REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
 REDIS_PREFIX = "npl-agi:"
 
@@ -65,6 +66,7 @@ class Cache:
         self.clock = clock
         self.broken = False
         self.deadline: float | None = None  # time.monotonic() by which a call needs its answer
+        self.background = False  # no call waits: store what was paid for even if that takes a while
 
     def _within(self, longest: float) -> float:
         """How long one cache operation may wait: ``longest``, or less as the deadline nears."""
@@ -185,7 +187,7 @@ class SqliteCache(Cache):
             os.makedirs(os.path.dirname(path) or ".", mode=0o770, exist_ok=True)
             if not os.path.exists(path):
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o660))
-            db = sqlite3.connect(path, timeout=self._within(SQLITE_BUSY_TIMEOUT), isolation_level=None)
+            db = sqlite3.connect(path, timeout=self._busy_timeout(), isolation_level=None)
             try:
                 if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     db.execute("PRAGMA journal_mode = WAL")
@@ -197,8 +199,11 @@ class SqliteCache(Cache):
                 raise
             self._db = db
         # Another process's write makes us wait, but never past the call's deadline.
-        self._db.execute(f"PRAGMA busy_timeout = {int(self._within(SQLITE_BUSY_TIMEOUT) * 1000)}")
+        self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout() * 1000)}")
         return self._db
+
+    def _busy_timeout(self) -> float:
+        return SQLITE_BACKGROUND_BUSY_TIMEOUT if self.background else self._within(SQLITE_BUSY_TIMEOUT)
 
     @contextmanager
     def _writing(self) -> Iterator:

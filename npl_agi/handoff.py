@@ -132,6 +132,7 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
 
         # A cache connection and a client of its own: nothing opened before the fork is used.
         lookup = Lookup(config)
+        lookup.cache.background = True
         api = config.api
         try:
             for batch in lookup.client.batches(
