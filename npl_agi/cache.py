@@ -125,6 +125,10 @@ class Cache:
             log.warning("cache %s failed, continuing without the %s cache: %s", what, self.name, _short(e))
             return fallback
 
+    def close(self) -> None:
+        """Let go of the backend's connection. Before a fork: an SQLite connection must never be
+        carried into a child process, where its locks and WAL index would be shared unknowingly."""
+
     # -- overridden by the backends --
     def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         return {}
@@ -171,6 +175,12 @@ class SqliteCache(Cache):
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
         self._db = None
+
+    def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db.close()
 
     def _conn(self, create: bool = True):
         """The open database; ``None`` if it does not exist and ``create`` is false.

@@ -33,6 +33,7 @@ def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[st
     it. When the child's request failed as a whole, the answers that did arrive are yielded
     first, then its ``NplError`` is raised.
     """
+    lookup.cache.close()  # the child opens its own: an SQLite connection must not cross a fork
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child never returns from here
