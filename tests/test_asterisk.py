@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from asterisk_fixture import DIALPLAN, ROOT, Asterisk, find_asterisk, parse_routes, wait_for
+from asterisk_fixture import DIALPLAN, ROOT, Asterisk, find_asterisk, local_routes, wait_for
 from conftest import write_config
 
 from npl_agi.config import NumberConfig
@@ -121,17 +121,6 @@ LOOKUP_KEYS = ("AGISTATUS", "NPL_ERR", "NPL_MCCMNC", "NPL_NETWORK", "NPL_NUMBER"
 LOOKUP_KEYS += ("NPL_COUNTRY", "NPL_SOURCE")
 
 
-def routes_for_test(text: str, drop: str) -> str:
-    """npl-routes.conf with Local channels for PJSIP and without the route for ``drop``."""
-    routes = {r.mccmnc: r for r in parse_routes(text)}
-    lines = text.replace("Dial(PJSIP/", "Dial(Local/").splitlines()
-    start = routes[drop].line - 2  # the comment naming the network, just above
-    end = routes[drop].line
-    while end < len(lines) and lines[end].strip().startswith("same"):
-        end += 1
-    return "\n".join(lines[:start] + lines[end:]) + "\n"
-
-
 def numbers_on(mccmnc: str, count: int, start: int = 0) -> list[str]:
     """Dialled UK mobile numbers (0778845NNNN, NNNN from ``start``) the simulator puts on ``mccmnc``."""
     cfg = NumberConfig(country_code="44")
@@ -226,7 +215,7 @@ def pbx(tmp_path_factory) -> Iterator[Pbx]:
         results = root / "results.txt"
         results.touch()
         routes = asterisk.write_config(
-            "npl-routes-test.conf", routes_for_test((DIALPLAN / "npl-routes.conf").read_text(), UNROUTED)
+            "npl-routes-test.conf", local_routes((DIALPLAN / "npl-routes.conf").read_text(), UNROUTED)
         )
         asterisk.write_config(
             "extensions.conf",
