@@ -25,7 +25,7 @@ from .harness import AGI_SCRIPT, BASELINE_SCRIPT, PORTED, ROOT, BenchError, log,
 from .report import Report
 
 sys.path.insert(0, str(ROOT / "tests"))
-from asterisk_fixture import DIALPLAN, Asterisk, find_asterisk, local_routes, wait_for
+from asterisk_fixture import DIALPLAN, Asterisk, extensions_conf, find_asterisk, local_routes, wait_for
 
 SECTION = "asterisk"
 TITLE = "6. Real Asterisk 22: call setup through the shipped dialplan (Local channels, cache hits)"
@@ -37,14 +37,7 @@ VARIANTS = {  # name -> (npl-lookup.conf as run, the trunk a call to PORTED must
     "baseline script": (lambda text: text.replace(AGI_LINE, AGI_LINE.replace("npl-lookup.agi", "baseline.agi")),
                         "trunk-vodafone"),
 }  # fmt: skip
-EXTENSIONS = """\
-[general]
-static = yes
-writeprotect = yes
-
-[globals]
-NPL_ONNET_MCCMNC=23415
-
+CONTEXTS = """\
 [caller]
 exten => s,1,Wait(5)
  same => n,Hangup()
@@ -140,15 +133,13 @@ def run(settings, report: Report) -> None:
         lookup_conf = asterisk.etc / "npl-lookup-variant.conf"
         pbx = Pbx(asterisk, results, lookup_conf)
         lookup_conf.write_text((DIALPLAN / "npl-lookup.conf").read_text())  # until a variant is chosen
-        asterisk.write_config(
-            "extensions.conf",
-            EXTENSIONS.format(
-                trunks="\n".join(TRUNK.format(name=t, results=results) for t in trunks),
-                lookup=lookup_conf,
-                dialplan=DIALPLAN,
-                routes=routes,
-            ),
+        contexts = CONTEXTS.format(
+            trunks="\n".join(TRUNK.format(name=t, results=results) for t in trunks),
+            lookup=lookup_conf,
+            dialplan=DIALPLAN,
+            routes=routes,
         )
+        asterisk.write_config("extensions.conf", extensions_conf(contexts, NPL_ONNET_MCCMNC="23415"))
         try:
             asterisk.start()
             for variant, (_, trunk) in VARIANTS.items():

@@ -75,6 +75,12 @@ def local_routes(text: str, drop: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def extensions_conf(contexts: str, **variables: str) -> str:
+    """An extensions.conf for a PBX under test: static, write-protected, these globals, ``contexts``."""
+    globals_ = "".join(f"{name}={value}\n" for name, value in variables.items())
+    return f"[general]\nstatic = yes\nwriteprotect = yes\n\n[globals]\n{globals_}\n{contexts}"
+
+
 def wait_for(probe: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
     """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout`` s
     (a callable ``what`` is asked only then, e.g. for the log lines at the time of failure)."""
