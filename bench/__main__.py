@@ -75,13 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         log(f"{name} ...")
+        began = time.monotonic()
         section.run(settings, report)
+        report.seconds[name] = round(time.monotonic() - began, 1)
     titles = {name: s.TITLE for name, s in SECTIONS.items() if not args.only or name in args.only}
     m = report.machine
     quick = " (--quick)" if args.quick else ""
     print(f"npl-agi benchmarks{quick}: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}")
     print(report.table(titles))
-    print(f"whole run: {time.monotonic() - started:.0f} s")
+    each = ", ".join(f"{name} {s:.0f} s" for name, s in report.seconds.items())
+    print(f"whole run: {time.monotonic() - started:.0f} s ({each})")
     if args.json:
         report.write_json(args.json)
     return 0

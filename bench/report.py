@@ -60,6 +60,7 @@ class Report:
     targets: list[Target] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     machine: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # each section's duration
 
     def add(self, section: str, label: str, unit: str, samples: list[float], **kw) -> Figure:
         figure = Figure(section, label, unit, [float(s) for s in samples], **kw)
@@ -106,6 +107,7 @@ class Report:
                     "figures": [fig.as_dict() for fig in self.figures],
                     "targets": [t.__dict__ for t in self.targets],
                     "skipped": self.skipped,
+                    "seconds": self.seconds,
                 },
                 f,
                 indent=1,
