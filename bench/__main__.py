@@ -25,7 +25,7 @@ class Settings:
     bursts: tuple[int, ...] = (20, 50)
     burst_runs: int = 3
     bulk_sizes: tuple[int, ...] = (100_000, 1_000_000)
-    raw_numbers: int = 200_000  # numbers a do-nothing client reads to find the simulator's rate
+    raw_numbers: int = 100_000  # numbers a do-nothing client reads to find the simulator's rate
     calls: int = 20_000  # the credits replay: calls over distinct numbers
     numbers: int = 4_000
     pbx_calls: int = 30  # one at a time, for call-setup latency

@@ -63,6 +63,8 @@ def install_script(source: Path, target: Path) -> None:
 
 
 class Pbx:
+    """The running Asterisk, the file its trunks write arrivals to, and the variant in use."""
+
     def __init__(self, asterisk: Asterisk, results: Path, lookup_conf: Path) -> None:
         self.asterisk = asterisk
         self.results = results
@@ -79,8 +81,10 @@ class Pbx:
             raise BenchError(f"dialplan reload: {out}")
 
     def arrivals(self) -> dict[str, tuple[float, str]]:
+        """Token -> (time, trunk) of every call that reached a trunk; a line still being written
+        (no newline yet) is left for the next look."""
         found = {}
-        for line in self.results.read_text().splitlines():
+        for line in self.results.read_text().split("\n")[:-1]:
             token, when, trunk = line.split("|")
             found[token] = (float(when), trunk)
         return found
