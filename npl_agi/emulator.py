@@ -203,8 +203,10 @@ class AgiEmulator:
 
     def _converse(self, proc, env_block, respond, sighup_after, deadline, run) -> None:
         header = "".join(f"{k}: {v}\n" for k, v in env_block.items()) + "\n"
-        proc.stdin.write(header.encode("utf-8", "surrogateescape"))
-        proc.stdin.flush()
+        # A script may end without reading its environment (Asterisk shrugs that off too).
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(header.encode("utf-8", "surrogateescape"))
+            proc.stdin.flush()
         sighup_at = time.monotonic() + sighup_after if sighup_after is not None else None
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)

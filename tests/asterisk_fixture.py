@@ -61,6 +61,26 @@ def parse_routes(text: str, context: str = "npl-routes") -> list[Route]:
     return routes
 
 
+def local_routes(text: str, drop: str | None = None) -> str:
+    """npl-routes.conf with Local channels for PJSIP (trunks become contexts), and without the
+    route for ``drop`` when one is given."""
+    lines = text.replace("Dial(PJSIP/", "Dial(Local/").splitlines()
+    if drop is not None:
+        route = {r.mccmnc: r for r in parse_routes(text)}[drop]
+        start = route.line - 2  # the comment naming the network, just above
+        end = route.line
+        while end < len(lines) and lines[end].strip().startswith("same"):
+            end += 1
+        lines = lines[:start] + lines[end:]
+    return "\n".join(lines) + "\n"
+
+
+def extensions_conf(contexts: str, **variables: str) -> str:
+    """An extensions.conf for a PBX under test: static, write-protected, these globals, ``contexts``."""
+    globals_ = "".join(f"{name}={value}\n" for name, value in variables.items())
+    return f"[general]\nstatic = yes\nwriteprotect = yes\n\n[globals]\n{globals_}\n{contexts}"
+
+
 def wait_for(probe: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
     """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout`` s
     (a callable ``what`` is asked only then, e.g. for the log lines at the time of failure)."""

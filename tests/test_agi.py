@@ -232,3 +232,10 @@ def test_timing_is_reported(agi):
     started = time.monotonic()
     run = agi.run(["07788450450"])
     assert int(run.variables["NPL_LOOKUP_MS"]) <= (time.monotonic() - started) * 1000
+
+
+def test_emulator_copes_with_a_script_that_never_reads_its_environment():
+    """A script that ends before reading the environment block (here larger than a pipe holds)."""
+    run = AgiEmulator("/bin/true", python=[]).run([], {"agi_padding": "x" * 200_000})
+    assert run.returncode == 0
+    assert run.commands == []

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from asterisk_fixture import DIALPLAN, ROOT, Asterisk, find_asterisk, parse_routes, wait_for
+from asterisk_fixture import (
+    DIALPLAN,
+    ROOT,
+    Asterisk,
+    extensions_conf,
+    find_asterisk,
+    local_routes,
+    wait_for,
+)
 from conftest import write_config
 
 from npl_agi.config import NumberConfig
@@ -46,14 +54,6 @@ UNROUTED = "23420"  # the test routes file leaves Three UK out: its calls must t
 DOWN = "23430"  # trunk-ee answers with congestion: EE calls must move on to the fallback
 
 EXTENSIONS = """\
-[general]
-static = yes
-writeprotect = yes
-
-[globals]
-NPL_ONNET_MCCMNC=23415
-NPL_TEST_RESULTS={results}
-
 ; The originating half of every test call: it stays up until the other half ends the call.
 [caller]
 exten => s,1,Wait(30)
@@ -119,17 +119,6 @@ RECORD = "|".join(
 )
 LOOKUP_KEYS = ("AGISTATUS", "NPL_ERR", "NPL_MCCMNC", "NPL_NETWORK", "NPL_NUMBER", "NPL_MCC", "NPL_MNC")
 LOOKUP_KEYS += ("NPL_COUNTRY", "NPL_SOURCE")
-
-
-def routes_for_test(text: str, drop: str) -> str:
-    """npl-routes.conf with Local channels for PJSIP and without the route for ``drop``."""
-    routes = {r.mccmnc: r for r in parse_routes(text)}
-    lines = text.replace("Dial(PJSIP/", "Dial(Local/").splitlines()
-    start = routes[drop].line - 2  # the comment naming the network, just above
-    end = routes[drop].line
-    while end < len(lines) and lines[end].strip().startswith("same"):
-        end += 1
-    return "\n".join(lines[:start] + lines[end:]) + "\n"
 
 
 def numbers_on(mccmnc: str, count: int, start: int = 0) -> list[str]:
@@ -229,11 +218,11 @@ def pbx(tmp_path_factory) -> Iterator[Pbx]:
         results = root / "results.txt"
         results.touch()
         routes = asterisk.write_config(
-            "npl-routes-test.conf", routes_for_test((DIALPLAN / "npl-routes.conf").read_text(), UNROUTED)
+            "npl-routes-test.conf", local_routes((DIALPLAN / "npl-routes.conf").read_text(), UNROUTED)
         )
+        contexts = EXTENSIONS.format(dialplan=DIALPLAN, routes=routes, record=RECORD)
         asterisk.write_config(
-            "extensions.conf",
-            EXTENSIONS.format(results=results, dialplan=DIALPLAN, routes=routes, record=RECORD),
+            "extensions.conf", extensions_conf(contexts, NPL_ONNET_MCCMNC="23415", NPL_TEST_RESULTS=str(results))
         )
         asterisk.cdr_custom(CDR_FIELDS)
         try:

@@ -1,0 +1,94 @@
+"""``python -m bench``: every benchmark, one table. Run from the repository root."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+from . import bulk, burst, credit, pbx, process
+from .harness import log
+from .report import Report
+
+SECTIONS = {m.SECTION: m for m in (process, burst, bulk, credit, pbx)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much of everything: the full suite (under 5 minutes on 2 cores) or a smoke run."""
+
+    runs: int = 30  # timed runs per process-AGI case
+    memory_runs: int = 3
+    bursts: tuple[int, ...] = (20, 50)
+    burst_runs: int = 3
+    bulk_sizes: tuple[int, ...] = (100_000, 1_000_000)
+    raw_numbers: int = 100_000  # numbers a do-nothing client reads to find the simulator's rate
+    calls: int = 20_000  # the credits replay: calls over distinct numbers
+    numbers: int = 4_000
+    pbx_calls: int = 30  # one at a time, for call-setup latency
+    pbx_burst: int = 40  # at once, for calls/s
+
+
+QUICK = Settings(
+    runs=3,
+    memory_runs=1,
+    bursts=(10,),
+    burst_runs=1,
+    bulk_sizes=(2_000, 20_000),
+    raw_numbers=20_000,
+    calls=1_000,
+    numbers=200,
+    pbx_calls=3,
+    pbx_burst=5,
+)
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"nproc": str(os.cpu_count()), "cpu": cpu or platform.processor(), "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="npl-agi's benchmarks against the bundled simulator on 127.0.0.1, side by side with "
+        "the naive script an admin would write (bench/baseline_agi.py). Prints one table: each figure's "
+        "median (and p99 for latencies) and its ratio to the reference measured in the same run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few repetitions, small files")
+    parser.add_argument("--json", metavar="F", help="also write every figure's raw samples to F")
+    parser.add_argument("--only", choices=list(SECTIONS), action="append", metavar="SECTION",
+                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}")  # fmt: skip
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else Settings()
+    report = Report(machine=machine())
+    started = time.monotonic()
+    for name, section in SECTIONS.items():
+        if args.only and name not in args.only:
+            continue
+        log(f"{name} ...")
+        began = time.monotonic()
+        section.run(settings, report)
+        report.seconds[name] = round(time.monotonic() - began, 1)
+    titles = {name: s.TITLE for name, s in SECTIONS.items() if not args.only or name in args.only}
+    m = report.machine
+    quick = " (--quick)" if args.quick else ""
+    print(f"npl-agi benchmarks{quick}: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}")
+    print(report.table(titles))
+    each = ", ".join(f"{name} {s:.0f} s" for name, s in report.seconds.items())
+    print(f"whole run: {time.monotonic() - started:.0f} s ({each})")
+    if args.json:
+        report.write_json(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
