@@ -309,9 +309,10 @@ def test_check_ok_spends_no_credit(secret_config, secret_sim, subprocess_env) ->
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     lines = done.stdout.splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("OK")
-    assert "alice" in lines[0]
+    assert len(lines) == 2
+    assert lines[0] == f"configuration: {secret_config} (--config)"
+    assert lines[1].startswith("OK")
+    assert "alice" in lines[1]
     stats = secret_sim.stats()
     assert stats["charged"] == []
     assert stats["credit"]["alice"] == 50
@@ -328,9 +329,26 @@ def test_check_refused(tmp_path, secret_sim, subprocess_env, user: str, password
     done = run(["check", "--config", str(cfg)], subprocess_env)
     assert done.returncode == 1
     assert reason in one_stderr_line(done)
-    assert done.stdout == ""
+    assert done.stdout == f"configuration: {cfg} (--config)\n"
     assert password not in done.stdout + done.stderr
     assert secret_sim.stats()["charged"] == []
+
+
+def test_check_account_without_credit(tmp_path, sim, subprocess_env) -> None:
+    """What the README's table says: CREDIT, exit 1 (the simulator refuses even an empty query)."""
+    cfg = write_config(tmp_path / "c.conf", sim.url, user="nocredit", password="nocredit")
+    done = run(["check", "--config", str(cfg)], subprocess_env)
+    assert done.returncode == 1
+    assert one_stderr_line(done) == (
+        f"npl-agi: CREDIT: credentials accepted by {sim.url}, but the account has no credit: FAIL Insufficient credit"
+    )
+    assert sim.stats()["charged"] == []
+
+
+def test_check_names_the_configuration_it_read(tmp_path, secret_config, subprocess_env) -> None:
+    done = run(["check"], {**subprocess_env, ENV_VAR: str(secret_config)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"configuration: {secret_config} (${ENV_VAR})"
 
 
 def test_check_unreachable(tmp_path, subprocess_env) -> None:
@@ -422,9 +440,19 @@ def test_help(subprocess_env, command: list[str]) -> None:
 def test_version(subprocess_env) -> None:
     from npl_agi import __version__
 
-    done = run(["--version"], subprocess_env)
+    done = run(["--version"], {k: v for k, v in subprocess_env.items() if k != ENV_VAR})
     assert done.returncode == 0
-    assert done.stdout.strip() == f"npl-agi {__version__}"
+    version, configuration = done.stdout.splitlines()
+    assert version == f"npl-agi {__version__}"
+    assert configuration == "configuration: /etc/asterisk/npl-agi.conf (the default)"
+    for args, env, how in [
+        (["--config", "/x/given.conf", "--version"], {}, "--config"),
+        (["--version"], {ENV_VAR: "/x/env.conf"}, f"${ENV_VAR}"),
+    ]:
+        done = run(args, {**subprocess_env, **env})
+        assert done.returncode == 0, done.stderr
+        path = "/x/given.conf" if how == "--config" else "/x/env.conf"
+        assert done.stdout.splitlines()[1] == f"configuration: {path} ({how})"
 
 
 def test_no_command_is_a_usage_error(subprocess_env) -> None:
