@@ -21,7 +21,7 @@ ACTION=install
 PURGE=no
 DRY_RUN=no
 FASTAGI=no
-SNIPPETS="npl-lookup.conf npl-outbound.conf npl-routes.conf"
+SNIPPETS="npl-lookup.conf npl-outbound.conf npl-routes.conf npl-cdr-custom.conf"
 
 usage() {
     cat <<EOF
@@ -33,16 +33,27 @@ Installs npl-agi (number portability lookups for Asterisk) from this source tree
   AGI_DIR/npl-lookup.agi   the AGI script; its first line runs PREFIX/bin/python
   CONF_DIR/npl-lookup.conf, npl-outbound.conf, npl-routes.conf
                            dialplan snippets to #include from extensions.conf
-  CONF_DIR/npl-agi.conf    the configuration (from npl-agi.conf.sample), mode 0640, group
-                           asterisk when that group exists
-  $CACHE_DIR  the lookup cache, owned by the user asterisk when it exists
+  CONF_DIR/npl-cdr-custom.conf
+                           the npl_* CDR fields for cdr_custom (#include it in cdr_custom.conf)
+  CONF_DIR/npl-agi.conf    the configuration (from npl-agi.conf.sample, with the cache in
+                           CACHE_DIR), mode 0640, group asterisk when that group exists; its
+                           path is recorded in PREFIX, so the AGI script and the npl-agi
+                           command find it without \$NPL_AGI_CONFIG
+  CONF_DIR/npl-agi.installed
+                           checksums of the files as installed, so that a rerun (even after
+                           --uninstall) tells your edits from its own versions
+  CACHE_DIR                the lookup cache and the account lock file, setgid, mode 2770,
+                           owned by the user asterisk when it exists
 Rerunning upgrades the package and the AGI script. A configuration file or snippet that was
-edited since it was installed is kept; the new version is written beside it as FILE.new.
+edited since it was installed is kept; only when the shipped version changed is the new
+version written beside it as FILE.new.
 
 Options:
   --prefix DIR     virtual environment (default: $PREFIX)
   --agi-dir DIR    Asterisk's AGI directory, astagidir (default: $AGI_DIR)
   --conf-dir DIR   Asterisk's configuration directory (default: $CONF_DIR)
+  --cache-dir DIR  the lookup cache and lock directory, written into npl-agi.conf
+                   (default: $CACHE_DIR)
   --python PY      Python 3.11 or newer that creates the environment (default: $PYTHON)
   --destdir DIR    stage the installation under DIR: every path written is DIR followed by
                    its final path, e.g. DIR/etc/asterisk/npl-agi.conf. A path given that is
@@ -121,12 +132,12 @@ parse_args() {
     while [ $# -gt 0 ]; do
         opt=$1
         case $opt in
-        --prefix=* | --agi-dir=* | --conf-dir=* | --destdir=* | --python=*)
+        --prefix=* | --agi-dir=* | --conf-dir=* | --cache-dir=* | --destdir=* | --python=*)
             value=${opt#*=}
             opt=${opt%%=*}
             shift
             ;;
-        --prefix | --agi-dir | --conf-dir | --destdir | --python)
+        --prefix | --agi-dir | --conf-dir | --cache-dir | --destdir | --python)
             [ $# -ge 2 ] || usage_error "$opt needs a value"
             value=$2
             shift 2
@@ -162,6 +173,7 @@ parse_args() {
         --prefix) PREFIX=$(absolute "$value") ;;
         --agi-dir) AGI_DIR=$(absolute "$value") ;;
         --conf-dir) CONF_DIR=$(absolute "$value") ;;
+        --cache-dir) CACHE_DIR=$(absolute "$value") ;;
         --destdir) DESTDIR=$(absolute "$value") ;;
         --python) PYTHON=$value ;;
         esac
@@ -223,11 +235,28 @@ need_python() {
 }
 
 # Paths and the manifest: the checksum of every file as installed, so that a rerun can tell
-# an unedited old version (upgraded in place) from an edited one (kept).
+# an unedited old version (upgraded in place) from an edited one (kept), and a shipped version
+# that changed (written as FILE.new) from one that did not. It lives beside the configuration,
+# not in PREFIX, so that it outlasts --uninstall for as long as an edited file stays.
 setup_paths() {
     VENV=$(staged "$PREFIX")
-    MANIFEST=$VENV/share/npl-agi/manifest
+    MANIFEST=$(staged "$CONF_DIR")/npl-agi.installed
     AGI_DEST=$(staged "$AGI_DIR")/npl-lookup.agi
+    local old=$VENV/share/npl-agi/manifest # where versions before 0.2 kept it
+    if [ ! -f "$MANIFEST" ] && [ -f "$old" ] && [ "$DRY_RUN" = no ]; then
+        mkdir -p "$(dirname "$MANIFEST")"
+        cp -- "$old" "$MANIFEST"
+    fi
+}
+
+# Where an installed program finds a path: its staged place when the stage works where it is
+# (a --prefix under --destdir), else its final place.
+runtime_path() {
+    if [ "$VENV" = "$PREFIX" ]; then
+        staged "$1"
+    else
+        printf '%s\n' "$1"
+    fi
 }
 
 recorded_sum() {
@@ -239,12 +268,42 @@ record_sum() {
     [ "$DRY_RUN" = no ] || return 0
     mkdir -p "$(dirname "$MANIFEST")"
     {
-        if [ -f "$MANIFEST" ]; then
-            awk -F '\t' -v path="$1" '$2 != path' "$MANIFEST"
+        if [ -f "$MANIFEST" ]; then # in place, so that a rerun writes the same file
+            awk -F '\t' -v path="$1" -v sum="$2" '
+                $2 == path { print sum "\t" path; found = 1; next }
+                { print }
+                END { if (!found) print sum "\t" path }
+            ' "$MANIFEST"
+        else
+            printf '# npl-agi install.sh: checksums of the files it installed (keep this file)\n'
+            printf '%s\t%s\n' "$2" "$1"
         fi
-        printf '%s\t%s\n' "$2" "$1"
     } >"$MANIFEST.tmp"
     mv -f "$MANIFEST.tmp" "$MANIFEST"
+}
+
+# After --uninstall: keep the checksums of the files that stayed (edited), drop the rest, and
+# the manifest itself once nothing it lists is left.
+prune_manifest() {
+    local sum path kept=()
+    [ -f "$MANIFEST" ] || return 0
+    if [ "$PURGE" = no ]; then
+        while IFS=$'\t' read -r sum path; do
+            case $sum in '#'* | '') continue ;; esac
+            [ -e "$(staged "$path")" ] && kept+=("$sum"$'\t'"$path")
+        done <"$MANIFEST"
+    fi
+    if [ ${#kept[@]} -eq 0 ]; then
+        act rm -f -- "$MANIFEST"
+        did "removed $MANIFEST"
+    elif [ "$DRY_RUN" = no ]; then
+        {
+            printf '# npl-agi install.sh: checksums of the files it installed (keep this file)\n'
+            printf '%s\n' "${kept[@]}"
+        } >"$MANIFEST.tmp"
+        mv -f "$MANIFEST.tmp" "$MANIFEST"
+        say "kept the checksums of your edited files in $MANIFEST (a reinstall then writes no needless *.new)"
+    fi
 }
 
 put_file() { # SRC DEST MODE [GROUP]
@@ -277,11 +336,64 @@ install_conffile() { # SRC FINAL_PATH MODE [GROUP]
         record_sum "$final" "$new"
         did "updated $dest"
     elif [ -e "$dest.new" ] && [ "$(file_sum "$dest.new")" = "$new" ]; then
+        record_sum "$final" "$new"
         say "your edited $dest stays; the new version is in $dest.new"
+    elif [ "$recorded" = "$new" ]; then
+        say "your edited $dest stays (the shipped version has not changed)"
     else
         put_file "$src" "$dest.new" "$mode" "$group"
+        record_sum "$final" "$new" # offered once: no second .new after a merge
         say "your edited $dest stays; the new version goes to $dest.new: compare and merge"
     fi
+}
+
+# The example configuration as installed: the cache (and with it the lock file) in CACHE_DIR.
+render_config() { # OUT
+    CACHE_PATH=$(runtime_path "$CACHE_DIR")/cache.sqlite awk '
+        /^\[/ { section = $0 }
+        section == "[cache]" && /^path[ \t]*=/ { print "path = " ENVIRON["CACHE_PATH"]; next }
+        { print }
+    ' "$REPO_DIR/npl-agi.conf.sample" >"$1"
+}
+
+# Tell the installed programs where their configuration is: a file in the environment that
+# npl_agi.config reads when neither --config nor $NPL_AGI_CONFIG names one.
+record_config_path() {
+    local record=$VENV/share/npl-agi/config-path want
+    want=$(runtime_path "$CONF_DIR/npl-agi.conf")
+    if [ -f "$record" ] && [ "$(cat "$record")" = "$want" ]; then
+        say "unchanged $record"
+    elif [ "$DRY_RUN" = yes ]; then
+        say "would record $want in $record"
+    else
+        mkdir -p "$(dirname "$record")"
+        printf '%s\n' "$want" >"$record"
+        say "recorded $want in $record (read by npl-lookup.agi and npl-agi)"
+    fi
+}
+
+# The cache and lock directory: setgid and group-writable, so that what Asterisk and an admin
+# running npl-agi as root create there stays writable by both.
+make_cache_dir() {
+    local cache
+    cache=$(staged "$CACHE_DIR")
+    if [ -d "$cache" ]; then
+        say "unchanged $cache"
+    else
+        act mkdir -p "$cache"
+        did "created $cache"
+    fi
+    if is_root && id asterisk >/dev/null 2>&1; then
+        act chown asterisk:"$(id -gn asterisk)" "$cache"
+        # Files an older version (or a root lookup) left: Asterisk's group writes them too.
+        if [ -n "$(ls -A "$cache" 2>/dev/null)" ]; then
+            act chgrp -R -- "$(id -gn asterisk)" "$cache"
+            act chmod -R g+rw -- "$cache"
+        fi
+    elif [ -z "$DESTDIR" ]; then
+        say "no user asterisk: give $cache the group Asterisk runs as (chgrp); it is setgid, so its files follow"
+    fi
+    act chmod 2770 "$cache"
 }
 
 # A staged virtual environment for another final place: scripts must name the final paths.
@@ -327,7 +439,7 @@ asterisk_present() {
 }
 
 do_install() {
-    local group="" cache snippet src
+    local group="" snippet src config
     if [ ! -f "$REPO_DIR/pyproject.toml" ] || [ ! -d "$REPO_DIR/dialplan" ]; then
         die "$REPO_DIR is not the npl-agi source tree"
     fi
@@ -354,6 +466,7 @@ do_install() {
     act "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$REPO_DIR"
     did "installed the npl-agi package into $VENV"
     relocate_venv
+    record_config_path
 
     src=$VENV/bin/npl-lookup.agi
     act mkdir -p "$(dirname "$AGI_DEST")"
@@ -374,24 +487,15 @@ do_install() {
     if is_root && command -v getent >/dev/null 2>&1 && getent group asterisk >/dev/null; then
         group=asterisk
     fi
-    install_conffile "$REPO_DIR/npl-agi.conf.sample" "$CONF_DIR/npl-agi.conf" 0640 "$group"
+    config=$(mktemp)
+    render_config "$config"
+    install_conffile "$config" "$CONF_DIR/npl-agi.conf" 0640 "$group"
+    rm -f -- "$config"
     if [ -z "$group" ] && [ -z "$DESTDIR" ]; then
         say "no group asterisk: make $CONF_DIR/npl-agi.conf readable by the user Asterisk runs as"
     fi
 
-    cache=$(staged "$CACHE_DIR")
-    if [ -d "$cache" ]; then
-        say "unchanged $cache"
-    else
-        act mkdir -p "$cache"
-        did "created $cache"
-    fi
-    if is_root && id asterisk >/dev/null 2>&1; then
-        act chown asterisk: "$cache"
-        act chmod 0750 "$cache"
-    elif [ -z "$DESTDIR" ]; then
-        say "no user asterisk: make $cache writable by the user Asterisk runs as"
-    fi
+    make_cache_dir
 
     if [ "$DRY_RUN" = yes ]; then
         say "dry run: nothing was changed"
@@ -410,7 +514,9 @@ npl-agi: done. Next steps:
        #include npl-outbound.conf
        #include npl-routes.conf
      set your trunks in npl-routes.conf, then:  asterisk -rx 'dialplan reload'
-  3. Try a lookup as Asterisk would:  $PREFIX/bin/npl-agi lookup 07788450450
+  3. CDR fields: add  #include npl-cdr-custom.conf  at the end of $CONF_DIR/cdr_custom.conf
+     (and unanswered = yes in cdr.conf), then:  asterisk -rx 'module reload cdr_custom.so'
+  4. Try a lookup as Asterisk would:  $PREFIX/bin/npl-agi lookup 07788450450
 EOF
 }
 
@@ -434,7 +540,7 @@ remove_conffile() { # SRC FINAL_PATH
 }
 
 do_uninstall() {
-    local snippet cache
+    local snippet cache config
     setup_paths
     if [ -e "$AGI_DEST" ]; then
         if [ "$(file_sum "$AGI_DEST")" = "$(recorded_sum "$AGI_DIR/npl-lookup.agi")" ] ||
@@ -448,7 +554,11 @@ do_uninstall() {
     for snippet in $SNIPPETS; do
         remove_conffile "$REPO_DIR/dialplan/$snippet" "$CONF_DIR/$snippet"
     done
-    remove_conffile "$REPO_DIR/npl-agi.conf.sample" "$CONF_DIR/npl-agi.conf"
+    config=$(mktemp)
+    render_config "$config"
+    remove_conffile "$config" "$CONF_DIR/npl-agi.conf"
+    rm -f -- "$config"
+    prune_manifest
 
     cache=$(staged "$CACHE_DIR")
     if [ -d "$cache" ]; then

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
@@ -113,7 +113,7 @@ class Cache:
 
     def account_lock(self, api: ApiConfig) -> FileLock | RedisLock:
         """The lock that keeps the account to one connection across this cache's scope."""
-        return FileLock.for_account(api.lock_dir, api.url, api.user)
+        return FileLock.for_account(lock_directory(api, self.cfg), api.url, api.user)
 
     def _safely(self, what: str, work, fallback, *args):
         if self.broken:
@@ -155,6 +155,18 @@ class Cache:
         return iter(())
 
 
+def lock_directory(api: ApiConfig, cfg: CacheConfig) -> str:
+    """``[api] lock_dir``, else the cache's directory; made (like the cache's) when missing.
+
+    A directory of npl-agi's own that Asterisk and the admin share, not the system's /tmp.
+    A directory that cannot be made is left to the lock to report, as a config error.
+    """
+    path = api.lock_dir or os.path.dirname(os.path.abspath(cfg.path))
+    with suppress(OSError):
+        shared_directory(path)
+    return path
+
+
 def _short(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
 
@@ -185,8 +197,8 @@ class SqliteCache(Cache):
     def _conn(self, create: bool = True):
         """The open database; ``None`` if it does not exist and ``create`` is false.
 
-        Admin commands do not create it: a ``cache stats`` run as root before the first call
-        would leave a file the asterisk user cannot write.
+        Admin commands do not create it. When a lookup as root does, the file still belongs to
+        the directory's owner and group (see ``create_shared_file``), so Asterisk can write it.
         """
         if self._db is None:
             import sqlite3
@@ -194,9 +206,9 @@ class SqliteCache(Cache):
             path = self.cfg.path
             if not create and not os.path.exists(path):
                 return None
-            os.makedirs(os.path.dirname(path) or ".", mode=0o770, exist_ok=True)
+            shared_directory(os.path.dirname(path) or ".")
             if not os.path.exists(path):
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o660))
+                create_shared_file(path)
             db = sqlite3.connect(path, timeout=self._busy_timeout(), isolation_level=None)
             try:
                 if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -268,7 +280,9 @@ class SqliteCache(Cache):
         now = self.clock()
         counters = dict(db.execute("SELECT name, value FROM counters"))
         entries, oldest = db.execute("SELECT count(*), min(stored) FROM answers WHERE expires > ?", (now,)).fetchone()
-        return _stats(self.name, self.cfg.path, entries, oldest, counters)
+        path = self.cfg.path
+        sharer, unwritable = sharing_problems(os.path.dirname(path) or ".", [path, f"{path}-wal", f"{path}-shm"])
+        return {**_stats(self.name, path, entries, oldest, counters), "shared_with": sharer, "unwritable": unwritable}
 
     def purge(self, msisdns: list[str] | None = None) -> int:
         """Delete entries; the count is of live ones, as ``stats`` counts them."""
@@ -293,6 +307,107 @@ class SqliteCache(Cache):
             {**_answer(msisdn, mccmnc, msc, imsi, error).as_dict(), "stored": stored, "expires": expires}
             for msisdn, mccmnc, msc, imsi, error, stored, expires in rows
         )
+
+
+SHARED_DIR_MODE = 0o2770  # setgid: what is created inside takes the directory's group
+SHARED_FILE_MODE = 0o660
+ASTERISK_USER = "asterisk"
+
+
+def shared_directory(path: str) -> None:
+    """Make the directory of the cache or the lock, for every user of its group, whatever the umask.
+
+    Setgid, so files created in it get its group (Asterisk's, when install.sh made it). Made
+    by root, it takes the owner and group of its parent (e.g. /var/lib/asterisk).
+    """
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, SHARED_DIR_MODE)
+    except FileExistsError:
+        return
+    if os.geteuid() == 0:
+        above = os.stat(parent)
+        os.chown(path, above.st_uid, above.st_gid)
+    os.chmod(path, SHARED_DIR_MODE)  # mkdir's mode passed through the umask; chown cleared setgid
+
+
+def create_shared_file(path: str) -> None:
+    """Create an empty file mode 0660 whatever the umask; made by root, it gets the directory's
+    owner and group, so the Asterisk user can still write it."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, SHARED_FILE_MODE)
+    except FileExistsError:  # another process was first
+        return
+    try:
+        if os.geteuid() == 0:
+            above = os.stat(os.path.dirname(os.path.abspath(path)))
+            os.fchown(fd, above.st_uid, above.st_gid)
+        os.fchmod(fd, SHARED_FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def sharing_problems(directory: str, files: list[str]) -> tuple[str, list[str]]:
+    """Who must be able to write the cache, and what they could not write.
+
+    That is the user ``asterisk`` when it exists, else any member of the directory's group.
+    Each problem names the path, its owner, group and mode.
+    """
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwnam(ASTERISK_USER)
+    except KeyError:
+        user = None
+    try:
+        top = os.stat(directory)
+    except OSError as e:
+        return ASTERISK_USER, [f"{directory}: {e.strerror}"]
+    if user is not None:
+        sharer, uid = ASTERISK_USER, user.pw_uid
+        gids = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if ASTERISK_USER in g.gr_mem}
+    else:
+        sharer, uid, gids = f"group {_group_name(top.st_gid)}", -1, {top.st_gid}
+    if uid == 0:
+        return sharer, []
+    problems = []
+    for path, need in [(directory, 0o3), *((f, 0o2) for f in files)]:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_uid == uid:
+            bits = st.st_mode >> 6
+        elif st.st_gid in gids:
+            bits = st.st_mode >> 3
+        else:
+            bits = st.st_mode
+        if bits & need != need:
+            owner = f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"
+            problems.append(f"{path} ({owner} {st.st_mode & 0o7777:04o})")
+    return sharer, problems
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _stats(backend: str, where: str, entries: int, oldest: float | None, counters: dict) -> dict:
@@ -399,7 +514,7 @@ class RedisCache(Cache):
 
     def account_lock(self, api: ApiConfig) -> RedisLock:
         """The account lock in Redis, shared by every PBX using this Redis."""
-        return RedisLock(self, api)
+        return RedisLock(self, api._replace(lock_dir=lock_directory(api, self.cfg)))
 
     def _scan(self) -> Iterator[str]:
         return self.client().scan_iter(match=self.key("*"), count=1000)

@@ -7,15 +7,21 @@ stderr and an exit status (0 done, 1 the service or the network failed, 2 bad us
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import itertools
 import json
+import os
+import re
 import signal
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
 
 from . import __version__
-from .config import DEFAULT_PATH, ENV_VAR, load_config
-from .errors import CacheError, ConfigError, CreditError, NplError
+from .config import DEFAULT_PATH, ENV_VAR, load_config, locate_config
+from .errors import CacheError, ConfigError, CreditError, NplError, npl_err
 
 CSV_FIELDS = (
     "number",
@@ -32,6 +38,36 @@ CSV_FIELDS = (
     "source",
 )
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a Unix tool killed by SIGPIPE ends with
+MAX_LINE = 256  # characters of one line of --file; a longer line is a bad number, never held whole
+TRANSPORT_ERRORS = ("TIMEOUT", "UNREACHABLE", "PROTOCOL")  # NPL_ERR values that are our side's failure
+
+
+class UsageError(NplError):
+    """The command line asks for something that cannot be done (exit 2)."""
+
+
+class OutputError(UsageError):
+    """The ``--output`` file could not be written (a full disk): exit 2, the answers on stdout."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"npl-agi: {message} (see {self.prog} --help)\n")
+
+
+class ShowVersion(argparse.Action):
+    """``--version``: the version, and which configuration file a command would read."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        path, chosen_by = locate_config(getattr(namespace, "config", None))
+        print(f"npl-agi {__version__}\nconfiguration: {path} ({chosen_by})")
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args.config = getattr(args, "config", None)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print(f"npl-agi: {e}", file=sys.stderr)
         return EXIT_USAGE
     except NplError as e:
@@ -48,30 +84,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return EXIT_OK
+        # The reader went away (``| head``): stop quietly, as Unix tools do, and keep Python
+        # from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--config",
         metavar="FILE",
         default=argparse.SUPPRESS,  # so "npl-agi --config F lookup" and "npl-agi lookup --config F" both work
-        help=f"configuration file (default: ${ENV_VAR}, else {DEFAULT_PATH})",
+        help=f"configuration file (default: ${ENV_VAR}, else the one install.sh recorded, else {DEFAULT_PATH})",
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="npl-agi",
         description="Mobile number portability lookups for Asterisk.",
         epilog="Exit status: 0 done, 1 the service or the network failed (the reason on stderr), "
         "2 bad usage or configuration.",
         parents=[common],
     )
-    parser.add_argument("--version", action="version", version=f"npl-agi {__version__}")
+    parser.add_argument("--version", action=ShowVersion, help="show the version and the configuration file read")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("lookup", parents=[common], help="look numbers up and show their network now")
     p.add_argument("numbers", nargs="*", metavar="NUMBER", help="numbers, dialled or international")
-    p.add_argument("--file", metavar="F", help="read numbers from F, one per line ('-' for stdin)")
+    p.add_argument(
+        "--file", metavar="F", help="read numbers from F, one per line ('-' for stdin), batch_size at a time"
+    )
     p.add_argument("--output", metavar="F", help="write the answers to F as CSV")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     p.add_argument(
@@ -87,9 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("cache", parents=[common], help="show, purge or export the lookup cache")
-    p.add_argument("action", choices=("stats", "purge", "export"))
-    p.add_argument("numbers", nargs="*", metavar="NUMBER", help="with purge: only these numbers")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("stats", parents=[common], help="entries, hits, misses, credits saved, who can write it")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a = actions.add_parser("purge", parents=[common], help="empty the cache, or drop the numbers given")
+    a.add_argument("numbers", nargs="*", metavar="NUMBER", help="only these numbers")
+    a = actions.add_parser("export", parents=[common], help="write the live entries as CSV (or JSON)")
+    a.add_argument("--json", action="store_true", help="a JSON list instead of CSV")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("simulate", help="run the bundled simulator of the lookup service")
@@ -135,56 +180,131 @@ def _lookup_for(args):
 
 
 def cmd_lookup(args) -> int:
-    numbers = list(args.numbers)
-    if args.file:
-        numbers += read_numbers(args.file)
-    if not numbers:
-        raise ConfigError("no numbers given (NUMBER arguments or --file)")
+    """Numbers from the arguments, then from ``--file``, looked up ``batch_size`` at a time.
+
+    Each chunk's answers are written out before the next chunk is read, so a file of any size
+    runs in little memory. The first request that fails as a whole stops the run.
+    """
+    if not args.numbers and not args.file:
+        raise UsageError("no numbers given (NUMBER arguments or --file)")
     lookup = _lookup_for(args)
-    timeout = args.timeout
-    if timeout is None:
-        timeout = lookup.config.api.bulk_timeout if args.file else lookup.config.api.timeout
+    api = lookup.config.api
+    timeout = args.timeout or (api.bulk_timeout if args.file else api.timeout)
+    source = open_numbers(args.file) if args.file else None
     try:  # opened before any credit is spent
         output = open(args.output, "w", newline="", encoding="utf-8") if args.output else None  # noqa: SIM115
     except OSError as e:
-        raise ConfigError(f"{args.output}: cannot write: {e.strerror}") from None
+        raise UsageError(f"{args.output}: cannot write: {e.strerror}") from None
+    out = AnswerWriter(sys.stdout, output, args.output, as_json=args.json)
     progress = Progress(sys.stderr) if args.file and sys.stderr.isatty() else None
+    failed: Counter[str] = Counter()
+    total = 0
     try:
-        answers = lookup.many(numbers, timeout, progress)
-        failure = None
-    except NplError as e:
-        if not hasattr(e, "answers"):
-            raise
-        answers, failure = e.answers, e
+        numbers = itertools.chain(args.numbers, read_numbers(source) if source else ())
+        for chunk in chunked(numbers, api.batch_size):
+            try:
+                answers = lookup.many(chunk, timeout, progress and progress.at(total))
+            except NplError as e:
+                if not hasattr(e, "answers"):
+                    raise
+                out.write(e.answers)
+                raise
+            out.write(answers)
+            total += len(answers)
+            failed.update(err for a in answers if (err := npl_err(a.error)) in TRANSPORT_ERRORS)
     finally:
         if progress:
             progress.done()
-    if output:
-        with output:
-            write_csv(output, answers)
-    show_answers(args, answers)
-    if failure is not None:
-        raise failure
+        if source is not None:
+            source.close()
+        out.close()
+    if failed:
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(failed.items()))
+        print(f"npl-agi: {failed.total()} of {total} numbers failed ({counts})", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
-def show_answers(args, answers) -> None:
-    """Print the answers on stdout: lines, or JSON with ``--json`` (none with only ``--output``)."""
-    if args.json:
-        json.dump([answer_dict(a) for a in answers], sys.stdout, indent=1)
-        print()
-    elif not args.output:
-        for a in answers:
-            print(format_line(a))
+def chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
-def read_numbers(path: str) -> list[str]:
+def open_numbers(path: str):
+    """The ``--file`` as text, read as it is used; undecodable bytes become U+FFFD."""
+    import io
+
     try:
-        f = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+        if path == "-":
+            return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+        return open(path, encoding="utf-8", errors="replace")
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    with f:
-        return [s for line in f if (s := line.strip()) and not s.startswith("#")]
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def read_numbers(f) -> Iterator[str]:
+    """One number per line; blank lines and ``#`` comments skipped.
+
+    A line longer than ``MAX_LINE`` is skipped in pieces, never held whole, and stands as its
+    first characters and ``…`` (a bad number: it is reported, not echoed back).
+    """
+    while line := f.readline(MAX_LINE + 1):
+        if len(line) > MAX_LINE and not line.endswith("\n"):
+            while (rest := f.readline(65536)) and not rest.endswith("\n"):
+                pass
+            yield line[:24].strip() + "…"
+        elif (s := line.strip()) and not s.startswith("#"):
+            yield s
+
+
+class AnswerWriter:
+    """Answers as they come: lines or a JSON list on stdout, and the ``--output`` CSV file.
+
+    The CSV file is flushed after every chunk; when it fails (a full disk) that chunk's
+    answers are printed on stdout instead, so nothing paid for is lost, and the run stops.
+    """
+
+    def __init__(self, stdout, output, output_name: str | None, *, as_json: bool) -> None:
+        self.stdout = stdout
+        self.output = output
+        self.output_name = output_name
+        self.as_json = as_json
+        self.csv = csv.DictWriter(output, fieldnames=CSV_FIELDS) if output else None
+        self.json_items = 0
+        if self.csv:
+            self.csv.writeheader()
+
+    def write(self, answers) -> None:
+        lost = None
+        if self.csv:
+            try:
+                self.csv.writerows(csv_row(answer_dict(a)) for a in answers)
+                self.output.flush()
+            except OSError as e:
+                lost = e
+                self.csv = None
+        if self.as_json:
+            for a in answers:
+                item = json.dumps(answer_dict(a), indent=1).replace("\n", "\n ")
+                self.stdout.write(("[\n " if not self.json_items else ",\n ") + item)
+                self.json_items += 1
+        elif not self.output or lost:
+            for a in answers:
+                self.stdout.write(format_line(a) + "\n")
+        self.stdout.flush()  # a reader of a pipe sees each request's answers as they come
+        if lost:
+            raise OutputError(
+                f"{self.output_name}: cannot write: {lost.strerror}; the answers of the last request are "
+                "printed instead, and every answer received is cached"
+            )
+
+    def close(self) -> None:
+        if self.as_json:
+            self.stdout.write("\n]\n" if self.json_items else "[]\n")
+        if self.output:
+            with contextlib.suppress(OSError):  # what could not be written was reported by write()
+                self.output.close()
 
 
 def answer_dict(a) -> dict[str, str]:
@@ -193,11 +313,22 @@ def answer_dict(a) -> dict[str, str]:
     return {k: d[k] for k in CSV_FIELDS}
 
 
-def write_csv(f, answers) -> None:
-    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-    w.writeheader()
-    for a in answers:
-        w.writerow(answer_dict(a))
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9][0-9 ]*")
+
+
+def csv_cell(value):
+    """A cell a spreadsheet will not run as a formula (OWASP's CSV injection advice).
+
+    A text starting with ``=``, ``+``, ``-``, ``@``, tab or CR gets a leading ``'``, unless
+    it is a plain phone number such as ``+44 7788 450450``. Only the CSV cell changes.
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def csv_row(row: dict) -> dict:
+    return {k: csv_cell(v) for k, v in row.items()}
 
 
 def format_line(a) -> str:
@@ -211,25 +342,30 @@ def format_line(a) -> str:
 
 
 class Progress:
-    """A one-line progress counter on a terminal."""
+    """A one-line progress counter on a terminal (a streamed file has no known total)."""
 
     def __init__(self, stream) -> None:
         self.stream = stream
         self.started = time.monotonic()
 
-    def __call__(self, done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        bar = "#" * (pct // 5)
-        self.stream.write(f"\r[{bar:<20}] {done}/{total} numbers, {time.monotonic() - self.started:.0f} s")
-        self.stream.flush()
+    def at(self, before: int):
+        """The progress callback of one chunk, which starts after ``before`` numbers."""
+
+        def show(done: int, total: int) -> None:
+            self.stream.write(f"\r{before + done} numbers, {time.monotonic() - self.started:.0f} s")
+            self.stream.flush()
+
+        return show
 
     def done(self) -> None:
         self.stream.write("\n")
 
 
 def cmd_check(args) -> int:
+    path, chosen_by = locate_config(args.config)
     lookup = _lookup_for(args)
     api = lookup.config.api
+    print(f"configuration: {path} ({chosen_by})", flush=True)
     try:  # the lookup path's client: same credentials check, same account lock
         line = lookup.client.check(args.timeout)
     except CreditError as e:
@@ -244,30 +380,64 @@ def cmd_check(args) -> int:
 
 def cmd_cache(args) -> int:
     from .cache import open_cache
-    from .number import normalise, validate
 
     config = load_config(args.config)
     cache = open_cache(config)
     try:
         if args.action == "purge":
-            anything = config.number._replace(lookup_types=("any",))
-            msisdns = [validate(normalise(n, anything), anything) for n in args.numbers] if args.numbers else None
-            print(f"purged {cache.purge(msisdns)} entries")
+            print(f"purged {cache.purge(purge_msisdns(args.numbers, config))} entries")
         elif args.action == "stats":
             stats = cache.stats()
             print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
-        elif args.json:
-            print(json.dumps(list(cache.export()), indent=1))
         else:
-            rows = cache.export()  # fails here, before the header, if the cache is broken
-            w = csv.DictWriter(sys.stdout, fieldnames=[*CSV_FIELDS[1:], "stored", "expires"], extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    except NplError:
+            export(cache, config, as_json=args.json)
+    except (NplError, BrokenPipeError):
         raise
     except Exception as e:
         raise CacheError(f"cache {args.action} failed ({cache.name}): {e.__class__.__name__}: {e}") from None
     return EXIT_OK
+
+
+def purge_msisdns(numbers: list[str], config) -> list[str] | None:
+    """The international numbers to purge (None: all); a number that is none is a usage error."""
+    from .number import normalise, validate
+
+    if not numbers:
+        return None
+    anything = config.number._replace(lookup_types=("any",))
+    msisdns = []
+    for n in numbers:
+        try:
+            msisdns.append(validate(normalise(n, anything), anything))
+        except NplError as e:
+            raise UsageError(f"cache purge: {n!r} is not a number: {e}") from None
+    return msisdns
+
+
+def export(cache, config, *, as_json: bool) -> None:
+    """The live entries with their network names, times in ISO 8601 UTC."""
+    from .networks import Directory
+
+    rows = cache.export()  # fails here, before the header, if the cache is broken
+    directory = Directory.load(config.networks)
+
+    def described(row: dict) -> dict:
+        if row["mccmnc"]:
+            row["country"], row["network"] = directory.describe(row["mccmnc"])
+        return {**row, "stored": iso_utc(row["stored"]), "expires": iso_utc(row["expires"])}
+
+    if as_json:
+        print(json.dumps([described(r) for r in rows], indent=1))
+        return
+    w = csv.DictWriter(sys.stdout, fieldnames=[*CSV_FIELDS[1:], "stored", "expires"], extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow(csv_row(described(row)))
+
+
+def iso_utc(t: float) -> str:
+    """``2026-11-25T10:04:05Z``"""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def format_stats(s: dict) -> str:
@@ -276,16 +446,20 @@ def format_stats(s: dict) -> str:
 
     if s["backend"] == "none":
         return "cache: none (backend = none)"
-    return "\n".join(
-        [
-            f"cache:         {s['backend']} ({s['location']})",
-            f"entries:       {s['entries']}",
-            f"oldest entry:  {when(s['oldest'])}",
-            f"counting since {when(s['since'])}",
-            f"hits / misses: {s['hits']} / {s['misses']} (hit ratio {s['hit_ratio']:.1%})",
-            f"credits saved: {s['credits_saved']}",
-        ]
-    )
+    lines = [
+        f"cache:         {s['backend']} ({s['location']})",
+        f"entries:       {s['entries']}",
+        f"oldest entry:  {when(s['oldest'])}",
+        f"counting since {when(s['since'])}",
+        f"hits / misses: {s['hits']} / {s['misses']} (hit ratio {s['hit_ratio']:.1%})",
+        f"credits saved: {s['credits_saved']}",
+    ]
+    if s.get("unwritable"):
+        lines.append(f"NOT WRITABLE by {s['shared_with']}: {', '.join(s['unwritable'])}")
+        lines.append("  (Asterisk's lookups then go uncached: fix the owner, group or mode)")
+    elif "shared_with" in s:
+        lines.append(f"writable by:   {s['shared_with']}")
+    return "\n".join(lines)
 
 
 def cmd_simulate(args) -> int:

@@ -10,12 +10,17 @@ import configparser
 import math
 import os
 import re
+import sys
 from collections import namedtuple
 
+from . import log
 from .errors import ConfigError
 from .protocol import MAX_NUMBERS
 
 DEFAULT_PATH = "/etc/asterisk/npl-agi.conf"
+# install.sh writes the path of the configuration it installed here, inside the environment
+# it made, so the installed script and command find a file installed with --conf-dir.
+INSTALLED_PATH_FILE = os.path.join(sys.prefix, "share", "npl-agi", "config-path")
 _INLINE_COMMENT = re.compile(r"\s[;#]")
 _URL = re.compile(r"(?i)https?://(?:[^/?#@]*@)?(\[[^\]/]+\]|[^/?#:\[\]]*)")
 ENV_VAR = "NPL_AGI_CONFIG"
@@ -135,8 +140,27 @@ class Config(
 
 
 def config_path(explicit: str | None = None) -> str:
-    """Where the configuration is read from: argument, then environment, then the default."""
-    return explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH
+    """Where the configuration is read from: argument, environment, installation, default."""
+    return locate_config(explicit)[0]
+
+
+def locate_config(explicit: str | None = None) -> tuple[str, str]:
+    """The configuration's path, and what chose it (for ``npl-agi --version`` and ``check``)."""
+    if explicit:
+        return explicit, "--config"
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR], f"${ENV_VAR}"
+    try:
+        with open(INSTALLED_PATH_FILE, encoding="utf-8") as f:
+            installed = f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        installed = ""
+    if installed:
+        return installed, f"recorded by install.sh in {INSTALLED_PATH_FILE}"
+    return DEFAULT_PATH, "the default"
+
+
+_warned_readable: set[str] = set()
 
 
 def load_config(path: str | None = None) -> Config:
@@ -147,6 +171,7 @@ def load_config(path: str | None = None) -> Config:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
             parser.read_file(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found (use --config or ${ENV_VAR})") from None
@@ -154,7 +179,11 @@ def load_config(path: str | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read configuration file: {e.__class__.__name__}") from None
     except configparser.Error as e:
         raise ConfigError(f"{path}: not a valid INI file: {str(e).splitlines()[0]}") from None
-    return parse_config(parser, path)
+    config = parse_config(parser, path)
+    if mode & 0o004 and config.api.password and path not in _warned_readable:
+        _warned_readable.add(path)  # once per process: a FastAGI server reads it more than once
+        log.warning("%s holds the account password and every user can read it: chmod o-rwx %s", path, path)
+    return config
 
 
 def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> Config:
@@ -215,6 +244,10 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         raise ConfigError(f"{path}: [api] url: must start with https:// or http://")
     if not url.group(1):
         raise ConfigError(f"{path}: [api] url: no host name in {api.url!r}")
+    if api.ca_file and not os.path.isfile(api.ca_file):
+        raise ConfigError(f"{path}: [api] ca_file: no such file: {api.ca_file!r}")
+    if api.ca_file and not os.access(api.ca_file, os.R_OK):
+        raise ConfigError(f"{path}: [api] ca_file: cannot be read: {api.ca_file!r}")
     if api.batch_size > MAX_NUMBERS:
         raise ConfigError(f"{path}: [api] batch_size: the service takes at most {MAX_NUMBERS} numbers a request")
     for key in ("country_code", "national_prefix", "international_prefix"):

@@ -187,6 +187,10 @@ class Simulator:
                 return protocol.FAIL_PASSWORD, [], None
             if account.locked:
                 return protocol.ACCOUNT_LOCKED, [], None
+            # An account with no credit at all is refused before its numbers are looked at,
+            # so even an empty query (npl-agi check) learns it.
+            if account.credit == 0:
+                return protocol.FAIL_CREDIT, [], None
             if not msisdns:
                 return protocol.FAIL_NO_NUMBERS, [], None
             if len(msisdns) > self.max_numbers:

@@ -202,11 +202,17 @@ verbose = 3
         path.write_text(text)
         return path
 
-    def cdr_custom(self, fields: list[str]) -> None:
-        """A legacy cdr_custom mapping (Asterisk 18 to 22) of standard and custom CDR fields."""
-        row = ",".join(f"${{CSV_QUOTE(${{CDR({f})}})}}" for f in fields)
-        self.write_config("cdr_custom.conf", f"[mappings]\n{self.cdr_file.name} => {row}\n")
-        self.cdr_fields = fields
+    def cdr_custom(self, snippet: Path) -> None:
+        """cdr_custom.conf as the README tells admins to write it: ``#include`` the shipped snippet.
+
+        The CSV columns are the snippet's ``fields``, without their ``(qualifiers)``.
+        """
+        text = snippet.read_text()
+        (section,) = re.findall(r"^\[([^\]]+)\]", text, flags=re.MULTILINE)
+        (fields,) = re.findall(r"^fields\s*=\s*(.*)$", text, flags=re.MULTILINE)
+        self.cdr_file = self.log / "cdr-custom" / section
+        self.cdr_fields = [re.sub(r"\(.*\)", "", f).strip() for f in fields.split(",")]
+        self.write_config("cdr_custom.conf", f"#include {snippet}\n")
 
     def start(self, timeout: float = 30.0) -> None:
         console = (self.log / "console.log").open("wb")

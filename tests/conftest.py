@@ -34,6 +34,7 @@ def write_config(path: Path, url: str, *, user: str = "demo", password: str = "d
         f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for section, keys in values.items()
     )
     path.write_text(text)
+    path.chmod(0o640)  # as installed: it holds the password (a world-readable one draws a warning)
     return path
 
 

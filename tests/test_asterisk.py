@@ -34,20 +34,7 @@ from npl_agi.config import NumberConfig
 from npl_agi.number import normalise, validate
 from npl_agi.simulator import Simulator, simulated_answer
 
-CDR_FIELDS = [
-    "accountcode",
-    "channel",
-    "dcontext",
-    "dst",
-    "dstchannel",
-    "lastapp",
-    "disposition",
-    "npl_mccmnc",
-    "npl_network",
-    "npl_err",
-    "npl_rate",
-    "npl_route",
-]
+CDR_SNIPPET = DIALPLAN / "npl-cdr-custom.conf"  # the shipped cdr_custom snippet, included as is
 LOOKUP_ERRORS = {"BADNUMBER", "NOTMOBILE", "TIMEOUT", "UNREACHABLE", "PROTOCOL", "AUTH", "CREDIT", "LOCKED"}
 LOOKUP_ERRORS |= {"CONFIG", "DISABLED", "AGIFAIL"} | {f"ERR{n}" for n in (1, 11, 13, 21, 29, 36, 77)}
 UNROUTED = "23420"  # the test routes file leaves Three UK out: its calls must take the fallback
@@ -100,6 +87,20 @@ exten => _X.,1,Gosub(npl-lookup,s,1(${{EXTEN}}))
 exten => _X.,1,Gosub(npl-lookup,s,1(07788450450))
  same => n,Gosub(npl-lookup,s,1(${{EXTEN}}))
  same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
+ same => n,Hangup()
+
+; The subroutine, then what AGISIGHUP is once it has returned (LOCAL: nothing is left set).
+[test-agisighup]
+exten => _X.,1,Gosub(npl-lookup,s,1(${{EXTEN}}))
+ same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|after|${{AGISIGHUP}}|${{NPL_MCCMNC}})
+ same => n,Hangup()
+
+; The outbound context's own guard: a failed lookup that still left a network behind.
+[test-outbound-guard]
+exten => _X.,1,Set(NPL_DIAL=${{EXTEN}})
+ same => n,Set(NPL_ERR=TIMEOUT)
+ same => n,Set(NPL_MCCMNC=23415)
+ same => n,Gosub(npl-outbound-call,s,price)
  same => n,Hangup()
 
 ; The AGI with no argument: the number comes from agi_extension.
@@ -224,7 +225,7 @@ def pbx(tmp_path_factory) -> Iterator[Pbx]:
         asterisk.write_config(
             "extensions.conf", extensions_conf(contexts, NPL_ONNET_MCCMNC="23415", NPL_TEST_RESULTS=str(results))
         )
-        asterisk.cdr_custom(CDR_FIELDS)
+        asterisk.cdr_custom(CDR_SNIPPET)
         try:
             asterisk.start()
             yield Pbx(asterisk, sim, results, stage, itertools.count(1))
@@ -442,3 +443,72 @@ def test_caller_hanging_up_during_a_slow_lookup_leaves_no_agi_process(pbx: Pbx, 
     )
     assert [(r["lastapp"], r["disposition"]) for r in outbound] == [("AGI", "NO ANSWER")]
     assert pbx.trunks(token) == []  # a call nobody waits for is not routed
+
+
+def test_cdr_snippet_writes_every_npl_field(pbx: Pbx) -> None:
+    """The shipped npl-cdr-custom.conf, #included in cdr_custom.conf, carries the npl_* fields."""
+    assert {"npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route"} <= set(pbx.asterisk.cdr_fields)
+    assert pbx.asterisk.cdr_file.name == "npl-cdr.csv"
+    dialled = number_on("23410")
+    _, (cdr,) = pbx.call(dialled)
+    assert {k: cdr[k] for k in cdr if k.startswith("npl_")} == {
+        "npl_mccmnc": "23410",
+        "npl_network": "O2 (UK)",
+        "npl_err": "",
+        "npl_rate": "offnet",
+        "npl_route": "23410",
+    }
+    assert cdr["start"] and cdr["end"] and cdr["uniqueid"]
+
+
+def test_lookup_that_sets_an_error_and_a_network_takes_the_fallback(pbx: Pbx) -> None:
+    """A lookup (here a stand-in script) that sets NPL_ERR and NPL_MCCMNC: the call is not routed by it."""
+    real = pbx.agi.read_bytes()
+    script = AGI_PRELUDE + (
+        "echo 'SET VARIABLE NPL_MCCMNC 23415'\nread -r reply\n"
+        "echo 'SET VARIABLE NPL_ERR TIMEOUT'\nread -r reply\nexit 0\n"
+    )
+    try:
+        pbx.agi.write_text(script)
+        token, cdrs = pbx.call("07788450450")
+    finally:
+        pbx.agi.write_bytes(real)
+    assert pbx.trunks(token) == [("trunk-default", "07788450450")]
+    assert [(c["npl_err"], c["npl_rate"], c["npl_route"]) for c in cdrs] == [("TIMEOUT", "unknown", "fallback")]
+
+
+def test_outbound_context_guards_on_npl_err_itself(pbx: Pbx) -> None:
+    """npl-outbound's own check, after the lookup: NPL_ERR set means the fallback, whatever NPL_MCCMNC says."""
+    token = pbx.token()
+    pbx.asterisk.originate("Local/07788450450@test-outbound-guard", token)
+    wait_for(lambda: pbx.trunks(token), 20, lambda: f"the trunk of the guarded call\n{pbx.asterisk.console_tail()}")
+    assert pbx.trunks(token) == [("trunk-default", "07788450450")]
+
+
+def test_agi_gets_no_sighup_when_the_caller_hangs_up(pbx: Pbx) -> None:
+    """AGISIGHUP=no in the Gosub: a caller hanging up at once does not kill the script by signal."""
+    real = pbx.agi.read_bytes()
+    script = (
+        "#!/bin/sh\ntoken=\n"
+        'while read -r line && [ -n "$line" ]; do\n'
+        "  case $line in agi_accountcode:*) token=${line#agi_accountcode: } ;; esac\n"
+        "done\n"
+        f"trap 'echo \"$token|signal|HUP\" >> {pbx.results}' HUP\n"
+        "i=0; while [ $i -lt 20 ]; do sleep 0.1; i=$((i + 1)); done\n"
+        f'echo "$token|signal|none" >> {pbx.results}\n'
+    )
+    token = pbx.token()
+    try:
+        pbx.agi.write_text(script)
+        pbx.asterisk.originate("Local/07788450450@test-agisighup", token, wait=1)  # the caller gives up at once
+        wait_for(lambda: [r for r in pbx.records(token) if r == ["signal", "none"]], 15, "the stand-in script to end")
+    finally:
+        pbx.agi.write_bytes(real)
+    assert [r for r in pbx.records(token) if r[0] == "signal"] == [["signal", "none"]]
+
+
+def test_agisighup_is_not_left_set_after_the_lookup(pbx: Pbx) -> None:
+    token = pbx.token()
+    pbx.asterisk.originate("Local/07788450450@test-agisighup", token)
+    (after,) = wait_for(lambda: [r for r in pbx.records(token) if r[0] == "after"], 20, "the record after the Gosub")
+    assert after == ["after", "", "23415"]

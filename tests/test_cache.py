@@ -794,3 +794,62 @@ def test_fallback_warnings_are_a_minute_apart_across_processes(tmp_path):
     assert record.add() is True
     count, last = record.read()
     assert count == 3 and last is not None
+
+
+# --- a cache and a lock directory every user of the group can share ---------------------------
+
+
+def test_cache_directory_and_files_are_shared_with_the_group_whatever_the_umask(tmp_path, sim):
+    """An admin's umask (077, 027) must not make a cache the asterisk user cannot write."""
+    cache_dir = tmp_path / "lib" / "npl-agi"
+    path = cache_dir / "cache.sqlite"
+    conf = configure(tmp_path, sim, {"backend": "sqlite", "path": str(path)})
+    old = os.umask(0o077)
+    try:
+        look = lookup(conf)
+        look.one(PORTED)
+        wal = [cache_dir / "cache.sqlite-wal", cache_dir / "cache.sqlite-shm"]
+        modes = {p.name: p.stat().st_mode & 0o7777 for p in (path, *wal)}  # while the connection is open
+    finally:
+        os.umask(old)
+    assert cache_dir.stat().st_mode & 0o7777 == 0o2770  # setgid: new files take the directory's group
+    assert modes == {"cache.sqlite": 0o660, "cache.sqlite-wal": 0o660, "cache.sqlite-shm": 0o660}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can create files for another owner")
+def test_cache_created_by_root_belongs_to_the_directory_s_owner_and_group(tmp_path, sim):
+    """``npl-agi lookup`` run as root first: the file is still the asterisk user's (here uid 4321)."""
+    cache_dir = tmp_path / "npl-agi"
+    cache_dir.mkdir()
+    os.chown(cache_dir, 4321, 4322)
+    cache_dir.chmod(0o770)  # not even setgid: root still gives the file the directory's group
+    path = cache_dir / "cache.sqlite"
+    conf = configure(tmp_path, sim, {"backend": "sqlite", "path": str(path)})
+    lookup(conf).one(PORTED)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4321, 4322, 0o660)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can create a directory for another owner")
+def test_cache_directory_created_by_root_takes_its_parent_s_owner_and_group(tmp_path, sim):
+    parent = tmp_path / "asterisk"
+    parent.mkdir()
+    os.chown(parent, 4321, 4322)
+    conf = configure(tmp_path, sim, {"backend": "sqlite", "path": str(parent / "npl-agi" / "cache.sqlite")})
+    lookup(conf).one(PORTED)
+    st = (parent / "npl-agi").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (4321, 4322, 0o2770)
+
+
+@pytest.mark.parametrize("cache_backend", ["sqlite", "none"])
+def test_lock_file_defaults_to_the_cache_directory(tmp_path, sim, cache_backend):
+    """Not the system's /tmp: the directory is made when missing, whatever the backend."""
+    cache_dir = tmp_path / "npl-agi"
+    cache = {"backend": cache_backend, "path": str(cache_dir / "cache.sqlite")}
+    conf = configure(tmp_path, sim, cache, api={"lock_dir": ""})
+    assert load_config(str(conf)).api.lock_dir == ""
+    answer = lookup(conf).one(PORTED)
+    assert answer.mccmnc == "23415", answer
+    locks = [p.name for p in cache_dir.iterdir() if p.name.endswith(".lock")]
+    assert len(locks) == 1 and locks[0].startswith("npl-agi-"), locks
+    assert cache_dir.stat().st_mode & 0o7777 == 0o2770

@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from conftest import write_config
 
 from npl_agi.config import load_config
 from npl_agi.lookup import Lookup
+from npl_agi.networks import Directory
 from npl_agi.simulator import Simulator
 
 pytest_plugins = ("redis_fixture",)
@@ -113,9 +117,20 @@ def check_export(rows: list[dict], before: float, after: float) -> None:
             assert row["mccmnc"] == want["mccmnc"]
         assert (row["mcc"], row["mnc"]) == (row["mccmnc"][:3], row["mccmnc"][3:])
         assert bool(row["msc"]) == bool(row["imsi"]) == (not want["error"])
-        stored, expires = float(row["stored"]), float(row["expires"])
+        if want["error"]:
+            assert row["network"] == row["country"] == ""
+        else:  # named from the network directory, as a lookup names it
+            assert (row["country"], row["network"]) == Directory.load().describe(row["mccmnc"])
+            assert row["country"] == "GB" and row["network"]
+        stored, expires = utc_seconds(row["stored"]), utc_seconds(row["expires"])
         assert before - 1 <= stored <= after + 1
         assert expires - stored == pytest.approx(want["ttl"], abs=2)
+
+
+def utc_seconds(text: str) -> float:
+    """ISO 8601 in UTC, to the second: 2026-11-25T10:04:05Z."""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", text), text
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def test_export_csv_and_json(filled, subprocess_env):
@@ -205,3 +220,49 @@ def test_stats_never_shows_the_redis_password(tmp_path, sim, subprocess_env):
     assert failed.returncode != 0
     for output in (text, as_json, failed.stdout, failed.stderr):
         assert "s3cret-Pa55" not in output
+
+
+def test_purge_of_something_that_is_not_a_number_is_a_usage_error(filled, subprocess_env):
+    conf, _, _ = filled
+    result = npl_agi(conf, "cache", "purge", PORTED, "notanumber", env=subprocess_env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "'notanumber'" in result.stderr
+    assert stats(conf, subprocess_env)["entries"] == 3  # nothing purged
+
+
+def test_export_into_a_pipe_closed_early_ends_quietly(tmp_path, sim, backend, subprocess_env):
+    """``npl-agi cache export | head -1``: no traceback, the status of a Unix tool stopped by SIGPIPE."""
+    conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache=backend)
+    Lookup(load_config(str(conf))).many([f"07400{n:06d}" for n in range(100000, 101000)])  # more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), "cache", "export"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env,
+    )
+    assert proc.stdout and proc.stderr
+    assert proc.stdout.readline().startswith(b"msisdn,")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 128 + 13  # 13: SIGPIPE
+    assert err == b""
+
+
+def test_stats_reports_a_cache_its_users_could_not_write(tmp_path, sim, subprocess_env):
+    """A file left 0640 by hand (or by an old version run as root): stats says so, and what."""
+    cache_dir = tmp_path / "npl-agi"
+    path = cache_dir / "cache.sqlite"
+    conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache={"backend": "sqlite", "path": str(path)})
+    Lookup(load_config(str(conf))).one(PORTED)
+    s = stats(conf, subprocess_env)
+    assert s["unwritable"] == [] and s["shared_with"]
+    assert f"writable by:   {s['shared_with']}" in ok(npl_agi(conf, "cache", "stats", env=subprocess_env))
+
+    path.chmod(0o640)
+    s = stats(conf, subprocess_env)
+    assert len(s["unwritable"]) == 1 and s["unwritable"][0].startswith(f"{path} (")
+    assert s["unwritable"][0].endswith(" 0640)")
+    text = ok(npl_agi(conf, "cache", "stats", env=subprocess_env))
+    assert f"NOT WRITABLE by {s['shared_with']}: {path} (" in text
+    assert os.stat(path).st_mode & 0o777 == 0o640  # reported, not changed

@@ -16,7 +16,7 @@ import pytest
 from npl_agi import protocol
 from npl_agi.client import Client
 from npl_agi.config import ENV_VAR, ApiConfig
-from npl_agi.simulator import Account, simulated_answer
+from npl_agi.simulator import Account, Simulator, simulated_answer
 from tests.conftest import write_config
 
 SECRET = "Zk9-pw-7f3Q-s3cret"  # a password no output has any other reason to contain
@@ -309,9 +309,10 @@ def test_check_ok_spends_no_credit(secret_config, secret_sim, subprocess_env) ->
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     lines = done.stdout.splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("OK")
-    assert "alice" in lines[0]
+    assert len(lines) == 2
+    assert lines[0] == f"configuration: {secret_config} (--config)"
+    assert lines[1].startswith("OK")
+    assert "alice" in lines[1]
     stats = secret_sim.stats()
     assert stats["charged"] == []
     assert stats["credit"]["alice"] == 50
@@ -328,9 +329,26 @@ def test_check_refused(tmp_path, secret_sim, subprocess_env, user: str, password
     done = run(["check", "--config", str(cfg)], subprocess_env)
     assert done.returncode == 1
     assert reason in one_stderr_line(done)
-    assert done.stdout == ""
+    assert done.stdout == f"configuration: {cfg} (--config)\n"
     assert password not in done.stdout + done.stderr
     assert secret_sim.stats()["charged"] == []
+
+
+def test_check_account_without_credit(tmp_path, sim, subprocess_env) -> None:
+    """What the README's table says: CREDIT, exit 1 (the simulator refuses even an empty query)."""
+    cfg = write_config(tmp_path / "c.conf", sim.url, user="nocredit", password="nocredit")
+    done = run(["check", "--config", str(cfg)], subprocess_env)
+    assert done.returncode == 1
+    assert one_stderr_line(done) == (
+        f"npl-agi: CREDIT: credentials accepted by {sim.url}, but the account has no credit: FAIL Insufficient credit"
+    )
+    assert sim.stats()["charged"] == []
+
+
+def test_check_names_the_configuration_it_read(tmp_path, secret_config, subprocess_env) -> None:
+    done = run(["check"], {**subprocess_env, ENV_VAR: str(secret_config)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"configuration: {secret_config} (${ENV_VAR})"
 
 
 def test_check_unreachable(tmp_path, subprocess_env) -> None:
@@ -422,9 +440,19 @@ def test_help(subprocess_env, command: list[str]) -> None:
 def test_version(subprocess_env) -> None:
     from npl_agi import __version__
 
-    done = run(["--version"], subprocess_env)
+    done = run(["--version"], {k: v for k, v in subprocess_env.items() if k != ENV_VAR})
     assert done.returncode == 0
-    assert done.stdout.strip() == f"npl-agi {__version__}"
+    version, configuration = done.stdout.splitlines()
+    assert version == f"npl-agi {__version__}"
+    assert configuration == "configuration: /etc/asterisk/npl-agi.conf (the default)"
+    for args, env, how in [
+        (["--config", "/x/given.conf", "--version"], {}, "--config"),
+        (["--version"], {ENV_VAR: "/x/env.conf"}, f"${ENV_VAR}"),
+    ]:
+        done = run(args, {**subprocess_env, **env})
+        assert done.returncode == 0, done.stderr
+        path = "/x/given.conf" if how == "--config" else "/x/env.conf"
+        assert done.stdout.splitlines()[1] == f"configuration: {path} ({how})"
 
 
 def test_no_command_is_a_usage_error(subprocess_env) -> None:
@@ -474,3 +502,162 @@ def test_simulate_rejects_unknown_fault(subprocess_env) -> None:
     done = run(["simulate", "--port", "0", "--fault", "sometimes"], subprocess_env)
     assert done.returncode == 2
     assert "--fault" in one_stderr_line(done)
+
+
+# -- lookup --file: streamed, bounded, honest about failures --
+
+
+def run_measured(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, int]:
+    """The command in a child that reports its own peak memory (KiB) on its last stderr line."""
+    probe = (
+        "import resource, sys\n"
+        "from npl_agi.cli import main\n"
+        "try:\n"
+        "    code = main(sys.argv[1:])\n"
+        "finally:\n"
+        "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=300)
+    *rest, last = done.stderr.splitlines() or [""]
+    assert last.startswith("maxrss "), done.stderr
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout, "".join(f"{r}\n" for r in rest)), int(
+        last.split()[1]
+    )
+
+
+def test_lookup_file_with_a_200_mb_line_neither_echoes_nor_holds_it(tmp_path, config_file, subprocess_env, sim):
+    numbers = tmp_path / "numbers.txt"
+    with numbers.open("wb") as f:
+        f.write(f"{PORTED}\n{UNKNOWN}\n07".encode())
+        block = b"7" * (1 << 20)
+        for _ in range(200):
+            f.write(block)  # 200 MB of one line, and no newline at the end
+    done, peak_kib = run_measured(["lookup", "--config", str(config_file), "--file", str(numbers)], subprocess_env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["447788450450", "447973100100"]
+    assert len(lines) == 3
+    assert lines[2].startswith("'0777777777777777777777") and " BADNUMBER " in lines[2]
+    assert len(done.stdout) < 1000
+    assert peak_kib < 100 * 1024  # far below the line's 200 MB
+    assert sim.stats()["charged"] == ["447788450450", "447973100100"]
+
+
+def test_lookup_file_is_answered_one_batch_at_a_time(tmp_path, sim, subprocess_env):
+    """With batch_size 2 the answers of the first two lines come out while stdin is still open."""
+    cfg = write_config(tmp_path / "c.conf", sim.url, api={"batch_size": "2"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "npl_agi.cli", "lookup", "--config", str(cfg), "--file", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env,
+    )
+    try:
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(f"{PORTED}\n{UNKNOWN}\n")
+        proc.stdin.flush()
+        first = [proc.stdout.readline(), proc.stdout.readline()]  # before any further input
+        assert [line.split()[0] for line in first] == ["447788450450", "447973100100"]
+        out, err = proc.communicate("07700 000013\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == "447700000013 ERR13 Call barred\n"
+    assert [r["numbers"] for r in sim.stats()["requests"]] == [["447788450450", "447973100100"], ["447700000013"]]
+
+
+def test_lookup_exits_1_when_a_number_failed_for_a_transport_reason(config_file, subprocess_env):
+    """A cut-short answer: the good line is kept and shown, the cut number is PROTOCOL, exit 1."""
+    done = run(
+        ["lookup", "--config", str(config_file), "--file", "-"], subprocess_env, stdin=f"{PORTED}\n07400999903\n"
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0].startswith("447788450450 23415 ")
+    assert done.stdout.splitlines()[1].startswith("447400999903 TRUNCATED ")
+    assert one_stderr_line(done) == "npl-agi: 1 of 2 numbers failed (PROTOCOL 1)"
+
+
+def test_lookup_exits_1_when_a_dripping_service_runs_out_of_time(tmp_path, subprocess_env):
+    with Simulator("127.0.0.1", 0, line_delay=0.5) as drip:
+        cfg = write_config(tmp_path / "c.conf", drip.url)
+        done = run(
+            ["lookup", "--config", str(cfg), "--timeout", "1", PORTED, "07400100001", "07400100002"], subprocess_env
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "TIMEOUT" in one_stderr_line(done)
+    assert "447400100002 TIMEOUT" in done.stdout
+
+
+HOSTILE_CELLS = ["=cmd|' /C calc'!A0", "@SUM(1+1)", "+1+cmd|' /C calc'!A0", "-2+3+cmd|' /C calc'!A0", "=1+2"]
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path, config_file, subprocess_env) -> None:
+    out = tmp_path / "answers.csv"
+    plain = ["+44 7788 450450", "07973100100"]
+    done = run(
+        ["lookup", "--config", str(config_file), "--file", "-", "--output", str(out)],
+        subprocess_env,
+        stdin="\n".join(HOSTILE_CELLS + plain) + "\n",
+    )
+    assert done.returncode == 0, done.stderr
+    with out.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["number"] for r in rows] == ["'" + c for c in HOSTILE_CELLS] + plain  # phone numbers stay as they are
+    for row in rows:
+        assert all(not v or v[0] not in "=+-@\t\r" or v in plain for v in row.values()), row
+
+
+def test_csv_cell_rules() -> None:
+    from npl_agi.cli import csv_cell
+
+    for cell in ("=A1", "@A1", "\t=A1", "\r=A1", "+A1", "-A1", "+44 (0)7788", "-2+3"):
+        assert csv_cell(cell) == "'" + cell
+    for cell in ("+447788450450", "+44 7788 450450", "-1", "447788450450", "Vodafone UK", "", "a=b"):
+        assert csv_cell(cell) == cell
+
+
+def test_lookup_output_to_a_full_disk(config_file, subprocess_env, sim) -> None:
+    """--output /dev/full: the answers are printed instead and cached, one line on stderr, exit 2."""
+    done = run(["lookup", "--config", str(config_file), "--output", "/dev/full", PORTED, UNKNOWN], subprocess_env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "/dev/full" in one_stderr_line(done) and "No space left" in done.stderr
+    assert [line.split()[:2] for line in done.stdout.splitlines()] == [
+        ["447788450450", "23415"],
+        ["447973100100", "ERR1"],
+    ]
+    again = run(["lookup", "--config", str(config_file), PORTED, UNKNOWN], subprocess_env)
+    assert again.returncode == 0
+    assert sim.stats()["charged"] == ["447788450450", "447973100100"]  # paid once: the answers were cached
+
+
+# -- usage errors: one line, exit 2 --
+
+USAGE_ERRORS = [
+    [],
+    ["frobnicate"],
+    ["lookup", "--bogus", PORTED],
+    ["lookup", "--timeout"],
+    ["cache"],
+    ["cache", "nonsense"],
+    ["cache", "stats", "extra"],
+    ["simulate", "--port", "eighty"],
+]
+
+
+@pytest.mark.parametrize("args", USAGE_ERRORS, ids=[" ".join(a) or "nothing" for a in USAGE_ERRORS])
+def test_usage_error_is_one_line(subprocess_env, args: list[str]) -> None:
+    done = run(args, subprocess_env)
+    assert done.returncode == 2
+    line = one_stderr_line(done)
+    assert line.startswith("npl-agi: ") and "--help" in line
+    assert done.stdout == ""
+
+
+def test_cache_without_an_action_names_only_the_action(subprocess_env) -> None:
+    line = one_stderr_line(run(["cache"], subprocess_env))
+    assert "ACTION" in line and "NUMBER" not in line

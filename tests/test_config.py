@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from npl_agi import log
 from npl_agi.config import (
     DEFAULT_PATH,
     ENV_VAR,
@@ -22,6 +23,7 @@ from npl_agi.config import (
     NumberConfig,
     config_path,
     load_config,
+    locate_config,
     parse_listen,
     require_credentials,
 )
@@ -66,6 +68,24 @@ def test_load_reads_argument_then_environment(tmp_path, monkeypatch) -> None:
     assert load_config(str(by_arg)).path == str(by_arg)
     assert load_config().api.user == "from-env"
     assert load_config().path == str(by_env)
+
+
+def test_path_recorded_by_the_installation(tmp_path, monkeypatch) -> None:
+    """install.sh records where it put the file: read after --config and the environment, before the default."""
+    installed = write(tmp_path, "[api]\nuser = installed\n", "installed.conf")
+    record = tmp_path / "share" / "npl-agi" / "config-path"
+    record.parent.mkdir(parents=True)
+    record.write_text(f"{installed}\n")
+    monkeypatch.setattr("npl_agi.config.INSTALLED_PATH_FILE", str(record))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert locate_config() == (str(installed), f"recorded by install.sh in {record}")
+    assert load_config().api.user == "installed"
+    monkeypatch.setenv(ENV_VAR, "/from/env.conf")
+    assert locate_config() == ("/from/env.conf", f"${ENV_VAR}")
+    assert locate_config("/from/arg.conf") == ("/from/arg.conf", "--config")
+    monkeypatch.delenv(ENV_VAR)
+    record.write_text("")
+    assert locate_config() == (DEFAULT_PATH, "the default")
 
 
 def test_load_falls_back_to_default_path(monkeypatch) -> None:
@@ -243,6 +263,8 @@ BAD = [
     ("bad-log-numbers", "[fastagi]\nlog_numbers = some\n", "[fastagi] log_numbers"),
     ("bad-breaker-failures", "[fastagi]\nbreaker_failures = 0\n", "[fastagi] breaker_failures"),
     ("bad-stale-ttl", "[cache]\nstale_ttl = soon\n", "[cache] stale_ttl"),
+    ("ca-file-missing", "[api]\nca_file = /nonexistent\n", "[api] ca_file"),
+    ("ca-file-a-directory", "[api]\nca_file = /\n", "[api] ca_file"),
 ]
 
 
@@ -279,6 +301,7 @@ COMMAND_CASES = [
         "bad-country-code",
         "bad-backend",
         "bad-networks-key-short",
+        "ca-file-missing",
     }
 ]
 
@@ -400,3 +423,32 @@ def test_fastagi_section(tmp_path) -> None:
         listen="[::1]:4574", batch_window=0.05, metrics_listen="", log_numbers="full"
     )
     assert parse_listen(config.fastagi.listen) == ("::1", 4574)
+
+
+# -- a password every user can read --
+
+
+def warnings_of(path: Path) -> list[str]:
+    seen: list[str] = []
+    log.set_sink(seen.append)
+    try:
+        load_config(str(path))
+        load_config(str(path))
+    finally:
+        log.set_sink(None)
+    return seen
+
+
+def test_world_readable_config_with_a_password_warns_once(tmp_path) -> None:
+    path = write(tmp_path, f"[api]\nuser = u\npassword = {SECRET}\n", "readable.conf")
+    path.chmod(0o644)
+    (warning,) = warnings_of(path)  # once per process, however often it is read
+    assert str(path) in warning and "chmod o-rwx" in warning
+    assert SECRET not in warning
+
+
+@pytest.mark.parametrize(("mode", "text"), [(0o640, f"[api]\npassword = {SECRET}\n"), (0o644, "[api]\nuser = u\n")])
+def test_no_warning_for_a_private_file_or_one_without_a_password(tmp_path, mode: int, text: str) -> None:
+    path = write(tmp_path, text, f"quiet-{mode:o}.conf")
+    path.chmod(mode)
+    assert warnings_of(path) == []

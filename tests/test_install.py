@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL_SH = ROOT / "install.sh"
-SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf")
+SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf", "npl-cdr-custom.conf")
+STAND_IN_UID = STAND_IN_GID = 4321  # the asterisk user and group, on a machine that has none
 AGI_REPLIES = "200 result=1\n" * 40
 
 
@@ -44,7 +46,8 @@ def ok(result: CompletedProcess[str]) -> str:
 
 @dataclass
 class Stage:
-    """An installation staged to work in place: ``--destdir D --prefix D/opt/npl-agi``."""
+    """An installation staged to work in place, in a PBX's own layout: ``--destdir D`` with
+    ``--prefix``, ``--conf-dir``, ``--agi-dir`` and ``--cache-dir`` all under D."""
 
     root: Path
     first_output: str
@@ -55,18 +58,28 @@ class Stage:
 
     @property
     def agi(self) -> Path:
-        return self.root / "var" / "lib" / "asterisk" / "agi-bin" / "npl-lookup.agi"
+        return self.root / "usr" / "share" / "pbx" / "agi-bin" / "npl-lookup.agi"
 
     @property
     def conf_dir(self) -> Path:
-        return self.root / "etc" / "asterisk"
+        return self.root / "etc" / "pbx"
 
     @property
     def cache_dir(self) -> Path:
-        return self.root / "var" / "lib" / "asterisk" / "npl-agi"
+        return self.root / "srv" / "npl-cache"
 
     def args(self) -> list[str]:
-        return ["--destdir", str(self.root), "--prefix", str(self.prefix), "--python", sys.executable]
+        return [
+            *("--destdir", str(self.root), "--prefix", str(self.prefix), "--python", sys.executable),
+            *("--conf-dir", str(self.conf_dir), "--agi-dir", str(self.agi.parent), "--cache-dir", str(self.cache_dir)),
+        ]
+
+    def installed_config(self) -> str:
+        """The example configuration as this stage installs it: the cache in its --cache-dir."""
+        sample = (ROOT / "npl-agi.conf.sample").read_text()
+        default = "path = /var/lib/asterisk/npl-agi/cache.sqlite\n"
+        assert sample.count(default) == 1
+        return sample.replace(default, f"path = {self.cache_dir / 'cache.sqlite'}\n")
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
@@ -130,12 +143,17 @@ def packager(tmp_path_factory) -> Iterator[Background]:
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, demo, packager) -> Stage:
-    """One in-place staged installation for the module."""
-    root = tmp_path_factory.mktemp("stage")
+def stage(demo, packager) -> Iterator[Stage]:
+    """One in-place staged installation for the module, in a directory every user can enter
+    (an unprivileged user runs its AGI script too)."""
+    root = Path(tempfile.mkdtemp(prefix="npl-agi-stage-"))
+    root.chmod(0o755)
     s = Stage(root, "")
-    s.first_output = ok(run_install(*s.args()))
-    return s
+    try:
+        s.first_output = ok(run_install(*s.args()))
+        yield s
+    finally:
+        shutil.rmtree(root)
 
 
 def test_help_and_bad_usage() -> None:
@@ -166,9 +184,10 @@ def test_stage_holds_every_file(stage: Stage) -> None:
     for name in SNIPPETS:
         assert (stage.conf_dir / name).read_bytes() == (ROOT / "dialplan" / name).read_bytes()
     config = stage.conf_dir / "npl-agi.conf"
-    assert config.read_bytes() == (ROOT / "npl-agi.conf.sample").read_bytes()
+    assert config.read_text() == stage.installed_config()
     assert config.stat().st_mode & 0o777 == 0o640  # it holds the account password
     assert stage.cache_dir.is_dir()
+    assert stage.cache_dir.stat().st_mode & 0o7777 == 0o2770  # setgid: its files take its group
     assert os.access(stage.agi, os.X_OK)
     assert (stage.prefix / "bin" / "npl-agi").exists()
     assert f"staged under {stage.root}" in stage.first_output
@@ -232,7 +251,8 @@ def test_rerun_changes_nothing(stage: Stage) -> None:
         assert f"npl-agi: unchanged {path}\n" in out
 
 
-def test_edited_config_and_routes_survive_a_rerun(stage: Stage) -> None:
+def test_edited_config_and_routes_survive_a_rerun(stage: Stage, tmp_path: Path) -> None:
+    """Edited files stay. FILE.new appears only when the shipped version changed, and once."""
     config = stage.conf_dir / "npl-agi.conf"
     routes = stage.conf_dir / "npl-routes.conf"
     pristine = {p: p.read_text() for p in (config, routes)}
@@ -247,19 +267,32 @@ def test_edited_config_and_routes_survive_a_rerun(stage: Stage) -> None:
         out = ok(run_install(*stage.args()))
         for path, text in edited.items():
             assert path.read_text() == text
+            assert not path.with_name(path.name + ".new").exists()
+            assert f"your edited {path} stays (the shipped version has not changed)\n" in out
+
+        # A newer version ships other routes and another sample: now each gets its .new.
+        newer = copy_source_tree(tmp_path / "newer")
+        for name in ("dialplan/npl-routes.conf", "npl-agi.conf.sample"):
+            (newer / name).write_text((newer / name).read_text() + "; changed in a newer version\n")
+        out = ok(run_install(*stage.args(), script=newer / "install.sh"))
+        for path, text in edited.items():
+            assert path.read_text() == text
             new = path.with_name(path.name + ".new")
-            assert new.read_text() == pristine[path]
-            assert f"{new}" in out
+            assert new.read_text().endswith("; changed in a newer version\n")
+            assert f"{new}: compare and merge" in out
         assert (stage.conf_dir / "npl-agi.conf.new").stat().st_mode & 0o777 == 0o640
-        # Unedited snippets are not touched, and a third run is as quiet as the second.
-        assert not (stage.conf_dir / "npl-lookup.conf.new").exists()
-        after_second = snapshot(stage.root)
-        ok(run_install(*stage.args()))
-        assert snapshot(stage.root) == after_second
+        assert not (stage.conf_dir / "npl-lookup.conf.new").exists()  # unedited snippets are not touched
+        # Merged by the admin and deleted: rerunning that version does not bring them back.
+        for path in edited:
+            path.with_name(path.name + ".new").unlink()
+        after = snapshot(stage.root)
+        ok(run_install(*stage.args(), script=newer / "install.sh"))
+        assert snapshot(stage.root) == after
     finally:
         for path, text in pristine.items():
             path.write_text(text)
             path.with_name(path.name + ".new").unlink(missing_ok=True)
+        ok(run_install(*stage.args()))  # this version again, for the tests that follow
 
 
 def test_dry_run_writes_nothing(stage: Stage, tmp_path: Path) -> None:
@@ -286,7 +319,21 @@ def test_machine_without_asterisk_is_told_and_still_gets_the_package(tmp_path: P
     )
     bin_dir = tmp_path / "bin"  # a PATH with the tools install.sh uses, and no asterisk
     bin_dir.mkdir()
-    for tool in ("bash", "id", "sha256sum", "cut", "awk", "dirname", "cmp", "ls", "getent", "head", "env"):
+    for tool in (
+        "bash",
+        "id",
+        "sha256sum",
+        "cut",
+        "awk",
+        "dirname",
+        "cmp",
+        "ls",
+        "getent",
+        "head",
+        "env",
+        "mktemp",
+        "rm",
+    ):
         if found := shutil.which(tool):
             (bin_dir / tool).symlink_to(found)
     result = subprocess.run(command, env={**env, "PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60)
@@ -334,11 +381,15 @@ def test_packager_stage_names_final_paths_and_uninstalls(packager: Background) -
     assert (root / "etc/asterisk/npl-agi.conf").exists()
     assert (root / "var/lib/asterisk/npl-agi").is_dir()
 
+    # The installed programs find the configuration at its final path, with no environment variable.
+    assert (root / "opt/npl-agi/share/npl-agi/config-path").read_text() == "/etc/asterisk/npl-agi.conf\n"
+    assert (root / "etc/asterisk/npl-agi.conf").read_bytes() == (packager.tree / "npl-agi.conf.sample").read_bytes()
+
     # A rerun still works with the relocated scripts (pip is run through bin/python).
     config = root / "etc/asterisk/npl-agi.conf"
     config.write_text(config.read_text().replace("password =\n", "password = secret\n"))
     ok(run_install("--destdir", root, "--python", sys.executable, script=script))
-    assert (root / "etc/asterisk/npl-agi.conf.new").exists()
+    assert not (root / "etc/asterisk/npl-agi.conf.new").exists()  # nothing new was shipped
 
     out = ok(run_install("--uninstall", "--destdir", root, script=script))
     assert not agi.exists()
@@ -346,9 +397,13 @@ def test_packager_stage_names_final_paths_and_uninstalls(packager: Background) -
     assert not (root / "var/lib/asterisk/npl-agi").exists()
     for name in SNIPPETS:
         assert not (root / "etc/asterisk" / name).exists()
-    assert not (root / "etc/asterisk/npl-agi.conf.new").exists()
     assert "password = secret" in config.read_text()  # an edited config stays
     assert "--purge" in out
+
+    # Installed again over the edited file that stayed: still no needless .new.
+    out = ok(run_install("--destdir", root, "--python", sys.executable, script=script))
+    assert not (root / "etc/asterisk/npl-agi.conf.new").exists(), out
+    assert "password = secret" in config.read_text()
 
     ok(run_install("--uninstall", "--purge", "--destdir", root, script=script))
     assert not config.exists()
@@ -377,3 +432,85 @@ def test_demo_creates_dot_venv_and_passes_on_the_demo_status(demo: Background, t
     assert [line.split()[:1] for line in demo_output.splitlines()] == [
         line.split()[:1] for line in direct.stdout.splitlines()
     ]
+
+
+def agi_lookup(stage: Stage, number: str, prefix: list[str] | None = None) -> dict[str, str]:
+    """The installed AGI script over pipes, without $NPL_AGI_CONFIG: the variables it set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NPL_AGI_CONFIG")}
+    header = f"agi_request: npl-lookup.agi\nagi_extension: s\nagi_arg_1: {number}\n\n"
+    result = subprocess.run(
+        [*(prefix or []), str(stage.agi), number],
+        input=header + AGI_REPLIES,
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    found = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("SET VARIABLE "):
+            name, value = line[len("SET VARIABLE ") :].split(" ", 1)
+            found[name.strip('"')] = value.strip('"')
+    return found
+
+
+@pytest.fixture
+def live_stage(stage: Stage, sim) -> Iterator[Stage]:
+    """The stage's own npl-agi.conf pointed at the simulator, as an admin edits it."""
+    config = stage.conf_dir / "npl-agi.conf"
+    pristine = config.read_text()
+    config.write_text(
+        pristine.replace("url = https://secure.comcetera.com/npl\n", f"url = {sim.url}\n")
+        .replace("user =\n", "user = demo\n")
+        .replace("password =\n", "password = demo\n")
+    )
+    try:
+        yield stage
+    finally:
+        config.write_text(pristine)
+        for leftover in stage.cache_dir.iterdir():
+            leftover.unlink()
+
+
+def test_installed_programs_read_the_installed_configuration(live_stage: Stage, sim) -> None:
+    """--conf-dir anywhere: the script and the command find the file without $NPL_AGI_CONFIG."""
+    seen = agi_lookup(live_stage, "07788450450")
+    assert (seen["NPL_ERR"], seen["NPL_MCCMNC"], seen["NPL_SOURCE"]) == ("", "23415", "api")
+    assert sim.stats()["charged"] == ["447788450450"]
+    assert (live_stage.cache_dir / "cache.sqlite").exists()  # the --cache-dir written into the config
+    assert [p.name.startswith("npl-agi-") for p in live_stage.cache_dir.glob("*.lock")] == [True]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NPL_AGI_CONFIG")}
+    npl_agi = str(live_stage.prefix / "bin" / "npl-agi")
+    version = subprocess.run([npl_agi, "--version"], env=env, capture_output=True, text=True, timeout=60)
+    config = live_stage.conf_dir / "npl-agi.conf"
+    assert version.stdout.splitlines()[1].startswith(f"configuration: {config} (recorded by install.sh in ")
+    check = subprocess.run([npl_agi, "check"], env=env, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.splitlines()[0].startswith(f"configuration: {config} ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_lookup_as_root_then_a_cache_hit_for_the_asterisk_user(live_stage: Stage, sim) -> None:
+    """An admin's ``npl-agi lookup`` as root creates the cache; Asterisk's AGI (an unprivileged
+    user of the cache's group) then reads and writes it: the second lookup is a hit."""
+    config = live_stage.conf_dir / "npl-agi.conf"
+    os.chown(config, 0, STAND_IN_GID)  # what install.sh does with the group asterisk
+    os.chown(live_stage.cache_dir, 0, STAND_IN_GID)
+    live_stage.cache_dir.chmod(0o2770)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NPL_AGI_CONFIG")}
+    npl_agi = str(live_stage.prefix / "bin" / "npl-agi")
+    first = subprocess.run([npl_agi, "lookup", "07788450450"], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and first.stdout.startswith("447788450450 23415 "), first.stderr
+    cache = live_stage.cache_dir / "cache.sqlite"
+    assert (cache.stat().st_gid, cache.stat().st_mode & 0o777) == (STAND_IN_GID, 0o660)
+
+    as_asterisk = ["setpriv", f"--reuid={STAND_IN_UID}", f"--regid={STAND_IN_GID}", "--clear-groups", "--"]
+    seen = agi_lookup(live_stage, "07788450450", prefix=as_asterisk)
+    assert (seen["NPL_ERR"], seen["NPL_MCCMNC"], seen["NPL_SOURCE"]) == ("", "23415", "cache")
+    fresh = agi_lookup(live_stage, "07973100100", prefix=as_asterisk)  # and it can write there too
+    assert (fresh["NPL_ERR"], fresh["NPL_SOURCE"]) == ("ERR1", "api")
+    assert agi_lookup(live_stage, "07973100100", prefix=as_asterisk)["NPL_SOURCE"] == "cache"
+    assert sim.stats()["charged"] == ["447788450450", "447973100100"]

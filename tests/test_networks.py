@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import write_config
@@ -11,6 +12,9 @@ from npl_agi.config import load_config
 from npl_agi.lookup import Lookup
 from npl_agi.networks import TABLE, Directory
 from npl_agi.simulator import HOME_NETWORKS, PORTED
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE_PATH = Path(TABLE)
 
 INTERNATIONAL = {"901", "902", "991", "999"}
 
@@ -126,3 +130,57 @@ def test_lookup_through_the_simulator_fills_network_and_country(tmp_path, sim):
             ("23420", "GB", "Three Test"),
             ("", "", ""),
         ]
+
+
+# -- the script that rebuilds the table from its source --
+
+
+def load_builder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_mccmnc", ROOT / "tools" / "build_mccmnc.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mnc(mcc: str, code: str, countries: list[str], brand: str, operator: str = "") -> dict:
+    return {"mcc": mcc, "mnc": code, "codes_alpha_2": countries, "brand": brand, "operator": operator}
+
+
+def test_builder_rules_on_a_small_source(tmp_path) -> None:
+    """Home country wins a code listed twice; brand, else operator; fixed territory codes; order."""
+    entries = [
+        mnc("234", "18", ["IM"], "Cloud 9 Mobile"),  # listed under the Isle of Man first...
+        mnc("234", "18", ["GB"], "Cloud9"),  # ...and under the UK, the MCC's home
+        mnc("234", "15", ["GB"], "", "Vodafone  Limited"),
+        mnc("310", "590", ["US"], "Verizon"),
+        mnc("310", "59", ["BM"], "Cellular One"),
+        mnc("310", "014", ["US"], "", ""),  # no name: left out
+        mnc("289", "67", [], "Aquafon"),  # no country of its own: the MCC's
+        mnc("001", "01", [], "TEST"),  # test codes are not networks
+        mnc("901", "70", [], "Example Mobile"),
+    ]
+    mccs = [{"mcc": "289", "code_alpha_2": "GE-AB"}]
+    builder = load_builder()
+    assert builder.build(entries, mccs) == [
+        ("234", "GB", ""),
+        ("23415", "GB", "Vodafone Limited"),
+        ("23418", "GB", "Cloud9"),
+        ("289", "AB", ""),
+        ("28967", "AB", "Aquafon"),
+        ("310", "US", ""),
+        ("31059", "BM", "Cellular One"),
+        ("310590", "US", "Verizon"),
+        ("90170", "", "Example Mobile"),
+    ]
+
+
+def test_shipped_table_header_is_the_builder_s() -> None:
+    builder = load_builder()
+    header = TABLE_PATH.read_text(encoding="utf-8").split("\n")[:6]
+    expected = builder.HEADER.format(
+        package=builder.PACKAGE, version=builder.VERSION, released=builder.RELEASED, today=header[2][-11:-1]
+    )
+    assert "\n".join(header) + "\n" == expected

@@ -75,6 +75,13 @@ def test_nanp(dialled: str, expected: str) -> None:
     assert canonical(dialled, NANP) == expected
 
 
+def test_nanp_trunk_prefix_is_one_not_zero() -> None:
+    """Country 1 with national prefix 1: the trunk prefix is replaced, not kept as a digit."""
+    assert canonical("1 704 451 8989", NANP) == "17044518989"
+    with pytest.raises(BadNumber):
+        canonical("1704451898", NANP)  # a digit short: neither a national nor an international number
+
+
 @pytest.mark.parametrize(
     ("dialled", "expected"),
     [

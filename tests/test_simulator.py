@@ -158,7 +158,7 @@ NUMBER = "447788450450"
         ("demo", "demo", "", protocol.FAIL_NO_NUMBERS),
         ("demo", "demo", None, protocol.FAIL_NO_NUMBERS),
         ("demo", "demo", ",,", protocol.FAIL_NO_NUMBERS),
-        ("nocredit", "nocredit", "", protocol.FAIL_NO_NUMBERS),
+        ("nocredit", "nocredit", "", protocol.FAIL_CREDIT),  # no credit left: refused before the numbers
         ("locked", "locked", NUMBER, protocol.ACCOUNT_LOCKED),
         ("locked", "locked", "", protocol.ACCOUNT_LOCKED),
         ("locked", "wrong", NUMBER, protocol.FAIL_PASSWORD),
