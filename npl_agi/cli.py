@@ -388,6 +388,12 @@ def cmd_cache(args) -> int:
             print(f"purged {cache.purge(purge_msisdns(args.numbers, config))} entries")
         elif args.action == "stats":
             stats = cache.stats()
+            if cache.name == "redis":
+                from .cache import lock_directory
+                from .locks import FallbackRecord
+
+                count, last = FallbackRecord(lock_directory(config.api, config.cache)).read()
+                stats.update(lock_fallbacks=count, last_lock_fallback=last)
             print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
         else:
             export(cache, config, as_json=args.json)
@@ -454,6 +460,11 @@ def format_stats(s: dict) -> str:
         f"hits / misses: {s['hits']} / {s['misses']} (hit ratio {s['hit_ratio']:.1%})",
         f"credits saved: {s['credits_saved']}",
     ]
+    if "lock_fallbacks" in s:
+        lines.append(
+            f"lock fallbacks: {s['lock_fallbacks']} (Redis unreachable: the local file lock was used; "
+            f"last {when(s['last_lock_fallback'])})"
+        )
     if s.get("unwritable"):
         lines.append(f"NOT WRITABLE by {s['shared_with']}: {', '.join(s['unwritable'])}")
         lines.append("  (Asterisk's lookups then go uncached: fix the owner, group or mode)")

@@ -777,6 +777,18 @@ def test_without_redis_the_lock_falls_back_counted_and_warned_once(tmp_path, sim
     assert FallbackRecord(str(tmp_path)).read()[0] == 3
 
 
+def test_cache_stats_counts_the_lock_fallbacks(tmp_path, sim, redis_server, subprocess_env):
+    conf = redis_conf(tmp_path, sim, redis_server.url)
+    for _ in range(2):
+        FallbackRecord(str(tmp_path)).add()
+    result = subprocess.run(
+        [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), "cache", "stats", "--json"],
+        capture_output=True, text=True, env=subprocess_env, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["lock_fallbacks"] == 2
+
+
 def test_lock_fallback_none_sends_nothing_without_the_cluster_lock(tmp_path, sim, dead_redis):
     conf = configure(tmp_path, sim, {"backend": "redis", "redis_url": dead_redis, "lock_fallback": "none"})
     answer = lookup(conf).one(PORTED)
