@@ -70,7 +70,7 @@ class AsyncClient:
         raises for a refused query.
         """
         form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
-        await self._acquire(start_by)
+        await self._acquire(start_by, deadline)
         lines = _Lines(reader, on_answer)
         try:
             if time.monotonic() > start_by:  # the answer could not arrive in time: spend nothing
@@ -108,11 +108,12 @@ class AsyncClient:
         except httpx.HTTPError as e:
             raise ProtocolError(f"bad HTTP answer from the service: {_reason(e)}") from None
 
-    async def _acquire(self, start_by: float) -> None:
-        """Wait for the account lock without blocking the loop (its wait runs in a thread)."""
+    async def _acquire(self, start_by: float, deadline: float) -> None:
+        """Wait for the account lock without blocking the loop (its wait runs in a thread); a
+        leased (Redis) lock is then held until the request's ``deadline``, not just ``start_by``."""
         if start_by <= time.monotonic():
             raise LookupTimeout("no time left to wait for the account lock")
-        attempt = asyncio.ensure_future(asyncio.to_thread(self.lock.acquire, start_by))
+        attempt = asyncio.ensure_future(asyncio.to_thread(self.lock.acquire, start_by, deadline))
         try:
             await asyncio.shield(attempt)
         except asyncio.CancelledError:

@@ -117,7 +117,7 @@ class Broker:
     def _take(self) -> dict[str, _Pending]:
         """The next batch, without the numbers nobody can wait for any more (never paid for)."""
         batch: dict[str, _Pending] = {}
-        latest_start = time.monotonic() + self.api.min_request_time
+        latest_start = time.monotonic() + self.api.request_floor
         while self._queue and len(batch) < self.api.batch_size:
             m, p = next(iter(self._queue.items()))
             del self._queue[m]
@@ -144,8 +144,8 @@ class Broker:
                 p.future.set_result(answer)
 
         started = time.monotonic()
-        start_by = max(p.deadline for p in batch.values()) - self.api.min_request_time
-        deadline = max(start_by + self.api.min_request_time, started + self.api.finish_timeout)
+        start_by = max(p.deadline for p in batch.values()) - self.api.request_floor
+        deadline = max(start_by + self.api.request_floor, started + self.api.finish_timeout)
         self.requests += 1
         answers: dict[str, Answer] = {}
         outcome = "ok"

@@ -22,6 +22,8 @@ from npl_agi.server import Server
 from npl_agi.simulator import Simulator
 from tests.conftest import AGI_SCRIPT, write_config
 
+pytest_plugins = ("redis_fixture",)
+
 
 class Clock:
     """An injectable monotonic clock the test moves by hand."""
@@ -372,3 +374,33 @@ def test_sigterm_finishes_the_calls_in_flight_then_exits_0_and_sighup_reloads(tm
         assert any("*******0100" in line for line in lines)
         assert not any("07973100100" in line for line in lines)
         assert os.path.exists(tmp_path / "cache.sqlite")
+
+
+def test_a_request_longer_than_the_redis_lease_keeps_the_cluster_lock(tmp_path, redis_server):
+    """The Redis lock is renewed until the request ends, not only until the call's deadline:
+    a call gives up at 1.5 s while its request goes on to 3 s, holding the lock all along."""
+    from npl_agi.cache import RedisLock
+    from npl_agi.errors import LookupTimeout
+
+    with Simulator(line_delay=3.0) as slow:
+        cache = {"backend": "redis", "redis_url": redis_server.url}
+        config = config_for(tmp_path, slow, cache=cache, api={"timeout": "1.5"})
+
+        async def main():
+            server = await serving(config)
+            try:
+                call = asyncio.ensure_future(calls(server, ["07788450450"]))
+                while not any(slow.active.values()):
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(1.5 + RedisLock.LEASE)  # past the call's deadline and a whole lease
+                assert any(slow.active.values())
+                other = server.state.lookup.cache.account_lock(config.api)
+                with pytest.raises(LookupTimeout):
+                    await asyncio.to_thread(other.acquire, time.monotonic() + 0.1)
+                return (await call)[0]
+            finally:
+                await server.drain()
+
+        done = run(main())
+    assert done.variables["NPL_ERR"] == "TIMEOUT"
+    assert slow.stats()["max_concurrent"] == {"demo": 1}
