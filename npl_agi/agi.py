@@ -36,6 +36,7 @@ MAX_VERBOSE = 300
 # Seconds kept back from the call's deadline for telling Asterisk the outcome (a dozen commands),
 # so that the call has its variables by the deadline even on a busy machine.
 REPLY_RESERVE = 0.05
+ALARM_GRACE = 0.02  # past the lookup's own deadline, for it to come back with what it has
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -163,9 +164,9 @@ def run(
             raise Disabled("lookups are switched off (enabled = no)")
         from .lookup import Lookup
 
-        deadline = started + config.api.timeout
-        try:
-            with _alarm_at(deadline - REPLY_RESERVE):
+        deadline = started + config.api.timeout - REPLY_RESERVE
+        try:  # the lookup keeps to its deadline; the alarm is for what cannot (imports, a busy cache)
+            with _alarm_at(deadline + ALARM_GRACE):
                 answer = Lookup(config, detached=True).one(dialled, deadline=deadline)
         except _DeadlinePassed:
             if answer is None:  # else the alarm rang just as the answer came: keep the answer
