@@ -35,7 +35,7 @@ SPECIAL_EXTENSIONS = frozenset({"s", "h", "i", "t", "e", "o", "a", "T", "failed"
 MAX_VERBOSE = 300
 # Seconds kept back from the call's deadline for telling Asterisk the outcome (a dozen commands),
 # so that the call has its variables by the deadline even on a busy machine.
-REPLY_RESERVE = 0.05
+REPLY_RESERVE = 0.1
 ALARM_GRACE = 0.02  # past the lookup's own deadline, for it to come back with what it has
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 

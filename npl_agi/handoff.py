@@ -24,7 +24,6 @@ from .errors import TIMEOUT, NplError, ProtocolError, error_for
 from .protocol import Answer
 
 _FIELDS = len(Answer._fields)
-CHILD_NICENESS = 10
 
 
 def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[str, Answer]]:
@@ -124,9 +123,6 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
     status = 1
     try:
         os.setsid()
-        # Below the calls in the CPU's queue: under a burst, every script must reach its own
-        # deadline on time; a request in flight mostly waits for the network anyway.
-        os.nice(CHILD_NICENESS)
         null = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):
             os.dup2(null, std)

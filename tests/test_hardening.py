@@ -187,7 +187,7 @@ def test_a_burst_of_twenty_calls_keeps_every_deadline_and_pays_once_per_number(t
         assert wait_until(lambda: idle(sim))
     charged = sim.stats()["charged"]
     assert len(charged) == len(set(charged)), "a number was paid for twice"
-    assert sim.stats()["max_concurrent"] == {"demo": 1}
+    assert max(sim.stats()["max_concurrent"].values(), default=0) <= 1
     # What the burst paid for, even for calls that had given up, the repeat finds in the cache.
     for run in again:
         if run.variables["NPL_NUMBER"] in paid_in_burst:
