@@ -85,15 +85,9 @@ class SimulatorProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc.stdout.close()
 
     def _base(self) -> str:
         return self.url.rsplit("/", 1)[0]
@@ -106,6 +100,16 @@ class SimulatorProcess:
     def reset(self) -> None:
         request = urllib.request.Request(self._base() + "/_sim/reset", data=b"", method="POST")  # noqa: S310
         urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - loopback
+
+
+def stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -201,14 +205,8 @@ class ServerProcess:
             raise
 
     def __exit__(self, *exc) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, 30)  # a server finishes the calls and the request in flight first
 
     @property
     def url(self) -> str:
