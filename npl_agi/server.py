@@ -190,6 +190,11 @@ class Server:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted = time.monotonic()
+        # An AGI conversation is short lines: receive them in MAX_LINE chunks instead of asyncio's
+        # 256 KiB, a buffer the allocator maps, shrinks and unmaps on every read (three system
+        # calls for each of a call's dozen replies). Only the selector transport has the knob.
+        if hasattr(writer.transport, "max_size"):
+            writer.transport.max_size = MAX_LINE
         task = asyncio.current_task()
         self._calls.add(task)
         self.metrics.in_flight.inc()
