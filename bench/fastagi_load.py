@@ -35,6 +35,7 @@ class _Call(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        transport.max_size = 4096  # not asyncio's 256 KiB, mapped and unmapped on every read
         transport.write(self.greeting)
 
     def data_received(self, data: bytes) -> None:
