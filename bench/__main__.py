@@ -30,9 +30,9 @@ class Settings:
     numbers: int = 4_000
     pbx_calls: int = 30  # one at a time, for call-setup latency
     pbx_burst: int = 40  # at once, for calls/s
-    fastagi_calls: int = 3000  # cache hits per round and number of connections
+    fastagi_calls: tuple[int, ...] = (1000, 2000, 2000)  # cache hits a round at 1, 10, 100 connections
     fastagi_rounds: int = 3
-    fastagi_miss_calls: int = 300  # distinct misses per number of connections
+    fastagi_miss_calls: tuple[int, ...] = (100, 300, 300)  # distinct misses at 1, 10, 100 connections
     fastagi_at_once: int = 500  # distinct misses all at once
     agis_at_once: int = 50  # process AGIs running at once for the same numbers
     load_clients: int = 1  # FastAGI client processes
@@ -49,9 +49,9 @@ QUICK = Settings(
     numbers=200,
     pbx_calls=3,
     pbx_burst=5,
-    fastagi_calls=200,
+    fastagi_calls=(200, 200, 200),
     fastagi_rounds=1,
-    fastagi_miss_calls=30,
+    fastagi_miss_calls=(30, 30, 30),
     fastagi_at_once=40,
     agis_at_once=10,
 )

@@ -72,7 +72,7 @@ def run(settings, report: Report) -> None:
                     w.sim.reset()
                     with factory(f"burst-{n}-{i}")(w) as contender:
                         runs = burst(contender, [next(numbers) for _ in range(n)])
-                    measured = outcome(runs, w.sim.stats())
+                    measured = outcome(runs, w.sim.quiet())
                     for row, value in measured.items():
                         samples[(n, name, row)].append(value)
 

@@ -101,11 +101,10 @@ def hits(settings, report: Report) -> dict[int, tuple]:
     """Cache hits against ``npl-agi serve`` and the minimal server, round by round."""
     rate = {(c, s): [] for c in CONNECTIONS for s in (OURS, MINIMAL)}
     per_call = {key: [] for key in rate}
-    n = settings.fastagi_calls
     with world() as w, fastagi("hits")(w) as ours, minimal_fastagi(w) as minimal:
         check(ours.call(PORTED), "warm-up", NPL_SOURCE="api")  # the cache now holds PORTED
-        expected = {OURS: {"npl_err": {"": n}, "mccmnc": {"23415": n}}, MINIMAL: {"npl_err": {"1": n}}}
-        for c in CONNECTIONS:
+        for c, n in zip(CONNECTIONS, settings.fastagi_calls, strict=True):
+            expected = {OURS: {"npl_err": {"": n}, "mccmnc": {"23415": n}}, MINIMAL: {"npl_err": {"1": n}}}
             log(f"fastagi: cache hits, {c} connections at a time, {settings.fastagi_rounds} x {n:,} calls each")
             for server in (ours, minimal):
                 clients(server.port, c, [PORTED] * min(n, 10 * c), settings.load_clients)  # warm-up
@@ -134,9 +133,9 @@ def misses(settings, report: Report, hit_figures: dict[int, tuple]) -> None:
     fresh = mobiles(start=400_000)
     with world(line_delay=LINE_DELAY) as w:
         with fastagi("misses")(w) as server:
-            for c in CONNECTIONS:
-                log(f"fastagi: misses, {c} connections at a time, {settings.fastagi_miss_calls:,} calls")
-                numbers = list(itertools.islice(fresh, settings.fastagi_miss_calls))
+            for c, n in zip(CONNECTIONS, settings.fastagi_miss_calls, strict=True):
+                log(f"fastagi: misses, {c} connections at a time, {n:,} calls")
+                numbers = list(itertools.islice(fresh, n))
                 result = clients(server.port, c, numbers, settings.load_clients)
                 label = f"misses, {c} connection{'s' if c > 1 else ''}"
                 rate, per_call = hit_figures[c]
@@ -153,7 +152,7 @@ def misses(settings, report: Report, hit_figures: dict[int, tuple]) -> None:
             result = clients(server.port, many, numbers, 1)
         ours = {
             "answered": result["npl_err"].get("", 0),
-            **_account(w.sim.stats()),
+            **_account(w.sim.quiet()),
             "time to the last answer": result["elapsed"] * 1000,
         }
         numbers = list(itertools.islice(fresh, many))
@@ -166,7 +165,7 @@ def misses(settings, report: Report, hit_figures: dict[int, tuple]) -> None:
             elapsed = time.perf_counter() - started
         theirs = {
             "answered": sum(bool(network_of(r)) for r in runs),
-            **_account(w.sim.stats()),
+            **_account(w.sim.quiet()),
             "time to the last answer": elapsed * 1000,
         }
     units = {"answered": "calls", "requests sent": "requests", "max connections per account": "conns",

@@ -97,6 +97,19 @@ class SimulatorProcess:
         with urllib.request.urlopen(self._base() + "/_sim/stats", timeout=60) as r:  # noqa: S310 - loopback
             return json.load(r)
 
+    def quiet(self, settle: float = 1.0, longest: float = 60.0) -> dict:
+        """The stats once no query is open and none has started for ``settle`` seconds: requests
+        a call left to finish in the background (the AGI's detached child) are counted too."""
+        until = time.monotonic() + longest
+        last = self.stats()
+        while time.monotonic() < until:
+            time.sleep(settle)
+            now = self.stats()
+            if not now["active"] and not last["active"] and len(now["requests"]) == len(last["requests"]):
+                return now
+            last = now
+        raise BenchError(f"the simulator still had queries open after {longest:g} s")
+
     def reset(self) -> None:
         request = urllib.request.Request(self._base() + "/_sim/reset", data=b"", method="POST")  # noqa: S310
         urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - loopback
