@@ -95,9 +95,11 @@ class Pbx:
             found[token] = (float(when), trunk)
         return found
 
-    def calls_at_once(self, count: int, trunk: str) -> tuple[list[float], float]:
-        """Queue ``count`` calls to PORTED: the seconds from queueing to reaching the trunk, each,
-        and from the first queued to the last arrived."""
+    def calls_at_once(self, count: int, trunk: str, *, strict: bool = True) -> tuple[list[float], float, int]:
+        """Queue ``count`` calls to PORTED: the seconds from queueing to reaching a trunk, each,
+        from the first queued to the last arrived, and how many reached ``trunk`` (``strict``:
+        all of them, or ``BenchError``; a burst may push some lookups past their deadline, and
+        their calls onto the fallback route)."""
         queued = {}
         for _ in range(count):
             self.calls += 1
@@ -115,9 +117,11 @@ class Pbx:
             lambda: f"{count} calls to reach a trunk\n{self.asterisk.console_tail()}",
         )
         wrong = {arrived[t][1] for t in queued} - {trunk}
-        if wrong:
+        if wrong and strict:
             raise BenchError(f"calls reached {wrong}, not {trunk}")
-        return [arrived[t][0] - queued[t] for t in queued], max(arrived[t][0] for t in queued) - min(queued.values())
+        right = sum(arrived[t][1] == trunk for t in queued)
+        span = max(arrived[t][0] for t in queued) - min(queued.values())
+        return [arrived[t][0] - queued[t] for t in queued], span, right
 
 
 def run(settings, report: Report) -> None:
@@ -128,6 +132,7 @@ def run(settings, report: Report) -> None:
         return
     latency: dict[str, list[float]] = {}
     throughput: dict[str, float] = {}
+    routed: dict[str, int] = {}
     with world() as w, contextlib.ExitStack() as stack:
         agi_dir = w.directory / "agi-bin"
         agi_dir.mkdir()
@@ -159,9 +164,10 @@ def run(settings, report: Report) -> None:
                 log(f"asterisk: {variant}: {settings.pbx_calls} calls one at a time, then {settings.pbx_burst} at once")
                 pbx.calls_at_once(1, trunk)  # warms the cache and the page cache
                 latency[variant] = [pbx.calls_at_once(1, trunk)[0][0] * 1000 for _ in range(settings.pbx_calls)]
-                throughput[variant] = settings.pbx_burst / pbx.calls_at_once(settings.pbx_burst, trunk)[1]
+                _, span, routed[variant] = pbx.calls_at_once(settings.pbx_burst, trunk, strict=False)
+                throughput[variant] = settings.pbx_burst / span
             # agi:// falls back to the process script when the server cannot be reached: make sure it was reached.
-            served = server.log_file.read_text().count(f"{PORTED[-4:]}' -> 23415")
+            served = server.log_file.read_text().count(f"{PORTED[-4:]}' ")  # one line a lookup
             if served < settings.pbx_calls + settings.pbx_burst + 1:
                 raise BenchError(f"only {served} FastAGI variant calls reached npl-agi serve")
         finally:
@@ -173,6 +179,8 @@ def run(settings, report: Report) -> None:
              for v, s in latency.items() if v != REFERENCE}  # fmt: skip
     rate = {v: report.add(SECTION, f"{v}: calls/s ({settings.pbx_burst} at once)", "calls/s", [x])
             for v, x in throughput.items()}  # fmt: skip
-    for group in (setup, added, rate):
+    right = {v: report.add(SECTION, f"{v}: calls on their route ({settings.pbx_burst} at once)", "calls", [x])
+             for v, x in routed.items()}  # fmt: skip
+    for group in (setup, added, rate, right):
         for f in group.values():
             f.reference = group[base]

@@ -30,6 +30,7 @@ SECTIONS = {
         "npl-agi, process AGI: call setup",
         "npl-agi serve, FastAGI: call setup",
         "npl-agi serve, FastAGI: added by the lookup",
+        "npl-agi, process AGI: calls on their route",
         "calls/s",
     ],
     "bulk": ["simulator-limited rate", "20,000 numbers: throughput", "20,000 numbers: requests sent"],
