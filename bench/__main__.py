@@ -9,11 +9,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import bulk, burst, credit, pbx, process
+from . import bulk, burst, credit, fastagi, pbx, process
 from .harness import log
 from .report import Report
 
-SECTIONS = {m.SECTION: m for m in (process, burst, bulk, credit, pbx)}
+SECTIONS = {m.SECTION: m for m in (process, burst, fastagi, pbx, bulk, credit)}
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,12 @@ class Settings:
     numbers: int = 4_000
     pbx_calls: int = 30  # one at a time, for call-setup latency
     pbx_burst: int = 40  # at once, for calls/s
+    fastagi_calls: tuple[int, ...] = (1000, 2000, 2000)  # cache hits a round at 1, 10, 100 connections
+    fastagi_rounds: int = 3
+    fastagi_miss_calls: tuple[int, ...] = (100, 300, 300)  # distinct misses at 1, 10, 100 connections
+    fastagi_at_once: int = 500  # distinct misses all at once
+    agis_at_once: int = 50  # process AGIs running at once for the same numbers
+    load_clients: int = 1  # FastAGI client processes
 
 
 QUICK = Settings(
@@ -43,6 +49,11 @@ QUICK = Settings(
     numbers=200,
     pbx_calls=3,
     pbx_burst=5,
+    fastagi_calls=(200, 200, 200),
+    fastagi_rounds=1,
+    fastagi_miss_calls=(30, 30, 30),
+    fastagi_at_once=40,
+    agis_at_once=10,
 )
 
 

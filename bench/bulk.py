@@ -23,7 +23,7 @@ from .harness import ACCOUNT, PEAK_RSS, BenchError, child_env, log, mobiles, wor
 from .report import Report
 
 SECTION = "bulk"
-TITLE = "4. Bulk: npl-agi lookup --file, distinct numbers, empty cache"
+TITLE = "6. Bulk: npl-agi lookup --file, distinct numbers, empty cache"
 BATCH = 1000
 
 

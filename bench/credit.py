@@ -20,7 +20,7 @@ from .harness import BenchError, log, mobiles, world
 from .report import Report
 
 SECTION = "credits"
-TITLE = "5. Credits: replayed call log (Zipf-like popularity, two TTL windows)"
+TITLE = "7. Credits: replayed call log (Zipf-like popularity, two TTL windows)"
 TTL = 86400.0
 WINDOWS = 2
 FORMS = ("0{}", "+44{}", "0044{}", "44{}")  # how the national part is dialled

@@ -3,13 +3,14 @@ the contenders, i.e. the ways a call can get its lookup.
 
 A contender is made by a factory ``factory(world)`` that returns a context manager giving an
 object with ``name`` and ``call(number) -> AgiRun`` (the variables the call ended with and its
-wall time). A process AGI needs nothing around it, so its factory returns a ``nullcontext``; a
-contender that needs a server, such as FastAGI, starts it in its context manager. Adding one is
-adding its factory to a section's list of contenders.
+wall time). A process AGI needs nothing around it, so its factory returns a ``nullcontext``; the
+FastAGI server (``npl-agi serve``) is started as a process of its own in its context manager and
+stopped at its end. Adding one is adding its factory to a section's list of contenders.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -25,13 +27,14 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from npl_agi.emulator import AgiEmulator, AgiRun
+from npl_agi.emulator import AgiEmulator, AgiRun, fastagi_call
 
 ROOT = Path(__file__).resolve().parent.parent
 AGI_SCRIPT = ROOT / "agi-bin" / "npl-lookup.agi"
 BASELINE_SCRIPT = ROOT / "bench" / "baseline_agi.py"
 PEAK_RSS = ROOT / "bench" / "peak_rss.py"
 ACCOUNT = "demo"  # the simulator's account with unlimited credit (user and password)
+MINIMAL_FASTAGI = ROOT / "bench" / "minimal_fastagi.py"
 CALL_TIMEOUT = 30.0  # seconds the emulator waits for a script before it kills it
 PORTED = "447788450450"  # the simulator's Vodafone UK number, used for cache hits
 
@@ -82,15 +85,9 @@ class SimulatorProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc.stdout.close()
 
     def _base(self) -> str:
         return self.url.rsplit("/", 1)[0]
@@ -100,9 +97,32 @@ class SimulatorProcess:
         with urllib.request.urlopen(self._base() + "/_sim/stats", timeout=60) as r:  # noqa: S310 - loopback
             return json.load(r)
 
+    def quiet(self, settle: float = 1.0, longest: float = 60.0) -> dict:
+        """The stats once no query is open and none has started for ``settle`` seconds: requests
+        a call left to finish in the background (the AGI's detached child) are counted too."""
+        until = time.monotonic() + longest
+        last = self.stats()
+        while time.monotonic() < until:
+            time.sleep(settle)
+            now = self.stats()
+            if not now["active"] and not last["active"] and len(now["requests"]) == len(last["requests"]):
+                return now
+            last = now
+        raise BenchError(f"the simulator still had queries open after {longest:g} s")
+
     def reset(self) -> None:
         request = urllib.request.Request(self._base() + "/_sim/reset", data=b"", method="POST")  # noqa: S310
         urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - loopback
+
+
+def stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -120,14 +140,18 @@ class World:
     directory: Path
     ttl: float = 86400.0
 
-    def config(self, name: str, *, enabled: bool = True) -> Path:
-        """A configuration for the simulator's account, with a cache file of its own (``name``)."""
+    def config(self, name: str, *, enabled: bool = True, timeout: float | None = None) -> Path:
+        """A configuration for the simulator's account, with a cache file of its own (``name``);
+        ``timeout``: the call's deadline, ``[api] timeout`` (the default when None). The server
+        it may run has no metrics port (sections run servers side by side)."""
         path = self.directory / f"{name}.conf"
         path.write_text(
             f"[api]\nurl = {self.sim.url}\nuser = {ACCOUNT}\npassword = {ACCOUNT}\n"
             f"enabled = {'yes' if enabled else 'no'}\nlock_dir = {self.directory}\n"
-            f"[number]\ncountry_code = 44\n"
+            + (f"timeout = {timeout}\n" if timeout is not None else "")
+            + f"[number]\ncountry_code = 44\n"
             f"[cache]\npath = {self.directory / name}.sqlite\nttl = {self.ttl}\n"
+            "[fastagi]\nmetrics_listen =\n"
         )
         return path
 
@@ -164,14 +188,74 @@ class ProcessAgi:
             return int(out.read()) / 1024
 
 
+class ServerProcess:
+    """A FastAGI server as a process of its own, on a free loopback port: it writes
+    ``... on 127.0.0.1:PORT`` to its log (a file: a pipe nobody reads would fill and stop it)."""
+
+    def __init__(self, name: str, command: list[str], log_file: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.command = command
+        self.log_file = log_file
+        self.env = env or child_env()
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def __enter__(self) -> ServerProcess:
+        with self.log_file.open("w") as log_:
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log_, stderr=log_, env=self.env)
+        try:
+            for _ in range(400):
+                found = re.search(r" on 127\.0\.0\.1:(\d+)", self.log_file.read_text())
+                if found:
+                    self.port = int(found.group(1))
+                    return self
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            raise BenchError(f"{self.name} did not start: {self.log_file.read_text()[-300:]}")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop(self.proc, 30)  # a server finishes the calls and the request in flight first
+
+    @property
+    def url(self) -> str:
+        return f"agi://127.0.0.1:{self.port}"
+
+    def call(self, number: str) -> AgiRun:
+        """One call, as Asterisk's ``AGI(agi://…/npl-lookup,NUMBER)`` makes it."""
+        return asyncio.run(fastagi_call("127.0.0.1", self.port, [number], timeout=CALL_TIMEOUT))
+
+
 Factory = Callable[[World], AbstractContextManager]
 
 
-def npl_agi(config: str = "npl-agi", *, enabled: bool = True) -> Factory:
+def fastagi(config: str = "npl-agi", *, timeout: float | None = None) -> Factory:
+    """``npl-agi serve`` with the SQLite cache ``config``, as long as the context lasts."""
+
+    def make(w: World) -> AbstractContextManager[ServerProcess]:
+        path = w.config(config, timeout=timeout)
+        command = [sys.executable, "-m", "npl_agi.cli", "--config", str(path), "serve", "--listen", "127.0.0.1:0"]
+        return ServerProcess("npl-agi serve, FastAGI", command, w.directory / f"{config}.serve.log")
+
+    return make
+
+
+def minimal_fastagi(w: World) -> AbstractContextManager[ServerProcess]:
+    """The least a FastAGI server can do (``bench/minimal_fastagi.py``): the reference for
+    ``npl-agi serve``'s own cost."""
+    command = [sys.executable, str(MINIMAL_FASTAGI)]
+    return ServerProcess("minimal FastAGI server", command, w.directory / "minimal.serve.log")
+
+
+def npl_agi(config: str = "npl-agi", *, enabled: bool = True, timeout: float | None = None) -> Factory:
     """npl-agi's process AGI (``agi-bin/npl-lookup.agi``) with the SQLite cache ``config``."""
 
     def make(w: World) -> AbstractContextManager[ProcessAgi]:
-        env = w.env(w.config(config, enabled=enabled))
+        env = w.env(w.config(config, enabled=enabled, timeout=timeout))
         return contextlib.nullcontext(ProcessAgi("npl-agi, process AGI", str(AGI_SCRIPT), env))
 
     return make
@@ -201,6 +285,6 @@ def network_of(run: AgiRun) -> str:
 def check(run: AgiRun, name: str, **expected: str) -> AgiRun:
     """Refuse a run that failed or did not set what the case is about."""
     wrong = {k: run.variables.get(k) for k, v in expected.items() if run.variables.get(k) != v}
-    if run.returncode != 0 or wrong:
+    if run.returncode not in (0, None) or wrong:  # None: a FastAGI call, no process of its own
         raise BenchError(f"{name}: exit {run.returncode}, expected {expected}, got {wrong}: {run.stderr[-300:]}")
     return run

@@ -187,9 +187,11 @@ class SqliteCache(Cache):
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
         self._db = None
+        self._busy_ms = -1  # the connection's busy timeout as last set
 
     def close(self) -> None:
         db, self._db = self._db, None
+        self._busy_ms = -1
         if db is not None:
             with contextlib.suppress(Exception):
                 db.close()
@@ -221,7 +223,10 @@ class SqliteCache(Cache):
                 raise
             self._db = db
         # Another process's write makes us wait, but never past the call's deadline.
-        self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout() * 1000)}")
+        busy_ms = int(self._busy_timeout() * 1000)
+        if busy_ms != self._busy_ms:
+            self._db.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            self._busy_ms = busy_ms
         return self._db
 
     def _busy_timeout(self) -> float:

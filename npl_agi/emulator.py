@@ -112,6 +112,17 @@ def environment(request: str, args, agi_env: dict[str, str] | None = None) -> di
     return env_block
 
 
+def fastagi_greeting(host: str, port: int, script: str, args, agi_env: dict[str, str] | None = None) -> bytes:
+    """What Asterisk sends first on a FastAGI connection: the environment block (with
+    ``agi_network_script``) and its blank line."""
+    env_block = {
+        "agi_network": "yes",
+        "agi_network_script": script,
+        **environment(f"agi://{host}:{port}/{script}", args, agi_env),
+    }
+    return ("".join(f"{k}: {v}\n" for k, v in env_block.items()) + "\n").encode("utf-8", "surrogateescape")
+
+
 async def fastagi_call(
     host: str,
     port: int,
@@ -131,12 +142,7 @@ async def fastagi_call(
     started = time.monotonic()
     run = AgiRun()
     reader, writer = await asyncio.open_connection(host, port)
-    env_block = {
-        "agi_network": "yes",
-        "agi_network_script": script,
-        **environment(f"agi://{host}:{port}/{script}", args, agi_env),
-    }
-    writer.write(("".join(f"{k}: {v}\n" for k, v in env_block.items()) + "\n").encode("utf-8", "surrogateescape"))
+    writer.write(fastagi_greeting(host, port, script, args, agi_env))
 
     async def hang_up() -> None:
         await asyncio.sleep(hangup_after)

@@ -147,7 +147,48 @@ class Lookup:
         misses pay for full validation (phonenumbers), whose canonical form is read once more.
         Counts the cache's hits and misses, once per distinct number.
         """
-        from .number import normalise, validate
+        from .number import validate
+
+        readings_of, local, found = self._read(dialled)
+        cfg = self.config.number
+        msisdn_of: dict[str, str] = {}
+        for d, rs in readings_of.items():
+            hit = next((r for r in rs if r in found), None)
+            if hit is None:
+                try:
+                    hit = validate(rs, cfg)
+                except NplError as e:
+                    local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
+                    continue
+            msisdn_of[d] = hit
+        readings = set().union(*readings_of.values())
+        unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
+        if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be cached already
+            found.update(self.cache.get_many(sorted(unread)))
+        resolved = Resolved(list(dialled), msisdn_of, found, local)
+        self.cache.record(hits=len(resolved.wanted) - len(resolved.misses), misses=len(resolved.misses))
+        return resolved
+
+    def cached(self, dialled: list[str]) -> Resolved | None:
+        """What ``resolve`` gives when the cache holds every number under a plain reading (or the
+        number is refused by its form alone); None when any would need validation or a request.
+
+        Reads the cache once and does nothing else: no phonenumbers, no counting (the caller
+        counts the hits). The FastAGI server serves such calls without leaving its event loop.
+        """
+        readings_of, local, found = self._read(dialled)
+        msisdn_of: dict[str, str] = {}
+        for d, rs in readings_of.items():
+            hit = next((r for r in rs if r in found), None)
+            if hit is None:
+                return None
+            msisdn_of[d] = hit
+        return Resolved(list(dialled), msisdn_of, found, local)
+
+    def _read(self, dialled: list[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, Answer], dict[str, Answer]]:
+        """Each distinct dialled number's plain readings, the numbers refused by their form, and
+        the cached answers of all the readings."""
+        from .number import normalise
 
         cfg = self.config.number
         readings_of: dict[str, tuple[str, ...]] = {}
@@ -159,22 +200,7 @@ class Lookup:
                 local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
         readings = set().union(*readings_of.values())
         found = self.cache.get_many(sorted(readings)) if readings else {}
-        msisdn_of: dict[str, str] = {}
-        for d, rs in readings_of.items():
-            hit = next((r for r in rs if r in found), None)
-            if hit is None:
-                try:
-                    hit = validate(rs, cfg)
-                except NplError as e:
-                    local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
-                    continue
-            msisdn_of[d] = hit
-        unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
-        if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be cached already
-            found.update(self.cache.get_many(sorted(unread)))
-        resolved = Resolved(list(dialled), msisdn_of, found, local)
-        self.cache.record(hits=len(resolved.wanted) - len(resolved.misses), misses=len(resolved.misses))
-        return resolved
+        return readings_of, local, found
 
 
 class Resolved(namedtuple("Resolved", "dialled msisdn_of found local")):

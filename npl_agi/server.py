@@ -4,8 +4,10 @@ Each call is a FastAGI session (``fastagi.Session``) whose deadline starts when 
 is accepted. Its number goes through the same steps as the AGI script's (``Lookup.resolve``,
 then the service for the misses, ``Lookup.store``, ``Lookup.finish``) and gets the same
 variables from the same code (``agi.variables_for``); only the transport differs: the misses of
-concurrent calls go to the broker, which asks for them in one request. Cache steps run in one
-worker thread (SQLite connections belong to one thread), so nothing blocks the event loop.
+concurrent calls go to the broker, which asks for them in one request. Cache steps that may wait
+(writes, Redis, validation of a number the cache misses) run in one worker thread (SQLite
+connections belong to one thread), so nothing blocks the event loop; a call whose number is an
+SQLite cache hit is served from the loop itself (see ``_LoopCache``).
 """
 
 from __future__ import annotations
@@ -23,19 +25,39 @@ from .agi import dialled_number, outcome_line, variables_for
 from .aioclient import AsyncClient
 from .breaker import Breaker
 from .broker import Broker
+from .cache import SqliteCache
 from .config import Config, load_config, parse_listen, require_credentials
 from .errors import TIMEOUT, TRUNCATED, UNAVAILABLE, ConfigError, Disabled, LookupTimeout, NplError
 from .fastagi import MAX_LINE, Session, SessionEnded
-from .lookup import Lookup
+from .lookup import Lookup, Resolved
 from .metrics import Metrics
 
 SCRIPT = "npl-lookup"
 CACHE_RETRY = 30.0  # seconds a failed cache backend is skipped before it is tried again
 SESSION_GRACE = 5.0  # seconds past its deadline a call has to take its variables
+HITS_RECORD_EVERY = 1.0  # seconds the hits served from the loop are counted for ``cache stats``
 # Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 
 logger = logging.getLogger("npl_agi.server")
+
+
+class _LoopCache(SqliteCache):
+    """The SQLite cache as the event loop reads it: cache hits without a hop to the worker thread.
+
+    Reading on the loop does not block it: in WAL mode a reader never waits for a writer (other
+    calls' AGI scripts, our own worker thread), and a select of a few rows by primary key from a
+    file in the page cache takes microseconds. What could make a reader wait (recovery after a
+    crash, a connection holding an exclusive lock) makes this one fail at once instead of
+    sleeping in SQLite's busy handler (busy timeout 0): the call then takes the worker thread's
+    path, which waits within the call's deadline and says what failed. Nothing is written here.
+    """
+
+    def _busy_timeout(self) -> float:
+        return 0.0
+
+    def get_many(self, msisdns: list[str]) -> dict:
+        return self._get_many(msisdns)  # a failure is the caller's: the call goes to the worker thread
 
 
 class _State:
@@ -48,6 +70,8 @@ class _State:
         self.config = config
         self.lookup = Lookup(config)
         cache = self.lookup.cache
+        # Opened by the loop's thread at its first read, after start() has created the file.
+        self.on_loop = Lookup(config, cache=_LoopCache(config.cache)) if isinstance(cache, SqliteCache) else None
         cache.retry_after = CACHE_RETRY
         try:
             require_credentials(config)
@@ -81,6 +105,8 @@ class Server:
         self._metrics_listener: asyncio.Server | None = None
         self._calls: set[asyncio.Task] = set()
         self._retired: set[asyncio.Task] = set()
+        self._hits_to_record = 0
+        self._record_hits_timer: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -98,7 +124,8 @@ class Server:
         return await loop.run_in_executor(self._cache_thread, functools.partial(context.run, work, *args))
 
     async def start(self) -> None:
-        await self.in_cache_thread(lambda: self.state.lookup.directory)  # loaded once, not in a call
+        # Loaded once, not in a call; the cache file created before the loop reads it.
+        await self.in_cache_thread(lambda: self.state.lookup.directory and self.state.lookup.cache.get_many([]))
         host, port = self.listen
         self._listener = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
         metrics_listen = self.state.config.fastagi.metrics_listen
@@ -156,10 +183,18 @@ class Server:
             await asyncio.wait(set(self._retired))
         if self._metrics_listener is not None:
             self._metrics_listener.close()
+        self._record_hits()
         await asyncio.to_thread(self._cache_thread.shutdown)
+        if self.state.on_loop is not None:
+            self.state.on_loop.cache.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted = time.monotonic()
+        # An AGI conversation is short lines: receive them in MAX_LINE chunks instead of asyncio's
+        # 256 KiB, a buffer the allocator maps, shrinks and unmaps on every read (three system
+        # calls for each of a call's dozen replies). Only the selector transport has the knob.
+        if hasattr(writer.transport, "max_size"):
+            writer.transport.max_size = MAX_LINE
         task = asyncio.current_task()
         self._calls.add(task)
         self.metrics.in_flight.inc()
@@ -210,8 +245,10 @@ class Server:
             return None, Disabled("lookups are switched off (enabled = no)")
         lookup = state.lookup
         try:
-            async with asyncio.timeout_at(deadline):
-                resolved = await self.in_cache_thread(lookup.resolve, [dialled])
+            resolved = self._cached(state, dialled)
+            if resolved is None:
+                async with asyncio.timeout_at(deadline):
+                    resolved = await self.in_cache_thread(lookup.resolve, [dialled])
             misses = resolved.misses
             self.metrics.cache_hits.inc(len(resolved.wanted) - len(misses))
             self.metrics.cache_misses.inc(len(misses))
@@ -230,6 +267,30 @@ class Server:
         except Exception as e:  # never a broken call
             logger.exception("npl-agi: lookup failed")
             return None, NplError(f"internal error: {e.__class__.__name__}")
+
+    def _cached(self, state: _State, dialled: str) -> Resolved | None:
+        """The call's number resolved from the SQLite cache on the loop, when it is a hit (see
+        ``_LoopCache``); None sends it to the worker thread. Its hits are counted in the cache's
+        statistics in one write every ``HITS_RECORD_EVERY`` seconds, from the worker thread."""
+        if state.on_loop is None:
+            return None
+        try:
+            resolved = state.on_loop.cached([dialled])
+        except Exception:  # busy or failing: the worker thread's path waits, or warns
+            return None
+        if resolved is not None and resolved.msisdn_of:
+            self._hits_to_record += len(resolved.wanted)
+            if self._record_hits_timer is None:
+                self._record_hits_timer = asyncio.get_running_loop().call_later(HITS_RECORD_EVERY, self._record_hits)
+        return resolved
+
+    def _record_hits(self) -> None:
+        if self._record_hits_timer is not None:
+            self._record_hits_timer.cancel()
+            self._record_hits_timer = None
+        hits, self._hits_to_record = self._hits_to_record, 0
+        if hits:
+            self._cache_thread.submit(self.state.lookup.cache.record, hits, 0)
 
     @staticmethod
     async def _stale(fresh: dict, stale: asyncio.Future) -> dict:

@@ -140,6 +140,7 @@ class Simulator:
             return {
                 "requests": list(self.requests),
                 "max_concurrent": dict(self.max_concurrent),
+                "active": {u: n for u, n in self.active.items() if n},  # connections open now
                 "credit": {u: a.credit for u, a in self.accounts.items()},
                 "charged": [n for r in self.requests for n in r["charged"]],
             }

@@ -10,10 +10,31 @@ from conftest import ROOT
 
 SECTIONS = {
     "process": ["cache hit: wall time", "cache miss (lookup at the simulator): peak memory", "baseline script"],
-    "burst": ["10 calls, npl-agi: answered", "10 calls, baseline: TIMEOUT", "max connections per account"],
+    "burst": [
+        "10 calls, npl-agi: answered",
+        "10 calls, npl-agi serve: answered",
+        "10 calls, npl-agi serve: worst NPL_LOOKUP_MS",
+        "10 calls, baseline: TIMEOUT",
+        "max connections per account",
+    ],
+    "fastagi": [
+        "cache hits, 1 connection, npl-agi serve: calls/s",
+        "cache hits, 10 connections, npl-agi serve: per call",
+        "cache hits, 100 connections, minimal server (constants): calls/s",
+        "misses, 100 connections: calls/s",
+        "40 misses at once, npl-agi serve: requests sent",
+        "40 misses at once, npl-agi serve: max connections per account",
+        "40 misses at once, process AGIs (10 at a time): time to the last answer",
+    ],
+    "asterisk": [
+        "npl-agi, process AGI: call setup",
+        "npl-agi serve, FastAGI: call setup",
+        "npl-agi serve, FastAGI: added by the lookup",
+        "npl-agi, process AGI: calls on their route",
+        "calls/s",
+    ],
     "bulk": ["simulator-limited rate", "20,000 numbers: throughput", "20,000 numbers: requests sent"],
     "credits": ["npl-agi: credits", "floor: distinct numbers per TTL window"],
-    "asterisk": ["npl-agi, process AGI: call setup", "added by the lookup", "calls/s"],
 }
 
 
@@ -32,7 +53,7 @@ def test_quick_run_prints_every_sections_rows(tmp_path):
     have_asterisk = find_asterisk()[0] is not None
     for section, rows in SECTIONS.items():
         if section == "asterisk" and not have_asterisk:
-            assert "6. Real Asterisk 22" in out and "skipped, no Asterisk found" in out
+            assert "5. Real Asterisk 22" in out and "skipped, no Asterisk found" in out
             continue
         for row in rows:
             assert row in out, (section, row, out)
@@ -42,8 +63,17 @@ def test_quick_run_prints_every_sections_rows(tmp_path):
     assert [t["text"] for t in figures["targets"]] == [
         "cache hit <= 3 x bare python3 -c pass",
         "cache miss <= hit + simulator round trip + 15 ms",
+        "burst of 10: every npl-agi serve call answered within timeout = 2",
+        "FastAGI cache hits >= 1,000 calls/s at 100 connections",
+        "FastAGI cache hits p99 < 20 ms at 10 connections",
+        "FastAGI cache hits >= 0.5 x the minimal server's calls/s",
+        "40 misses at once through npl-agi serve: one connection, every call answered",
         ">= 95 % of the simulator-limited rate",
         "flat memory (peak within 1.2 x from the smallest file to the largest)",
         "credits <= 1.05 x the floor",
     ]
+    fastagi = {f["figure"]: f for f in figures["figures"] if f["section"] == "fastagi"}
+    for c in ("1 connection", "10 connections", "100 connections"):  # each against the minimal server of the run
+        ours = fastagi[f"cache hits, {c}, npl-agi serve: calls/s"]
+        assert ours["reference"] == f"cache hits, {c}, minimal server (constants): calls/s" and ours["ratio"] > 0
     assert figures["machine"]["nproc"]

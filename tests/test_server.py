@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -121,6 +122,53 @@ def test_50_calls_for_one_number_cost_one_credit(tmp_path, sim):
     assert {r.variables["NPL_MCCMNC"] for r in first} == {"23415"}
     assert {r.variables["NPL_SOURCE"] for r in again} == {"cache"}
     assert sim.stats()["charged"] == ["447788450450"]
+
+
+def test_cache_hits_served_from_the_loop_are_counted_in_the_cache_statistics(tmp_path, sim):
+    config = config_for(tmp_path, sim)
+
+    async def main():
+        server = await serving(config)
+        try:
+            first = await calls(server, ["07788450450"])
+            hits = await calls(server, ["07788450450", "+447788450450", "447788450450"])
+            return first, hits
+        finally:
+            await server.drain()
+
+    first, hits = run(main())
+    assert first[0].variables["NPL_SOURCE"] == "api"
+    assert [r.variables["NPL_SOURCE"] for r in hits] == ["cache"] * 3
+    stats = SqliteCache(config.cache).stats()
+    assert (stats["hits"], stats["misses"]) == (3, 1)
+
+
+def test_a_cache_the_loop_cannot_read_at_once_leaves_the_call_to_the_worker_thread(tmp_path, sim):
+    """A connection that holds the file in exclusive locking mode makes every other reader
+    busy: the loop gives up at once (busy timeout 0) and leaves the call to the worker thread's
+    path, which goes on without the cache: the call still gets its network."""
+    config = config_for(tmp_path, sim)
+    stored = SqliteCache(config.cache)
+    stored.put_many([Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")])
+    stored.close()
+    holder = sqlite3.connect(config.cache.path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+
+    async def main():
+        server = await serving(config)
+        try:
+            return (await calls(server, ["07788450450"]))[0]
+        finally:
+            await server.drain()
+
+    try:
+        held = run(main())
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    got = held.variables
+    assert (got["NPL_ERR"], got["NPL_MCCMNC"], got["NPL_SOURCE"]) == ("", "23415", "api")
 
 
 def test_slow_service_each_call_ends_by_its_deadline_and_the_answers_are_cached_afterwards(tmp_path):
