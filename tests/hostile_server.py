@@ -56,9 +56,10 @@ def bad_chunk(sock, form) -> None:
 
 
 def one_bad_line(sock, form) -> None:
-    """Every number answered, but the second line is malformed."""
+    """Every number answered, but the second line (the only one, if only one) is malformed."""
     lines = answer_lines(form)
-    lines[1] = lines[1].split(b" ")[0] + b" 2341X,,\n"
+    bad = min(1, len(lines) - 1)
+    lines[bad] = lines[bad].split(b" ")[0] + b" 2341X,,\n"
     body = b"QUERYOK\n" + b"".join(lines) + b"ENDBATCH\n"
     sock.sendall(head("200 OK", f"Content-Length: {len(body)}", "Connection: close") + body)
 
