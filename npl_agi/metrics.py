@@ -54,7 +54,8 @@ class Metrics:
                 writer.write(head.encode() + body)
                 await writer.drain()
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # a client that is not a scraper gets nothing
+            # A client that is not a scraper gets nothing.
+            return
         finally:
             writer.close()
             with contextlib.suppress(OSError):

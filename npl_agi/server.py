@@ -204,7 +204,8 @@ class Server:
             async with asyncio.timeout_at(deadline + SESSION_GRACE):
                 await self._call(state, Session(reader, writer), accepted, deadline)
         except (SessionEnded, TimeoutError, OSError):
-            pass  # the peer went away or misbehaved: only its own session ends
+            # The peer went away or misbehaved: only its own session ends.
+            logger.debug("npl-agi: FastAGI session ended early")
         except Exception:
             logger.exception("npl-agi: FastAGI session failed")
         finally:

@@ -286,7 +286,7 @@ async def misbehave(host: str, port: int, kind: str) -> None:
 
 
 def test_misbehaving_clients_end_only_their_own_session_and_leave_no_task(tmp_path, sim):
-    config = config_for(tmp_path, sim, api={"timeout": "1"})
+    config = config_for(tmp_path, sim, api={"timeout": "2"})
 
     async def main():
         server = await serving(config)
