@@ -452,3 +452,60 @@ def test_a_request_longer_than_the_redis_lease_keeps_the_cluster_lock(tmp_path, 
         done = run(main())
     assert done.variables["NPL_ERR"] == "TIMEOUT"
     assert slow.stats()["max_concurrent"] == {"demo": 1}
+
+
+def test_the_spec_example_account_never_changes_an_answer_through_the_server(tmp_path):
+    """bob/123: the password occurs in the numbers, MSCs and IMSIs; only messages are masked."""
+    from npl_agi.simulator import Account, simulated_answer
+
+    dialled = ["07712312345", "07123123123", "07788450450"]
+    with Simulator(accounts={"bob": Account("123")}) as bob:
+        config = config_for(tmp_path, bob, api={"user": "bob", "password": "123"})
+
+        async def main():
+            server = await serving(config)
+            try:
+                return await calls(server, dialled)
+            finally:
+                await server.drain()
+
+        served = run(main())
+    for number, call in zip(dialled, served, strict=True):
+        msisdn = "44" + number[1:]
+        mccmnc, msc, imsi = simulated_answer(msisdn, "2.4").split(" ")[1].split(",")
+        v = call.variables
+        assert (v["NPL_ERR"], v["NPL_NUMBER"], v["NPL_MCCMNC"], v["NPL_MSC"], v["NPL_IMSI"]) == (
+            "",
+            msisdn,
+            mccmnc,
+            msc,
+            imsi,
+        )
+
+
+def test_an_answer_reset_mid_body_keeps_its_complete_lines_through_the_server(tmp_path):
+    from tests import hostile_server as hostile
+
+    with hostile.HostileServer(hostile.reset_mid_body) as server_url_holder:
+        config = load_config(
+            str(
+                write_config(
+                    tmp_path / "npl-agi.conf",
+                    server_url_holder.url,
+                    fastagi={"metrics_listen": "127.0.0.1:0", "batch_window": "0.2"},
+                )
+            )
+        )
+
+        async def main():
+            server = await serving(config)
+            try:
+                return await calls(server, ["07788450450", "07810701702"])
+            finally:
+                await server.drain()
+
+        served = run(main())
+    assert len(server_url_holder.forms) == 1  # one request for both calls
+    errors = sorted(c.variables["NPL_ERR"] for c in served)
+    assert errors == ["", "PROTOCOL"]  # the line that arrived is kept, the other is cut off
+    assert [c.variables["NPL_MCCMNC"] for c in served if not c.variables["NPL_ERR"]] == ["23415"]
