@@ -23,6 +23,7 @@ from .protocol import Answer
 
 MAX_BODY = 4 * 1024 * 1024  # far above 1000 answer lines; stops a runaway server
 MAX_LINE = 4096  # far above any answer line
+DEADLINE_SLACK = 0.001  # seconds: a socket timeout may end this much before the deadline it was given
 _local = threading.local()
 _warned_tls = False
 
@@ -146,13 +147,14 @@ class Client:
                 if resp.status_code != 200:
                     reason = protocol.shown(resp.reason or "", self.api.password)[1:-1]
                     raise ProtocolError(f"the service answered HTTP {resp.status_code} {reason}".rstrip())
-                while not lines.complete and not lines.overflow:
+                while not lines.complete and not lines.overflow and not _past(deadline, watchdog):
                     chunk = resp.raw.read1(65536)
                     if not chunk:
                         break
                     lines.add(chunk)
         except (requests.exceptions.RequestException, HTTPError, OSError) as e:
-            cut_by_deadline = watchdog.fired or isinstance(e, requests.exceptions.Timeout)
+            # Decided by the clock: the watchdog, requests' timeout or urllib3's may notice first.
+            cut_by_deadline = not lines.complete and _past(deadline, watchdog)
             if not lines.received and not cut_by_deadline:
                 if isinstance(e, requests.exceptions.SSLError):
                     raise Unreachable(f"TLS failure talking to the service: {_reason(e)}") from None
@@ -162,7 +164,7 @@ class Client:
             # Cut off mid-answer (reset, short body, bad chunk, deadline): the lines that
             # arrived are kept, the parser marks the numbers left without one.
         else:
-            cut_by_deadline = watchdog.fired
+            cut_by_deadline = not lines.complete and _past(deadline, watchdog)
         lines.close(cut_by_deadline)
         if lines.overflow and not lines.status:
             raise ProtocolError(lines.overflow)
@@ -248,6 +250,13 @@ class _FirstLine:
     def feed(self, line: str) -> None:
         if not self.ended:
             self.line, self.ended = protocol.redact(line.strip(), self.secret), True
+
+
+def _past(deadline: float, watchdog: _Watchdog) -> bool:
+    """Has our deadline passed? The socket's read timeout can fire a hair before the watchdog's
+    timer thread runs (a busy machine), so the clock decides, with a millisecond's slack for the
+    rounding of socket timeouts."""
+    return watchdog.fired or time.monotonic() >= deadline - DEADLINE_SLACK
 
 
 def _reason(exc: BaseException) -> str:

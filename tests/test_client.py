@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from npl_agi import client as client_module
 from npl_agi.client import Client
 from npl_agi.config import ApiConfig
 from npl_agi.errors import (
@@ -136,6 +137,43 @@ def test_slow_lines_keep_answers_that_arrived_before_the_deadline(tmp_path):
     assert elapsed < 1.0 + 0.5
     errors = [a.error for a in got.values()]
     assert errors[:2] == ["", ""] and errors[-1] == TIMEOUT
+
+
+class _StarvedWatchdog(client_module._Watchdog):
+    """A watchdog whose timer never runs in time, as on a machine too busy to schedule its thread:
+    the socket's own read timeout is the first to notice the deadline."""
+
+    def __enter__(self):
+        client_module._local.watchdog = self
+        return self
+
+
+@pytest.mark.parametrize("watchdog", ["on time", "starved"])
+def test_a_read_cut_by_our_deadline_is_a_timeout_whichever_timer_noticed(tmp_path, monkeypatch, watchdog):
+    if watchdog == "starved":
+        monkeypatch.setattr(client_module, "_Watchdog", _StarvedWatchdog)
+    with Simulator(line_delay=0.4) as slow:
+        got = client_for(slow.url, tmp_path).lookup([f"4474001{i:05d}" for i in range(10)], timeout=1.0)
+    errors = [a.error for a in got.values()]
+    assert errors[0] == "" and errors[-1] == TIMEOUT
+    assert TRUNCATED not in errors
+
+
+@pytest.mark.parametrize("watchdog", ["on time", "starved"])
+def test_a_stall_after_the_first_line_is_a_timeout_whichever_timer_noticed(tmp_path, monkeypatch, watchdog):
+    if watchdog == "starved":
+        monkeypatch.setattr(client_module, "_Watchdog", _StarvedWatchdog)
+    with Simulator(slow_delay=5.0) as slow:  # QUERYOK, then nothing for 5 s
+        got = client_for(slow.url, tmp_path).lookup(["447400999901", "447788450450"], timeout=1.0)
+    assert {a.error for a in got.values()} == {TIMEOUT}
+
+
+@pytest.mark.parametrize("watchdog", ["on time", "starved"])
+def test_no_line_by_our_deadline_is_a_timeout_whichever_timer_noticed(sim, tmp_path, monkeypatch, watchdog):
+    if watchdog == "starved":
+        monkeypatch.setattr(client_module, "_Watchdog", _StarvedWatchdog)
+    with pytest.raises(LookupTimeout):
+        client_for(sim.url, tmp_path).lookup(["447400999902"], timeout=1.0)
 
 
 class Drip(BaseHTTPRequestHandler):
