@@ -76,7 +76,16 @@ class Broker:
         out = {m: p.future.result() if p.future.done() else protocol.failed(m, TIMEOUT) for m, p in waits.items()}
         if any(self._unanswered(p) for p in waits.values() if not p.future.done()):
             self.breaker.failure()  # once per call: the service is hanging
+            if self.breaker.rejecting():
+                self._refuse_queued()
         return out
+
+    def _refuse_queued(self) -> None:
+        """The breaker has opened: the numbers queued will not be sent (``_send`` asks the
+        breaker), so their calls get ``UNAVAILABLE`` now instead of at their deadline."""
+        while self._queue:
+            m, p = self._queue.popitem()
+            self._settle(m, p, protocol.failed(m, UNAVAILABLE))
 
     def _unanswered(self, p: _Pending) -> bool:
         """Is the number in flight, or queued behind the request in flight, on a request the

@@ -311,6 +311,38 @@ def test_a_call_counts_once_however_many_of_its_numbers_the_service_leaves_unans
     assert {a.error for a in [*in_flight.values(), *queued.values()]} == {"TIMEOUT"}
 
 
+def test_calls_queued_when_the_breaker_opens_are_answered_at_once(tmp_path):
+    """Their numbers will not be sent (the breaker is open): they need not wait their deadline."""
+    with Simulator(hang_seconds=30) as sim:
+        config = hanging(tmp_path, sim, 2)
+        sim.fault = "hang"
+
+        async def main():
+            server = await serving(config, Clock())
+            host, port = server.address
+            broker = server.state.broker
+
+            async def queued(number: str) -> asyncio.Future:
+                call = asyncio.ensure_future(fastagi_call(host, port, [number]))
+                while f"44{number[1:]}" not in broker._pending:
+                    await asyncio.sleep(0.01)
+                return call
+
+            try:
+                first = await queued(uk(1))
+                while not broker.requests:  # sent: in flight, hanging
+                    await asyncio.sleep(0.01)
+                second = await queued(uk(2))  # queued: its deadline comes first
+                third = await queued(uk(3))  # queued still when the second call opens the breaker
+                return await asyncio.gather(first, second, third), broker.requests
+            finally:
+                await server.drain()
+
+        (first, second, third), requests = run(main())
+    assert [r.variables["NPL_ERR"] for r in (first, second, third)] == ["TIMEOUT", "TIMEOUT", "UNAVAILABLE"]
+    assert requests == 1
+
+
 def test_a_refused_account_keeps_its_npl_err_and_does_not_open_the_breaker(tmp_path, sim):
     config = config_for(tmp_path, sim, api={"password": "wrong"}, fastagi={"breaker_failures": "1"})
 
