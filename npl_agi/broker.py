@@ -60,6 +60,7 @@ class Broker:
         self._queued_at = 0.0
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._sending: protocol.AnswerReader | None = None  # the request in flight's
         self.requests = 0  # sent so far (for logs and tests)
 
     async def ask(self, msisdns: Iterable[str], deadline: float) -> dict[str, Answer]:
@@ -72,15 +73,25 @@ class Broker:
         left = deadline - time.monotonic()
         if open_futures and left > 0:
             await asyncio.wait(open_futures, timeout=left)
-        out = {}
-        for m, p in waits.items():
-            if p.future.done():
-                out[m] = p.future.result()
-                continue
-            out[m] = protocol.failed(m, TIMEOUT)
-            if p.reader is not None and not p.reader.started:
-                self.breaker.failure()  # in flight with no answer at all: a hanging service
+        out = {m: p.future.result() if p.future.done() else protocol.failed(m, TIMEOUT) for m, p in waits.items()}
+        if any(self._unanswered(p) for p in waits.values() if not p.future.done()):
+            self.breaker.failure()  # once per call: the service is hanging
+            if self.breaker.rejecting():
+                self._refuse_queued()
         return out
+
+    def _refuse_queued(self) -> None:
+        """The breaker has opened: the numbers queued will not be sent (``_send`` asks the
+        breaker), so their calls get ``UNAVAILABLE`` now instead of at their deadline."""
+        while self._queue:
+            m, p = self._queue.popitem()
+            self._settle(m, p, protocol.failed(m, UNAVAILABLE))
+
+    def _unanswered(self, p: _Pending) -> bool:
+        """Is the number in flight, or queued behind the request in flight, on a request the
+        service has not sent a line of? Either way it is the service that kept the call waiting."""
+        reader = p.reader or self._sending
+        return reader is not None and not reader.started
 
     def _enqueue(self, msisdn: str, deadline: float) -> _Pending:
         p = self._pending.get(msisdn)
@@ -134,7 +145,7 @@ class Broker:
             for m, p in batch.items():
                 self._settle(m, p, protocol.failed(m, UNAVAILABLE))
             return
-        reader = protocol.AnswerReader(msisdns, self.api.password)
+        reader = self._sending = protocol.AnswerReader(msisdns, self.api.password)
         for p in batch.values():
             p.reader = reader
 
@@ -173,6 +184,7 @@ class Broker:
             logger.exception("npl-agi: request failed")
             answers = _all_failed(msisdns, NplError(f"internal error: {e.__class__.__name__}"))
         finally:
+            self._sending = None
             if self.metrics is not None:
                 self.metrics.batch_numbers.observe(len(msisdns))
                 self.metrics.service_seconds.observe(time.monotonic() - started)

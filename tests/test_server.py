@@ -244,6 +244,105 @@ def test_a_hanging_service_opens_the_breaker_stale_answers_keep_known_numbers_ro
         assert state == "closed"
 
 
+def hanging(tmp_path, sim, failures: int, timeout: float = 1.0):
+    """A config whose breaker opens after ``failures``; a hung request is held for 8 s, past
+    every call of the test (so it is still in flight while they are made)."""
+    return config_for(
+        tmp_path,
+        sim,
+        api={"timeout": str(timeout), "finish_timeout": "8"},
+        fastagi={"breaker_failures": str(failures), "breaker_cooldown": "30"},
+    )
+
+
+def test_calls_queued_behind_a_hanging_request_count_and_the_next_is_answered_at_once(tmp_path):
+    """One call after another: the first's number hangs in flight, the second's waits queued
+    behind that request, which never sends a line. Both are failures of the service: the third
+    call is not even queued but answered at once, and a known number is routed from its stale
+    entry."""
+    timeout = 1.0
+    with Simulator(hang_seconds=30) as sim:
+        config = hanging(tmp_path, sim, 2, timeout)
+        SqliteCache(config.cache, clock=lambda: time.time() - 2 * 86400).put_many(
+            [Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")]
+        )
+        sim.fault = "hang"
+
+        async def main():
+            server = await serving(config, Clock())  # the clock stands still: no cool-down ends
+            try:
+                first = await calls(server, [uk(1)])
+                second = await calls(server, [uk(2)])
+                state = server.state.breaker.state
+                third = await calls(server, [uk(3)])
+                known = await calls(server, ["07788450450"])
+                return first + second + third + known, state, server.state.broker.requests
+            finally:
+                await server.drain()
+
+        (first, second, third, known), state, requests = run(main())
+    assert (first.variables["NPL_ERR"], second.variables["NPL_ERR"]) == ("TIMEOUT", "TIMEOUT")
+    assert state == "open"
+    assert third.variables["NPL_ERR"] == "UNAVAILABLE"
+    assert int(third.variables["NPL_LOOKUP_MS"]) < timeout * 1000 / 2  # not at the deadline
+    v = known.variables
+    assert (v["NPL_ERR"], v["NPL_SOURCE"], v["NPL_MCCMNC"]) == ("", "stale", "23415")
+    assert requests == 1  # the second call's number was never sent: the breaker had opened
+
+
+def test_a_call_counts_once_however_many_of_its_numbers_the_service_leaves_unanswered(tmp_path):
+    with Simulator(hang_seconds=30) as sim:
+        config = hanging(tmp_path, sim, 2)
+        sim.fault = "hang"
+
+        async def main():
+            server = await serving(config, Clock())
+            try:
+                broker = server.state.broker
+                in_flight = await broker.ask([uk(1), uk(2)], time.monotonic() + 1.0)
+                after_one = server.state.breaker.state
+                queued = await broker.ask([uk(3), uk(4)], time.monotonic() + 1.0)
+                return in_flight, queued, after_one, server.state.breaker.state
+            finally:
+                await server.drain()
+
+        in_flight, queued, after_one, after_two = run(main())
+    assert (after_one, after_two) == ("closed", "open")
+    assert {a.error for a in [*in_flight.values(), *queued.values()]} == {"TIMEOUT"}
+
+
+def test_calls_queued_when_the_breaker_opens_are_answered_at_once(tmp_path):
+    """Their numbers will not be sent (the breaker is open): they need not wait their deadline."""
+    with Simulator(hang_seconds=30) as sim:
+        config = hanging(tmp_path, sim, 2)
+        sim.fault = "hang"
+
+        async def main():
+            server = await serving(config, Clock())
+            host, port = server.address
+            broker = server.state.broker
+
+            async def queued(number: str) -> asyncio.Future:
+                call = asyncio.ensure_future(fastagi_call(host, port, [number]))
+                while f"44{number[1:]}" not in broker._pending:
+                    await asyncio.sleep(0.01)
+                return call
+
+            try:
+                first = await queued(uk(1))
+                while not broker.requests:  # sent: in flight, hanging
+                    await asyncio.sleep(0.01)
+                second = await queued(uk(2))  # queued: its deadline comes first
+                third = await queued(uk(3))  # queued still when the second call opens the breaker
+                return await asyncio.gather(first, second, third), broker.requests
+            finally:
+                await server.drain()
+
+        (first, second, third), requests = run(main())
+    assert [r.variables["NPL_ERR"] for r in (first, second, third)] == ["TIMEOUT", "TIMEOUT", "UNAVAILABLE"]
+    assert requests == 1
+
+
 def test_a_refused_account_keeps_its_npl_err_and_does_not_open_the_breaker(tmp_path, sim):
     config = config_for(tmp_path, sim, api={"password": "wrong"}, fastagi={"breaker_failures": "1"})
 
