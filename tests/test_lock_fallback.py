@@ -9,6 +9,7 @@ the real CLI, against the simulator, with ``TMPDIR`` a directory of the test's o
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import errno
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -23,9 +25,11 @@ from pathlib import Path
 import pytest
 from conftest import AGI_SCRIPT, write_config
 
-from npl_agi.emulator import AgiEmulator
+from npl_agi.config import load_config
+from npl_agi.emulator import AgiEmulator, fastagi_call
 from npl_agi.errors import LookupTimeout
 from npl_agi.locks import LOCK_DIR_FALLBACKS, FallbackRecord, FileLock, lock_name
+from npl_agi.server import Server
 from npl_agi.simulator import Simulator
 
 PORTED = "07788450450"  # 447788450450 -> 23415 Vodafone UK
@@ -202,3 +206,35 @@ def test_the_fallback_count_is_writable_by_every_user_of_the_account_whatever_th
     finally:
         os.umask(old)
     assert (tmp_path / LOCK_DIR_FALLBACKS).stat().st_mode & 0o777 == 0o666
+
+
+def test_the_fastagi_server_and_agi_scripts_that_fell_back_share_one_connection(tmp_path, env, cache_dir, monkeypatch):
+    """The server takes the lock in a worker thread; it and the scripts take the same temp file."""
+    monkeypatch.setattr(tempfile, "tempdir", env["TMPDIR"])  # the server runs in this process
+    served, scripted = [f"07400{100000 + n:06d}" for n in range(5)], ["07400200001", "07400200002"]
+    with Simulator("127.0.0.1", 0, line_delay=0.3) as sim:
+        conf = conf_in(tmp_path, sim.url, cache_dir)
+        config = load_config(str(conf))
+        config = config._replace(fastagi=config.fastagi._replace(metrics_listen="127.0.0.1:0"))
+        script = agi(conf, env)
+
+        async def main():
+            server = Server(config, listen="127.0.0.1:0")
+            await server.start()
+            host, port = server.address
+            try:
+                loop = asyncio.get_running_loop()
+                return await asyncio.gather(
+                    *(fastagi_call(host, port, [n]) for n in served),
+                    *(loop.run_in_executor(None, lambda n=n: script.run([n], timeout=30)) for n in scripted),
+                )
+            finally:
+                await server.drain()
+
+        runs = asyncio.run(asyncio.wait_for(main(), 60))
+        charged, max_concurrent = sim.stats()["charged"], sim.stats()["max_concurrent"]
+    for run in runs:
+        assert run.variables["NPL_ERR"] == "" and run.variables["NPL_MCCMNC"], (run.variables, run.verbose)
+    assert max_concurrent == {"demo": 1}
+    assert sorted(charged) == sorted(f"44{n[1:]}" for n in served + scripted)
+    assert stats(conf, env)["lock_dir_fallbacks"] >= 2
