@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", parents=[common], help="show, purge or export the lookup cache")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("stats", parents=[common], help="entries, hits, misses, credits saved, who can write it")
+    a = actions.add_parser(
+        "stats", parents=[common], help="entries, hits, misses, credits saved, lock fallbacks, who can write it"
+    )
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a = actions.add_parser("purge", parents=[common], help="empty the cache, or drop the numbers given")
     a.add_argument("numbers", nargs="*", metavar="NUMBER", help="only these numbers")
