@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
 from .errors import LockUnavailable, LookupTimeout
-from .locks import FallbackRecord, FileLock, lock_name, wait_for
+from .locks import AccountLock, FallbackRecord, lock_name, wait_for
 from .protocol import Answer
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
@@ -111,9 +111,10 @@ class Cache:
         if rows:
             self._safely("write", self._put_many, None, rows)
 
-    def account_lock(self, api: ApiConfig) -> FileLock | RedisLock:
+    def account_lock(self, api: ApiConfig) -> AccountLock | RedisLock:
         """The lock that keeps the account to one connection across this cache's scope."""
-        return FileLock.for_account(lock_directory(api, self.cfg), api.url, api.user)
+        fallback = self.cfg.lock_fallback != "none"
+        return AccountLock(lock_directory(api, self.cfg), api.url, api.user, fallback=fallback)
 
     def _safely(self, what: str, work, fallback, *args):
         if self.broken:
@@ -159,7 +160,7 @@ def lock_directory(api: ApiConfig, cfg: CacheConfig) -> str:
     """``[api] lock_dir``, else the cache's directory; made (like the cache's) when missing.
 
     A directory of npl-agi's own that Asterisk and the admin share, not the system's /tmp.
-    A directory that cannot be made is left to the lock to report, as a config error.
+    A directory that cannot be made is left to the lock, which falls back to the temp dir.
     """
     path = api.lock_dir or os.path.dirname(os.path.abspath(cfg.path))
     with suppress(OSError):
@@ -579,7 +580,7 @@ class RedisLock:
     def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
         self.cache = cache
         self.name = f"{REDIS_PREFIX}lock:{lock_name(api.url, api.user)}"
-        self.fallback = FileLock.for_account(api.lock_dir, api.url, api.user)
+        self.fallback = AccountLock(api.lock_dir, api.url, api.user)
         self.fallbacks = FallbackRecord(api.lock_dir)
         self._held = None
         self._stop_renewing = None  # a threading.Event while the lease is renewed

@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", parents=[common], help="show, purge or export the lookup cache")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("stats", parents=[common], help="entries, hits, misses, credits saved, who can write it")
+    a = actions.add_parser(
+        "stats", parents=[common], help="entries, hits, misses, credits saved, lock fallbacks, who can write it"
+    )
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a = actions.add_parser("purge", parents=[common], help="empty the cache, or drop the numbers given")
     a.add_argument("numbers", nargs="*", metavar="NUMBER", help="only these numbers")
@@ -387,6 +389,8 @@ def cmd_cache(args) -> int:
         if args.action == "purge":
             print(f"purged {cache.purge(purge_msisdns(args.numbers, config))} entries")
         elif args.action == "stats":
+            from .locks import lock_dir_fallbacks
+
             stats = cache.stats()
             if cache.name == "redis":
                 from .cache import lock_directory
@@ -394,6 +398,8 @@ def cmd_cache(args) -> int:
 
                 count, last = FallbackRecord(lock_directory(config.api, config.cache)).read()
                 stats.update(lock_fallbacks=count, last_lock_fallback=last)
+            count, last = lock_dir_fallbacks().read()
+            stats.update(lock_dir_fallbacks=count, last_lock_dir_fallback=last)
             print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
         else:
             export(cache, config, as_json=args.json)
@@ -450,8 +456,14 @@ def format_stats(s: dict) -> str:
     def when(t):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
+    lock_dir = []
+    if "lock_dir_fallbacks" in s:
+        lock_dir.append(
+            f"lock dir fallbacks: {s['lock_dir_fallbacks']} (lock directory unusable: the temp dir's lock "
+            f"file was used; last {when(s['last_lock_dir_fallback'])})"
+        )
     if s["backend"] == "none":
-        return "cache: none (backend = none)"
+        return "\n".join(["cache: none (backend = none)", *lock_dir])
     lines = [
         f"cache:         {s['backend']} ({s['location']})",
         f"entries:       {s['entries']}",
@@ -465,6 +477,7 @@ def format_stats(s: dict) -> str:
             f"lock fallbacks: {s['lock_fallbacks']} (Redis unreachable: the local file lock was used; "
             f"last {when(s['last_lock_fallback'])})"
         )
+    lines += lock_dir
     if s.get("unwritable"):
         lines.append(f"NOT WRITABLE by {s['shared_with']}: {', '.join(s['unwritable'])}")
         lines.append("  (Asterisk's lookups then go uncached: fix the owner, group or mode)")

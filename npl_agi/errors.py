@@ -92,8 +92,9 @@ class Unreachable(TransportError):
 
 
 class LockUnavailable(TransportError):
-    """The cluster account lock (Redis) cannot be taken and ``lock_fallback = none`` forbids the
-    local one: no request is sent rather than risk a second connection."""
+    """The account lock cannot be taken where configured (Redis, or a lock directory that cannot
+    be used) and ``lock_fallback = none`` forbids a fallback, or none is left: no request is sent
+    rather than risk a second connection."""
 
     npl_err = "NOLOCK"
 

@@ -14,9 +14,12 @@ import os
 import time
 from collections.abc import Callable
 
-from .errors import ConfigError, LookupTimeout
+from . import log
+from .errors import ConfigError, LockUnavailable, LookupTimeout
 
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # an O_RDWR open refused, an O_RDONLY one may not be
+LOCK_DIR_FALLBACKS = "npl-agi-lock-dir-fallbacks"
 
 
 def lock_name(url: str, user: str) -> str:
@@ -25,6 +28,21 @@ def lock_name(url: str, user: str) -> str:
 
     digest = hashlib.sha256(f"{url}\0{user}".encode()).hexdigest()[:16]
     return f"npl-agi-{digest}.lock"
+
+
+def open_shared(path: str, flags: int) -> int:
+    """Open ``path``, creating it mode 0666 whatever the umask: every user of the account needs it.
+
+    An existing file is opened without O_CREAT: in a sticky directory such as /tmp the kernel
+    (fs.protected_regular) refuses O_CREAT on another user's file, and the asterisk user and an
+    admin running npl-agi as root share this one.
+    """
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        fd = os.open(path, flags | os.O_CREAT, 0o666)
+        os.fchmod(fd, 0o666)
+        return fd
 
 
 def wait_for(attempt: Callable[[], bool], deadline: float, holder: str) -> None:
@@ -58,17 +76,19 @@ class FileLock:
         return cls(os.path.join(lock_dir, lock_name(url, user)))
 
     def _open(self) -> int:
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             try:
-                # An existing file is opened without O_CREAT: in a sticky directory such as /tmp
-                # the kernel (fs.protected_regular) refuses O_CREAT on another user's file, and
-                # the asterisk user and an admin running npl-agi as root share this one.
-                return os.open(self.path, flags)
-            except FileNotFoundError:
-                fd = os.open(self.path, flags | os.O_CREAT, 0o666)
-                os.fchmod(fd, 0o666)  # whatever the umask: the other users of the account need it
-                return fd
+                return open_shared(self.path, flags | os.O_RDWR)
+            except OSError as e:
+                if e.errno not in _READ_ONLY:
+                    raise
+                # A file system remounted read-only after a disk error, or a file this user may
+                # not write: flock needs only a descriptor, and it is the same file as the others'.
+                try:
+                    return os.open(self.path, flags | os.O_RDONLY)
+                except OSError:
+                    raise e from None
         except OSError as e:
             raise ConfigError(
                 f"{self.path}: cannot open the account lock file: {e.strerror} (see [api] lock_dir)"
@@ -103,7 +123,8 @@ class FileLock:
 
 
 class FallbackRecord:
-    """Counts the lookups that went on with the local lock because the cluster lock failed.
+    """Counts the lookups that went on with a fallback lock: the local one because the cluster
+    lock failed, or the temp dir's because the lock directory could not be used.
 
     A file beside the lock files, one byte appended per fallback (``O_APPEND`` is atomic across
     processes): its size is the count, its time the last one. It also spaces the warnings out
@@ -112,12 +133,14 @@ class FallbackRecord:
 
     WARN_EVERY = 60.0  # seconds
 
-    def __init__(self, lock_dir: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, lock_dir: str, clock: Callable[[], float] = time.time, name: str = "npl-agi-lock-fallbacks"
+    ) -> None:
         if not lock_dir:
             import tempfile
 
             lock_dir = tempfile.gettempdir()
-        self.path = os.path.join(lock_dir, "npl-agi-lock-fallbacks")
+        self.path = os.path.join(lock_dir, name)
         self.clock = clock
 
     def add(self) -> bool:
@@ -127,7 +150,7 @@ class FallbackRecord:
         except OSError:
             last = None
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            fd = open_shared(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.write(fd, b".")
             finally:
@@ -143,3 +166,57 @@ class FallbackRecord:
         except OSError:
             return 0, None
         return st.st_size, st.st_mtime
+
+
+def lock_dir_fallbacks() -> FallbackRecord:
+    """The count of lookups that took the temp dir's lock file: kept in the temp dir, which is
+    writable when the lock directory is not."""
+    return FallbackRecord("", name=LOCK_DIR_FALLBACKS)
+
+
+class AccountLock:
+    """The account's file lock in its lock directory, else the account's lock file in the temp dir.
+
+    A lock directory that cannot be used (missing, not a directory, read-only with no lock file
+    in it yet) is a cache fault, and must not fail every call. Every process that falls back
+    takes the same file in the temp dir (``lock_name``), so those keep to one connection among
+    themselves; a process that can use the lock directory does not see their lock, hence the
+    count (``npl-agi cache stats``) and a warning a minute. With ``fallback`` false
+    (``lock_fallback = none``), ``LockUnavailable`` instead: no request without the configured lock.
+    """
+
+    def __init__(self, lock_dir: str, url: str, user: str, *, fallback: bool = True) -> None:
+        self.configured = FileLock.for_account(lock_dir, url, user)
+        self.url, self.user, self.fallback = url, user, fallback
+        self._held: FileLock | None = None
+
+    def acquire(self, deadline: float, hold_until: float | None = None) -> None:
+        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``."""
+        try:
+            self.configured.acquire(deadline, hold_until)
+            self._held = self.configured
+            return
+        except ConfigError as e:
+            reason = str(e)
+        spare = FileLock.for_account("", self.url, self.user)
+        if not self.fallback:
+            raise LockUnavailable(f"{reason}; no request without it (lock_fallback = none)")
+        if spare.path == self.configured.path:
+            raise LockUnavailable(reason)
+        if lock_dir_fallbacks().add():
+            log.warning(
+                "lock directory cannot hold the account lock, falling back to %s (lookups that can use "
+                "the lock directory may query at the same time; lock_fallback = none forbids it): %s",
+                spare.path,
+                reason,
+            )
+        try:
+            spare.acquire(deadline, hold_until)
+        except ConfigError as e:
+            raise LockUnavailable(f"{reason}; {e}") from None
+        self._held = spare
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
