@@ -511,6 +511,7 @@ def test_max_concurrent_is_per_account(sim) -> None:
 def test_max_concurrent_is_a_high_water_mark(sim) -> None:
     with hold(sim), hold(sim), hold(sim):
         pass
+    wait_for(lambda: not sim.stats()["active"])  # the simulator has seen the three hang up
     assert query(sim, apiver="2.4", msisdn="447788450450").lines[-2] == "ENDBATCH"
     assert sim.stats()["max_concurrent"] == {"demo": 3}
 
