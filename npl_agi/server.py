@@ -8,6 +8,12 @@ concurrent calls go to the broker, which asks for them in one request. Cache ste
 (writes, Redis, validation of a number the cache misses) run in one worker thread (SQLite
 connections belong to one thread), so nothing blocks the event loop; a call whose number is an
 SQLite cache hit is served from the loop itself (see ``_LoopCache``).
+
+Hostile clients are bounded: a session holds at most its environment block (``fastagi``), at
+most ``MAX_READING`` sessions may be reading theirs, and sessions stop short of the descriptor
+limit, keeping ``FD_RESERVE`` for the lock file, the cache and the service. Past a limit a new
+connection is closed at once (the dialplan falls back to the AGI script) and counted; one log
+line a minute says so.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import asyncio
 import contextvars
 import functools
 import logging
+import resource
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +44,11 @@ SCRIPT = "npl-lookup"
 CACHE_RETRY = 30.0  # seconds a failed cache backend is skipped before it is tried again
 SESSION_GRACE = 5.0  # seconds past its deadline a call has to take its variables
 HITS_RECORD_EVERY = 1.0  # seconds the hits served from the loop are counted for ``cache stats``
+MAX_READING = 512  # sessions reading their environment at once (Asterisk's takes a moment)
+FD_RESERVE = 64  # descriptors never taken by sessions: the lock, the cache, the service, the log
+LISTEN_BACKLOG = 100  # connections the kernel queues; also the most accepted in one turn of the loop
+ACCEPT_RETRY = 1.0  # seconds accepting pauses when the system itself is out of descriptors
+REFUSED_LOG_EVERY = 60.0  # seconds between the log lines about refused connections
 # Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 
@@ -101,17 +114,23 @@ class Server:
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="npl-agi-cache")
         self.state = _State(config, self)
         self.listen = parse_listen(listen or config.fastagi.listen, "--listen" if listen else "[fastagi] listen")
-        self._listener: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
         self._metrics_listener: asyncio.Server | None = None
         self._calls: set[asyncio.Task] = set()
         self._retired: set[asyncio.Task] = set()
         self._hits_to_record = 0
         self._record_hits_timer: asyncio.TimerHandle | None = None
+        self.max_reading = MAX_READING
+        self.max_sessions = max(_descriptors() - FD_RESERVE, 1)
+        self._sessions = 0  # connections accepted and not yet closed
+        self._reading = 0  # of them, those still reading their environment
+        self._refused = 0  # connections refused since the last log line about them
+        self._refused_logged_at: float | None = None
 
     @property
     def address(self) -> tuple[str, int]:
         """Where it listens (the real port when the configured one was 0)."""
-        return self._listener.sockets[0].getsockname()[:2]
+        return self._listener.getsockname()[:2]
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -126,8 +145,8 @@ class Server:
     async def start(self) -> None:
         # Loaded once, not in a call; the cache file created before the loop reads it.
         await self.in_cache_thread(lambda: self.state.lookup.directory and self.state.lookup.cache.get_many([]))
-        host, port = self.listen
-        self._listener = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
+        self._listener = await _listening_socket(*self.listen)
+        asyncio.get_running_loop().add_reader(self._listener, self._accept)
         metrics_listen = self.state.config.fastagi.metrics_listen
         if metrics_listen:
             try:
@@ -175,6 +194,7 @@ class Server:
         """Stop accepting; let every call in flight end (each by its deadline) and every request
         end (keeping what it paid for); then release everything."""
         if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener)
             self._listener.close()
         if self._calls:
             await asyncio.wait(set(self._calls))
@@ -188,41 +208,91 @@ class Server:
         if self.state.on_loop is not None:
             self.state.on_loop.cache.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self) -> None:
+        """Take the waiting connections one by one, each counted before the next is taken, so
+        that the limits hold before a descriptor runs out (not a turn of the loop later)."""
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError:  # the system is out of descriptors or memory: try again in a moment
+                self._refuse()
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._listener)
+                loop.call_later(ACCEPT_RETRY, loop.add_reader, self._listener, self._accept)
+                return
+            if self._sessions >= self.max_sessions or self._reading >= self.max_reading:
+                conn.close()
+                self._refuse()
+                continue
+            self._sessions += 1
+            self._reading += 1
+            task = asyncio.get_running_loop().create_task(self._handle(conn))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    def _refuse(self) -> None:
+        """Count a connection refused; at most one log line a minute says how many and why."""
+        self._refused += 1
+        self.metrics.refused.inc()
+        now = self.clock()
+        if self._refused_logged_at is not None and now - self._refused_logged_at < REFUSED_LOG_EVERY:
+            return
+        logger.warning(
+            "npl-agi: %d FastAGI connection(s) refused (%d sessions, at most %d; %d reading their environment,"
+            " at most %d); those calls fall back to the AGI script",
+            self._refused,
+            self._sessions,
+            self.max_sessions,
+            self._reading,
+            self.max_reading,
+        )
+        self._refused, self._refused_logged_at = 0, now
+
+    async def _handle(self, conn: socket.socket) -> None:
         accepted = time.monotonic()
-        # An AGI conversation is short lines: receive them in MAX_LINE chunks instead of asyncio's
-        # 256 KiB, a buffer the allocator maps, shrinks and unmaps on every read (three system
-        # calls for each of a call's dozen replies). Only the selector transport has the knob.
-        if hasattr(writer.transport, "max_size"):
-            writer.transport.max_size = MAX_LINE
-        task = asyncio.current_task()
-        self._calls.add(task)
         self.metrics.in_flight.inc()
         state = self.state
         deadline = accepted + state.config.api.timeout
+        writer = None
         try:
             async with asyncio.timeout_at(deadline + SESSION_GRACE):
-                await self._call(state, Session(reader, writer), accepted, deadline)
+                try:
+                    reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_LINE)
+                    # An AGI conversation is short lines: receive them in MAX_LINE chunks instead
+                    # of asyncio's 256 KiB, a buffer the allocator maps, shrinks and unmaps on
+                    # every read (three system calls for each of a call's dozen replies), and
+                    # that a flood of sessions would each hold. Only the selector transport has it.
+                    if hasattr(writer.transport, "max_size"):
+                        writer.transport.max_size = MAX_LINE
+                    session = Session(reader, writer)
+                    async with asyncio.timeout_at(deadline):
+                        await session.read_env()
+                finally:
+                    self._reading -= 1
+                await self._call(state, session, accepted, deadline)
         except (SessionEnded, TimeoutError, OSError):
             # The peer went away or misbehaved: only its own session ends.
             logger.debug("npl-agi: FastAGI session ended early")
         except Exception:
             logger.exception("npl-agi: FastAGI session failed")
         finally:
-            writer.close()
+            (writer or conn).close()
+            self._sessions -= 1
             self.metrics.in_flight.dec()
-            self._calls.discard(task)
 
     async def _call(self, state: _State, session: Session, accepted: float, deadline: float) -> None:
-        async with asyncio.timeout_at(deadline):
-            await session.read_env()
         call = session.env.get("agi_uniqueid", "-")[:40]
+        script, dialled = session.script, dialled_number(session.args, session.env)
+        session.env.clear()  # a session waiting for its answer holds a few short strings, not its block
         log.call_sink.set(lambda message: logger.warning("npl-agi: [%s] %s", call, message))
-        if session.script != SCRIPT:
-            logger.warning("npl-agi: [%s] unknown FastAGI script %s", call, protocol.shown(session.script))
-            await session.verbose(f"npl-agi: unknown FastAGI script {session.script[:40]!r}; use agi://…/{SCRIPT}")
+        if script != SCRIPT:
+            logger.warning("npl-agi: [%s] unknown FastAGI script %s", call, protocol.shown(script))
+            await session.verbose(f"npl-agi: unknown FastAGI script {script[:40]!r}; use agi://…/{SCRIPT}")
             return
-        dialled = dialled_number(session.args, session.env)
         answer, failure = await self._lookup(state, dialled, deadline)
         values = variables_for(answer, failure, round((time.monotonic() - accepted) * 1000))
         self._account(state, call, dialled, values, answer, failure)
@@ -306,6 +376,21 @@ class Server:
         except TimeoutError:
             return {}
         return {m: old[m] for m in failing if m in old}
+
+
+async def _listening_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on the first address ``host`` resolves to."""
+    loop = asyncio.get_running_loop()
+    family, *_, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0]
+    sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _descriptors() -> int:
+    """The process's soft limit of open descriptors (systemd's default is 1024)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def serve(config_path: str | None, listen: str | None) -> int:

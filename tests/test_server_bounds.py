@@ -1,0 +1,197 @@
+"""npl-agi serve against hostile clients: what a flood may cost (memory, descriptors) and what
+its log may show. Real ``npl-agi serve`` processes on 127.0.0.1, memory and descriptors read
+from ``/proc``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+
+from npl_agi.emulator import fastagi_call
+from tests.conftest import write_config
+from tests.test_server import Clock, config_for, run, serving, start_process
+
+
+def env_line(i: int) -> bytes:
+    """An environment line of 8 KB (under the line limit), each of its own key."""
+    return b"agi_arg_%d: " % i + b"y" * 8000 + b"\n"
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A ``VmRSS``/``VmHWM`` figure of a process, in KiB, from ``/proc``."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def wait_for(condition, seconds: float = 30.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
+async def flood_env(host: str, port: int, lines: int = 199) -> None:
+    """A client that sends environment lines of 8 KB, never the blank line that ends them, and
+    hangs up."""
+    _, writer = await asyncio.open_connection(host, port)
+    try:
+        for i in range(1, lines + 1):
+            writer.write(env_line(i))
+            await writer.drain()
+    except ConnectionError:
+        pass  # the server closed on it
+    finally:
+        writer.close()
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def silent(host: str, port: int) -> Connection:
+    """A client that connects and says nothing (its writer kept: a dropped one closes)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    return reader, writer
+
+
+def closed(connection: Connection) -> bool:
+    """Whether the server has closed it (seen without reading: the reader's buffer gets the EOF)."""
+    reader, _ = connection
+    return reader.at_eof() or reader.exception() is not None
+
+
+@contextlib.contextmanager
+def server_process(config_path, subprocess_env, log_path, **popen):
+    """``npl-agi serve`` with its stderr in ``log_path``; stopped (SIGTERM) on the way out."""
+    with open(log_path, "w") as log:
+        proc, port = start_process(config_path, subprocess_env, stderr=log, **popen)
+        try:
+            yield proc, port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
+
+
+def test_a_flood_of_endless_environments_leaves_the_rss_within_twice_the_idle_size(tmp_path, sim, subprocess_env):
+    """300 connections each sending 199 lines of 8 KB without the blank line: a session holds at
+    most its bounded environment, so the flood costs a few MB and leaves nothing behind."""
+    api = {"timeout": "60"}  # the whole flood arrives within its deadline
+    path = write_config(tmp_path / "npl-agi.conf", sim.url, api=api, fastagi={"metrics_listen": ""})
+    with server_process(path, subprocess_env, tmp_path / "stderr.log") as (proc, port):
+        warm = asyncio.run(fastagi_call("127.0.0.1", port, ["07788450450"]))
+        assert warm.variables["NPL_MCCMNC"] == "23415"
+        idle_fds = open_fds(proc.pid)
+        idle = status_kb(proc.pid, "VmRSS")
+
+        async def main():
+            await asyncio.gather(*(flood_env("127.0.0.1", port) for _ in range(300)))
+            await wait_for(lambda: open_fds(proc.pid) <= idle_fds + 5, 60)  # every session has ended
+            return await fastagi_call("127.0.0.1", port, ["07810701702"])
+
+        after_call = asyncio.run(main())
+        peak = status_kb(proc.pid, "VmHWM")
+        after = status_kb(proc.pid, "VmRSS")
+    err = (tmp_path / "stderr.log").read_text()
+    print(f"idle {idle} KiB, peak {peak} KiB, after {after} KiB")
+    assert after_call.variables["NPL_ERR"] == ""
+    assert peak <= 2 * idle, (idle, peak)
+    assert after <= 2 * idle, (idle, after)
+    assert "Traceback" not in err
+
+
+def test_sessions_reading_their_environment_are_bounded_past_it_new_ones_are_closed_at_once(tmp_path, sim):
+    """Silent connections wait for their deadline (30 s here); past ``max_reading`` of them a
+    new connection is closed at once, so the dialplan falls back to the AGI script."""
+    config = config_for(tmp_path, sim, api={"timeout": "30"})
+
+    async def main():
+        server = await serving(config)
+        host, port = server.address
+        try:
+            waiting = [await silent(host, port) for _ in range(512)]
+            refused = [await silent(host, port) for _ in range(20)]
+            await wait_for(lambda: all(closed(r) for r in refused), 20)
+            still_open = [r for r in waiting if not closed(r)]
+            for r in waiting:  # hang up: their sessions end, the next call is served
+                r[1].close()
+            await wait_for(lambda: not server._calls)
+            served = await fastagi_call(host, port, ["07788450450"])
+            return len(still_open), served
+        finally:
+            await server.drain()
+
+    still_open, served = run(main())
+    assert still_open == 512
+    assert served.variables["NPL_MCCMNC"] == "23415"
+
+
+def test_refused_connections_are_logged_once_a_minute(tmp_path, sim, caplog):
+    clock = Clock()
+    config = config_for(tmp_path, sim, api={"timeout": "30"})
+
+    async def main():
+        server = await serving(config, clock)
+        server.max_sessions = 3
+        host, port = server.address
+        try:
+            held = [await silent(host, port) for _ in range(3)]
+            first = [await silent(host, port) for _ in range(5)]
+            await wait_for(lambda: all(closed(r) for r in first))
+            clock.now += 61
+            second = [await silent(host, port) for _ in range(2)]
+            await wait_for(lambda: all(closed(r) for r in second))
+            assert not any(closed(r) for r in held)
+            for r in held:
+                r[1].close()
+        finally:
+            await server.drain()
+
+    with caplog.at_level(logging.INFO, logger="npl_agi"):
+        run(main())
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert refusals[0].startswith("npl-agi: 1 FastAGI connection(s) refused (3 sessions"), refusals
+    assert refusals[1].startswith("npl-agi: 5 FastAGI connection(s) refused"), refusals  # 4 not logged + 1
+
+
+def nofile_limit(n: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def test_descriptors_never_run_out_a_call_admitted_before_a_flood_still_gets_its_network(tmp_path, sim, subprocess_env):
+    """With 192 descriptors, a call accepted first and speaking after 300 silent connections
+    still opens the lock file and reaches the service; the flood past the reserve is refused,
+    with one log line and no traceback."""
+    path = write_config(tmp_path / "npl-agi.conf", sim.url, api={"timeout": "20"}, fastagi={"metrics_listen": ""})
+
+    async def main(proc, port):
+        go = asyncio.Event()
+        call = asyncio.ensure_future(fastagi_call("127.0.0.1", port, ["07788450450"], before_env=go.wait()))
+        readers = await asyncio.gather(*(silent("127.0.0.1", port) for _ in range(300)))
+        # Refused at once (after the fix), or accepted until descriptors ran out (before it).
+        await wait_for(lambda: sum(closed(r) for r in readers) > 100 or open_fds(proc.pid) >= 185)
+        await asyncio.sleep(0.5)  # accepts still to come
+        go.set()
+        done = await call
+        refused = sum(closed(r) for r in readers)
+        for r in readers:
+            r[1].close()
+        return done, refused
+
+    with server_process(path, subprocess_env, tmp_path / "stderr.log", preexec_fn=nofile_limit(192)) as running:
+        done, refused = asyncio.run(asyncio.wait_for(main(*running), 60))
+    err = (tmp_path / "stderr.log").read_text()
+    assert (done.variables["NPL_ERR"], done.variables["NPL_MCCMNC"]) == ("", "23415"), err[-2000:]
+    assert refused > 100
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if "refused" in line]) == 1, err[-2000:]
