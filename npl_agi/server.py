@@ -53,6 +53,8 @@ REFUSED_LOG_EVERY = 60.0  # seconds between the log lines about refused connecti
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 
 logger = logging.getLogger("npl_agi.server")
+# The unique id of the call at hand, which masking leaves as it is (see ``Server.mask_record``).
+_call_id: contextvars.ContextVar[str] = contextvars.ContextVar("npl_agi_call_id", default="")
 
 
 class _LoopCache(SqliteCache):
@@ -135,6 +137,20 @@ class Server:
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         return self._metrics_listener.sockets[0].getsockname()[:2] if self._metrics_listener else None
+
+    def mask_record(self, record: logging.LogRecord) -> bool:
+        """A filter for the process's log handlers: every line, whoever logs it, with its numbers
+        masked (``log.mask_numbers``) unless ``[fastagi] log_numbers = full``."""
+        if not self._full_numbers(self.state):
+            keep = f"[{_call_id.get()}]"
+            record.msg, record.args = log.mask_numbers(record.getMessage(), keep), ()
+            if record.exc_info:
+                record.exc_text = log.mask_numbers(logging.Formatter().formatException(record.exc_info))
+        return True
+
+    @staticmethod
+    def _full_numbers(state: _State) -> bool:
+        return state.config.fastagi.log_numbers == "full"
 
     async def in_cache_thread(self, work, *args):
         """Run a cache step in the cache's thread, with the calling task's log sink."""
@@ -288,23 +304,26 @@ class Server:
         call = session.env.get("agi_uniqueid", "-")[:40]
         script, dialled = session.script, dialled_number(session.args, session.env)
         session.env.clear()  # a session waiting for its answer holds a few short strings, not its block
+        _call_id.set(call)
+        full = self._full_numbers(state)
         log.call_sink.set(lambda message: logger.warning("npl-agi: [%s] %s", call, message))
         if script != SCRIPT:
             logger.warning("npl-agi: [%s] unknown FastAGI script %s", call, protocol.shown(script))
-            await session.verbose(f"npl-agi: unknown FastAGI script {script[:40]!r}; use agi://…/{SCRIPT}")
+            message = f"npl-agi: unknown FastAGI script {script[:40]!r}; use agi://…/{SCRIPT}"
+            await session.verbose(message if full else log.mask_numbers(message))
             return
         answer, failure = await self._lookup(state, dialled, deadline)
         values = variables_for(answer, failure, round((time.monotonic() - accepted) * 1000))
-        self._account(state, call, dialled, values, answer, failure)
+        shown = dialled if full else log.masked(dialled)
+        self._account(call, protocol.shown(shown), values, answer, failure)
         for name, value in values.items():
             await session.set_variable(name, value)
-        if values["NPL_ERR"]:
-            await session.verbose(*outcome_line(f"'{dialled[:40]}'", values, answer, failure))
+        if values["NPL_ERR"]:  # Asterisk's console is a log too
+            line, level = outcome_line(f"'{shown[:40]}'", values, answer, failure)
+            await session.verbose(line if full else log.mask_numbers(line), level)
 
-    def _account(self, state: _State, call: str, dialled: str, values: dict, answer, failure) -> None:
-        """One log line and the metrics of a lookup."""
-        full = state.config.fastagi.log_numbers == "full"
-        shown = protocol.shown(dialled if full or len(dialled) <= 4 else "*" * (len(dialled) - 4) + dialled[-4:])
+    def _account(self, call: str, shown: str, values: dict, answer, failure) -> None:
+        """One log line (its number as ``shown``) and the metrics of a lookup."""
         logger.info("[%s] %s", call, outcome_line(shown, values, answer, failure)[0])
         self.metrics.lookups.labels(values["NPL_ERR"], values["NPL_SOURCE"]).inc()
         if values["NPL_ERR"] == TIMEOUT:
@@ -399,6 +418,8 @@ def serve(config_path: str | None, listen: str | None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per lookup is ours
     config = load_config(config_path)
     server = Server(config, listen=listen)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(server.mask_record)
     try:
         asyncio.run(server.serve(config_path))
     except OSError as e:  # cannot listen: say so in one line, exit non-zero so systemd retries

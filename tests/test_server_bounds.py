@@ -8,9 +8,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import resource
 
+from npl_agi import log
 from npl_agi.emulator import fastagi_call
+from tests import hostile_server as hostile
 from tests.conftest import write_config
 from tests.test_server import Clock, config_for, run, serving, start_process
 
@@ -195,3 +198,49 @@ def test_descriptors_never_run_out_a_call_admitted_before_a_flood_still_gets_its
     assert refused > 100
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if "refused" in line]) == 1, err[-2000:]
+
+
+def masked_everywhere(text: str, numbers: list[str]) -> bool:
+    return not any(n in text or n[1:] in text for n in numbers)
+
+
+def test_numbers_in_foreign_text_are_masked_in_the_log_and_on_the_console(tmp_path, subprocess_env):
+    """The service quotes numbers back (a malformed line, a whole query): with ``log_numbers =
+    masked`` no digit run of 7 or more reaches the log or Asterisk's console in full; with
+    ``full`` they do. The channel's unique id (10 digits of seconds) is left as it is."""
+    dialled = ["07788450450", "07810701702"]
+    international = ["44" + d[1:] for d in dialled]
+
+    async def both(port: int):
+        return await asyncio.gather(*(fastagi_call("127.0.0.1", port, [d]) for d in dialled))
+
+    for behaviour in (hostile.one_bad_line, hostile.echo_numbers):
+        for log_numbers in ("masked", "full"):
+            name = f"{behaviour.__name__}-{log_numbers}"
+            log_path = tmp_path / f"{name}.log"
+            with hostile.HostileServer(behaviour) as service:
+                path = write_config(
+                    tmp_path / "npl-agi.conf",
+                    service.url,
+                    cache={"path": str(tmp_path / f"{name}.sqlite")},  # both numbers asked, in one request
+                    fastagi={"metrics_listen": "", "batch_window": "0.2", "log_numbers": log_numbers},
+                )
+                with server_process(path, subprocess_env, log_path) as (_, port):
+                    served = asyncio.run(both(port))
+            err = log_path.read_text()
+            console = "\n".join(v for call in served for v in call.verbose)
+            assert "NPL_ERR=PROTOCOL" in err + console, err
+            if log_numbers == "masked":
+                assert masked_everywhere(err, international + dialled), err
+                assert masked_everywhere(console, international + dialled), console
+                assert not re.search(r"\d{7}", re.sub(r"\[[^]]*\]", "", err)), err
+                assert re.search(r"\*{4,}\d{4}", err) and "[1764000000.1]" in err, err
+            else:
+                assert any(n in err for n in international), err
+
+
+def test_mask_numbers_keeps_the_last_4_digits_of_each_long_run_and_the_call_id():
+    text = "[1764000000.1] '447810701702 2341X,,' on port 4573, IMSI 234150012345678 (1764000000)"
+    assert log.mask_numbers(text, keep="[1764000000.1]") == (
+        "[1764000000.1] '********1702 2341X,,' on port 4573, IMSI ***********5678 (******0000)"
+    )
