@@ -12,13 +12,14 @@ SQLite cache hit is served from the loop itself (see ``_LoopCache``).
 Hostile clients are bounded: a session holds at most its environment block (``fastagi``), at
 most ``MAX_READING`` sessions may be reading theirs, and sessions stop short of the descriptor
 limit, keeping ``FD_RESERVE`` for the lock file, the cache and the service. Past a limit a new
-connection is closed at once (the dialplan falls back to the AGI script) and counted; one log
-line a minute says so.
+connection is told ``FAILURE`` and closed at once (the dialplan falls back to the AGI script)
+and counted; one log line a minute says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -49,6 +50,9 @@ FD_RESERVE = 64  # descriptors never taken by sessions: the lock, the cache, the
 LISTEN_BACKLOG = 100  # connections the kernel queues; also the most accepted in one turn of the loop
 ACCEPT_RETRY = 1.0  # seconds accepting pauses when the system itself is out of descriptors
 REFUSED_LOG_EVERY = 60.0  # seconds between the log lines about refused connections
+# What a refused connection is told before it is closed: Asterisk's word for an AGI that could not
+# run, so AGISTATUS is FAILURE and the dialplan runs the process script (a bare close is SUCCESS).
+REFUSAL = b"FAILURE\n"
 # Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 
@@ -241,7 +245,9 @@ class Server:
                 loop.call_later(ACCEPT_RETRY, loop.add_reader, self._listener, self._accept)
                 return
             if self._sessions >= self.max_sessions or self._reading >= self.max_reading:
-                conn.close()
+                with contextlib.closing(conn), contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(REFUSAL)
                 self._refuse()
                 continue
             self._sessions += 1

@@ -53,19 +53,23 @@ async def flood_env(host: str, port: int, lines: int = 199) -> None:
         writer.close()
 
 
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+class Silent:
+    """A client that connects and says nothing; ``heard`` is what the server said until it closed."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.heard = asyncio.ensure_future(reader.read())
+
+    @property
+    def closed(self) -> bool:
+        return self.heard.done()
+
+    def hang_up(self) -> None:
+        self.writer.close()
 
 
-async def silent(host: str, port: int) -> Connection:
-    """A client that connects and says nothing (its writer kept: a dropped one closes)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    return reader, writer
-
-
-def closed(connection: Connection) -> bool:
-    """Whether the server has closed it (seen without reading: the reader's buffer gets the EOF)."""
-    reader, _ = connection
-    return reader.at_eof() or reader.exception() is not None
+async def silent(host: str, port: int) -> Silent:
+    return Silent(*await asyncio.open_connection(host, port))
 
 
 @contextlib.contextmanager
@@ -123,18 +127,20 @@ def test_sessions_reading_their_environment_are_bounded_past_it_new_ones_are_clo
         try:
             waiting = [await silent(host, port) for _ in range(512)]
             refused = [await silent(host, port) for _ in range(20)]
-            await wait_for(lambda: all(closed(r) for r in refused), 20)
-            still_open = [r for r in waiting if not closed(r)]
+            await wait_for(lambda: all(r.closed for r in refused), 20)
+            still_open = [r for r in waiting if not r.closed]
+            told = {r.heard.result() for r in refused}
             for r in waiting:  # hang up: their sessions end, the next call is served
-                r[1].close()
+                r.hang_up()
             await wait_for(lambda: not server._calls)
             served = await fastagi_call(host, port, ["07788450450"])
-            return len(still_open), served
+            return len(still_open), told, served
         finally:
             await server.drain()
 
-    still_open, served = run(main())
+    still_open, told, served = run(main())
     assert still_open == 512
+    assert told == {b"FAILURE\n"}  # Asterisk's AGISTATUS=FAILURE: the dialplan runs the script
     assert served.variables["NPL_MCCMNC"] == "23415"
 
 
@@ -149,13 +155,13 @@ def test_refused_connections_are_logged_once_a_minute(tmp_path, sim, caplog):
         try:
             held = [await silent(host, port) for _ in range(3)]
             first = [await silent(host, port) for _ in range(5)]
-            await wait_for(lambda: all(closed(r) for r in first))
+            await wait_for(lambda: all(r.closed for r in first))
             clock.now += 61
             second = [await silent(host, port) for _ in range(2)]
-            await wait_for(lambda: all(closed(r) for r in second))
-            assert not any(closed(r) for r in held)
+            await wait_for(lambda: all(r.closed for r in second))
+            assert not any(r.closed for r in held)
             for r in held:
-                r[1].close()
+                r.hang_up()
         finally:
             await server.drain()
 
@@ -182,13 +188,13 @@ def test_descriptors_never_run_out_a_call_admitted_before_a_flood_still_gets_its
         call = asyncio.ensure_future(fastagi_call("127.0.0.1", port, ["07788450450"], before_env=go.wait()))
         readers = await asyncio.gather(*(silent("127.0.0.1", port) for _ in range(300)))
         # Refused at once (after the fix), or accepted until descriptors ran out (before it).
-        await wait_for(lambda: sum(closed(r) for r in readers) > 100 or open_fds(proc.pid) >= 185)
+        await wait_for(lambda: sum(r.closed for r in readers) > 100 or open_fds(proc.pid) >= 185)
         await asyncio.sleep(0.5)  # accepts still to come
         go.set()
         done = await call
-        refused = sum(closed(r) for r in readers)
+        refused = sum(r.closed for r in readers)
         for r in readers:
-            r[1].close()
+            r.hang_up()
         return done, refused
 
     with server_process(path, subprocess_env, tmp_path / "stderr.log", preexec_fn=nofile_limit(192)) as running:
