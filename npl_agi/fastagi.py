@@ -16,7 +16,7 @@ from .agi import MAX_VERBOSE, agi_quote
 
 MAX_LINE = 8192  # bytes of one environment line or reply; Asterisk's own buffer is 2048
 MAX_ENV_LINES = 200  # Asterisk sends about 20, plus one per AGI argument
-MAX_ENV_CHARS = 32 * 1024  # of the whole block; Asterisk's is about 1 KiB
+MAX_ENV_CHARS = 16 * 1024  # of the whole block; Asterisk's is about 1 KiB
 
 
 class SessionEnded(Exception):
