@@ -146,8 +146,11 @@ class Server:
         """A filter for the process's log handlers: every line, whoever logs it, with its numbers
         masked (``log.mask_numbers``) unless ``[fastagi] log_numbers = full``."""
         if not self._full_numbers(self.state):
-            keep = f"[{_call_id.get()}]"
-            record.msg, record.args = log.mask_numbers(record.getMessage(), keep), ()
+            try:
+                message = record.getMessage()
+            except Exception:  # a malformed line: the handler reports it (never the caller)
+                return True
+            record.msg, record.args = log.mask_numbers(message, f"[{_call_id.get()}]"), ()
             if record.exc_info:
                 record.exc_text = log.mask_numbers(logging.Formatter().formatException(record.exc_info))
         return True
@@ -242,7 +245,7 @@ class Server:
                 self._refuse()
                 loop = asyncio.get_running_loop()
                 loop.remove_reader(self._listener)
-                loop.call_later(ACCEPT_RETRY, loop.add_reader, self._listener, self._accept)
+                loop.call_later(ACCEPT_RETRY, self._resume_accepting)
                 return
             if self._sessions >= self.max_sessions or self._reading >= self.max_reading:
                 with contextlib.closing(conn), contextlib.suppress(OSError):
@@ -255,6 +258,10 @@ class Server:
             task = asyncio.get_running_loop().create_task(self._handle(conn))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
+
+    def _resume_accepting(self) -> None:
+        if self._listener.fileno() != -1:  # not closed by drain() meanwhile
+            asyncio.get_running_loop().add_reader(self._listener, self._accept)
 
     def _refuse(self) -> None:
         """Count a connection refused; at most one log line a minute says how many and why."""
