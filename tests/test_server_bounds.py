@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import resource
+import subprocess
+import sys
 
 from npl_agi import log
 from npl_agi.emulator import fastagi_call
@@ -251,3 +253,19 @@ def test_mask_numbers_keeps_the_last_4_digits_of_each_long_run_and_the_call_id()
     assert log.mask_numbers(text, keep="[1764000000.1]") == (
         "[1764000000.1] '********1702 2341X,,' on port 4573, IMSI ***********5678 (******0000)"
     )
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, sim, subprocess_env):
+    """The server's own listening socket fails as asyncio's did: one line, no traceback."""
+    path = write_config(tmp_path / "npl-agi.conf", sim.url, fastagi={"metrics_listen": ""})
+    with server_process(path, subprocess_env, tmp_path / "first.log") as (_, port):
+        second = subprocess.run(
+            [sys.executable, "-m", "npl_agi.cli", "serve", "--config", str(path), "--listen", f"127.0.0.1:{port}"],
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert second.returncode == 1
+    assert f"npl-agi: cannot listen on 127.0.0.1:{port}: Address already in use" in second.stderr
+    assert "Traceback" not in second.stderr
