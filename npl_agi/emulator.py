@@ -133,15 +133,21 @@ async def fastagi_call(
     respond: Responder = answer_all,
     hangup_after: float | None = None,
     timeout: float = 15.0,
+    before_env=None,
 ) -> AgiRun:
     """One FastAGI call as Asterisk makes it: connect, send the environment (with
     ``agi_network_script``), answer each command; ``hangup_after`` seconds in, send ``HANGUP``
-    inline as Asterisk does when the caller hangs up. Ends when the server closes."""
+    inline as Asterisk does when the caller hangs up. Ends when the server closes.
+
+    ``before_env`` (an awaitable) is awaited once connected, before the environment is sent: a
+    call that the server accepted early and that speaks late."""
     import asyncio
 
     started = time.monotonic()
     run = AgiRun()
     reader, writer = await asyncio.open_connection(host, port)
+    if before_env is not None:
+        await before_env
     writer.write(fastagi_greeting(host, port, script, args, agi_env))
 
     async def hang_up() -> None:

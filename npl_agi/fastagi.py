@@ -4,7 +4,8 @@ The same conversation as a process AGI, over TCP: Asterisk sends the environment
 (``agi_*: value`` lines, then a blank line), then each command gets one reply line. On hangup
 Asterisk sends ``HANGUP`` inline (instead of SIGHUP) and still answers dead-safe commands such
 as ``SET VARIABLE``. Whatever the peer sends (nothing, garbage, a megabyte without a newline)
-ends only its own session: every read has a line-length limit and runs within a deadline.
+ends only its own session: every read has a line-length limit and runs within a deadline, and
+the environment block a bound on its whole size, so a session never holds more than that.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .agi import MAX_VERBOSE, agi_quote
 
 MAX_LINE = 8192  # bytes of one environment line or reply; Asterisk's own buffer is 2048
 MAX_ENV_LINES = 200  # Asterisk sends about 20, plus one per AGI argument
+MAX_ENV_CHARS = 16 * 1024  # of the whole block; Asterisk's is about 1 KiB
 
 
 class SessionEnded(Exception):
@@ -48,12 +50,16 @@ class Session:
 
         Lines that are not ``agi_*: value`` are skipped: Asterisk writes arguments as they are,
         so a newline in a dialled number splits its line. ``SessionEnded`` past
-        ``MAX_ENV_LINES`` lines.
+        ``MAX_ENV_LINES`` lines or ``MAX_ENV_CHARS`` characters.
         """
+        size = 0
         for _ in range(MAX_ENV_LINES):
             line = await self._line()
             if not line:
                 return self.env
+            size += len(line) + 1
+            if size > MAX_ENV_CHARS:
+                break
             key, sep, value = line.partition(":")
             if sep and key.startswith("agi_"):
                 self.env[key] = value.removeprefix(" ")

@@ -2,11 +2,13 @@
 ``logging`` on the call path.
 
 The AGI door points them at the Asterisk console with ``set_sink``; everywhere else they go to
-the standard ``logging`` logger ``npl_agi``.
+the standard ``logging`` logger ``npl_agi``. ``mask_numbers`` is what the FastAGI server passes
+every log line through.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextvars import ContextVar
 
@@ -29,3 +31,22 @@ def warning(message: str, *args: object) -> None:
     import logging
 
     logging.getLogger("npl_agi").warning(message, *args)
+
+
+_NUMBER = re.compile(r"\d{7,}")  # long enough to be a phone number (or an IMSI); ports, counts and ms are shorter
+
+
+def masked(number: str) -> str:
+    """``number`` with all but its last 4 characters as ``*``."""
+    return number if len(number) <= 4 else "*" * (len(number) - 4) + number[-4:]
+
+
+def mask_numbers(text: str, keep: str = "") -> str:
+    """``text`` with every run of 7 or more digits ``masked``: what any message may quote (a
+    service's answer line, a reason phrase, a query echoed back) shows no number in full.
+
+    ``keep`` (a call's unique id, whose seconds are 10 digits) is left as it is where it occurs.
+    """
+    if keep and keep in text:
+        return keep.join(mask_numbers(part) for part in text.split(keep))
+    return _NUMBER.sub(lambda m: masked(m.group()), text)

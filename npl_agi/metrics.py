@@ -37,6 +37,7 @@ class Metrics:
         self.deadline_misses = Counter("npl_deadline_misses", "Calls past their deadline", registry=r)
         self.breaker = Enum("npl_breaker", "Circuit breaker state", states=[CLOSED, OPEN, HALF_OPEN], registry=r)
         self.in_flight = Gauge("npl_calls_in_flight", "FastAGI calls being served", registry=r)
+        self.refused = Counter("npl_connections_refused", "FastAGI connections closed at once (limits)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

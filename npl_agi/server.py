@@ -8,15 +8,24 @@ concurrent calls go to the broker, which asks for them in one request. Cache ste
 (writes, Redis, validation of a number the cache misses) run in one worker thread (SQLite
 connections belong to one thread), so nothing blocks the event loop; a call whose number is an
 SQLite cache hit is served from the loop itself (see ``_LoopCache``).
+
+Hostile clients are bounded: a session holds at most its environment block (``fastagi``), at
+most ``MAX_READING`` sessions may be reading theirs, and sessions stop short of the descriptor
+limit, keeping ``FD_RESERVE`` for the lock file, the cache and the service. Past a limit a new
+connection is told ``FAILURE`` and closed at once (the dialplan falls back to the AGI script)
+and counted; one log line a minute says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
+import resource
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,10 +45,20 @@ SCRIPT = "npl-lookup"
 CACHE_RETRY = 30.0  # seconds a failed cache backend is skipped before it is tried again
 SESSION_GRACE = 5.0  # seconds past its deadline a call has to take its variables
 HITS_RECORD_EVERY = 1.0  # seconds the hits served from the loop are counted for ``cache stats``
+MAX_READING = 1024  # sessions reading their environment at once (a burst of calls takes a moment)
+FD_RESERVE = 64  # descriptors never taken by sessions: the lock, the cache, the service, the log
+LISTEN_BACKLOG = 100  # connections the kernel queues; also the most accepted in one turn of the loop
+ACCEPT_RETRY = 1.0  # seconds accepting pauses when the system itself is out of descriptors
+REFUSED_LOG_EVERY = 60.0  # seconds between the log lines about refused connections
+# What a refused connection is told before it is closed: Asterisk's word for an AGI that could not
+# run, so AGISTATUS is FAILURE and the dialplan runs the process script (a bare close is SUCCESS).
+REFUSAL = b"FAILURE\n"
 # Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 
 logger = logging.getLogger("npl_agi.server")
+# The unique id of the call at hand, which masking leaves as it is (see ``Server.mask_record``).
+_call_id: contextvars.ContextVar[str] = contextvars.ContextVar("npl_agi_call_id", default="")
 
 
 class _LoopCache(SqliteCache):
@@ -101,21 +120,44 @@ class Server:
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="npl-agi-cache")
         self.state = _State(config, self)
         self.listen = parse_listen(listen or config.fastagi.listen, "--listen" if listen else "[fastagi] listen")
-        self._listener: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
         self._metrics_listener: asyncio.Server | None = None
         self._calls: set[asyncio.Task] = set()
         self._retired: set[asyncio.Task] = set()
         self._hits_to_record = 0
         self._record_hits_timer: asyncio.TimerHandle | None = None
+        self.max_reading = MAX_READING
+        self.max_sessions = max(_descriptors() - FD_RESERVE, 1)
+        self._sessions = 0  # connections accepted and not yet closed
+        self._reading = 0  # of them, those still reading their environment
+        self._refused = 0  # connections refused since the last log line about them
+        self._refused_logged_at: float | None = None
 
     @property
     def address(self) -> tuple[str, int]:
         """Where it listens (the real port when the configured one was 0)."""
-        return self._listener.sockets[0].getsockname()[:2]
+        return self._listener.getsockname()[:2]
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         return self._metrics_listener.sockets[0].getsockname()[:2] if self._metrics_listener else None
+
+    def mask_record(self, record: logging.LogRecord) -> bool:
+        """A filter for the process's log handlers: every line, whoever logs it, with its numbers
+        masked (``log.mask_numbers``) unless ``[fastagi] log_numbers = full``."""
+        if not self._full_numbers(self.state):
+            try:
+                message = record.getMessage()
+            except Exception:  # a malformed line: the handler reports it (never the caller)
+                return True
+            record.msg, record.args = log.mask_numbers(message, f"[{_call_id.get()}]"), ()
+            if record.exc_info:
+                record.exc_text = log.mask_numbers(logging.Formatter().formatException(record.exc_info))
+        return True
+
+    @staticmethod
+    def _full_numbers(state: _State) -> bool:
+        return state.config.fastagi.log_numbers == "full"
 
     async def in_cache_thread(self, work, *args):
         """Run a cache step in the cache's thread, with the calling task's log sink."""
@@ -126,8 +168,8 @@ class Server:
     async def start(self) -> None:
         # Loaded once, not in a call; the cache file created before the loop reads it.
         await self.in_cache_thread(lambda: self.state.lookup.directory and self.state.lookup.cache.get_many([]))
-        host, port = self.listen
-        self._listener = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
+        self._listener = await _listening_socket(*self.listen)
+        asyncio.get_running_loop().add_reader(self._listener, self._accept)
         metrics_listen = self.state.config.fastagi.metrics_listen
         if metrics_listen:
             try:
@@ -175,6 +217,7 @@ class Server:
         """Stop accepting; let every call in flight end (each by its deadline) and every request
         end (keeping what it paid for); then release everything."""
         if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener)
             self._listener.close()
         if self._calls:
             await asyncio.wait(set(self._calls))
@@ -188,53 +231,112 @@ class Server:
         if self.state.on_loop is not None:
             self.state.on_loop.cache.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self) -> None:
+        """Take the waiting connections one by one, each counted before the next is taken, so
+        that the limits hold before a descriptor runs out (not a turn of the loop later)."""
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError:  # the system is out of descriptors or memory: try again in a moment
+                self._refuse()
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._listener)
+                loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+                return
+            if self._sessions >= self.max_sessions or self._reading >= self.max_reading:
+                with contextlib.closing(conn), contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(REFUSAL)
+                self._refuse()
+                continue
+            self._sessions += 1
+            self._reading += 1
+            task = asyncio.get_running_loop().create_task(self._handle(conn))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    def _resume_accepting(self) -> None:
+        if self._listener.fileno() != -1:  # not closed by drain() meanwhile
+            asyncio.get_running_loop().add_reader(self._listener, self._accept)
+
+    def _refuse(self) -> None:
+        """Count a connection refused; at most one log line a minute says how many and why."""
+        self._refused += 1
+        self.metrics.refused.inc()
+        now = self.clock()
+        if self._refused_logged_at is not None and now - self._refused_logged_at < REFUSED_LOG_EVERY:
+            return
+        logger.warning(
+            "npl-agi: %d FastAGI connection(s) refused (%d sessions, at most %d; %d reading their environment,"
+            " at most %d); those calls fall back to the AGI script",
+            self._refused,
+            self._sessions,
+            self.max_sessions,
+            self._reading,
+            self.max_reading,
+        )
+        self._refused, self._refused_logged_at = 0, now
+
+    async def _handle(self, conn: socket.socket) -> None:
         accepted = time.monotonic()
-        # An AGI conversation is short lines: receive them in MAX_LINE chunks instead of asyncio's
-        # 256 KiB, a buffer the allocator maps, shrinks and unmaps on every read (three system
-        # calls for each of a call's dozen replies). Only the selector transport has the knob.
-        if hasattr(writer.transport, "max_size"):
-            writer.transport.max_size = MAX_LINE
-        task = asyncio.current_task()
-        self._calls.add(task)
         self.metrics.in_flight.inc()
         state = self.state
         deadline = accepted + state.config.api.timeout
+        writer = None
         try:
             async with asyncio.timeout_at(deadline + SESSION_GRACE):
-                await self._call(state, Session(reader, writer), accepted, deadline)
+                try:
+                    reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_LINE)
+                    # An AGI conversation is short lines: receive them in MAX_LINE chunks instead
+                    # of asyncio's 256 KiB, a buffer the allocator maps, shrinks and unmaps on
+                    # every read (three system calls for each of a call's dozen replies), and
+                    # that a flood of sessions would each hold. Only the selector transport has it.
+                    if hasattr(writer.transport, "max_size"):
+                        writer.transport.max_size = MAX_LINE
+                    session = Session(reader, writer)
+                    async with asyncio.timeout_at(deadline):
+                        await session.read_env()
+                finally:
+                    self._reading -= 1
+                await self._call(state, session, accepted, deadline)
         except (SessionEnded, TimeoutError, OSError):
             # The peer went away or misbehaved: only its own session ends.
             logger.debug("npl-agi: FastAGI session ended early")
         except Exception:
             logger.exception("npl-agi: FastAGI session failed")
         finally:
-            writer.close()
+            (writer or conn).close()
+            self._sessions -= 1
             self.metrics.in_flight.dec()
-            self._calls.discard(task)
 
     async def _call(self, state: _State, session: Session, accepted: float, deadline: float) -> None:
-        async with asyncio.timeout_at(deadline):
-            await session.read_env()
         call = session.env.get("agi_uniqueid", "-")[:40]
+        script, dialled = session.script, dialled_number(session.args, session.env)
+        session.env.clear()  # a session waiting for its answer holds a few short strings, not its block
+        _call_id.set(call)
+        full = self._full_numbers(state)
         log.call_sink.set(lambda message: logger.warning("npl-agi: [%s] %s", call, message))
-        if session.script != SCRIPT:
-            logger.warning("npl-agi: [%s] unknown FastAGI script %s", call, protocol.shown(session.script))
-            await session.verbose(f"npl-agi: unknown FastAGI script {session.script[:40]!r}; use agi://…/{SCRIPT}")
+        if script != SCRIPT:
+            logger.warning("npl-agi: [%s] unknown FastAGI script %s", call, protocol.shown(script))
+            message = f"npl-agi: unknown FastAGI script {script[:40]!r}; use agi://…/{SCRIPT}"
+            await session.verbose(message if full else log.mask_numbers(message))
             return
-        dialled = dialled_number(session.args, session.env)
         answer, failure = await self._lookup(state, dialled, deadline)
         values = variables_for(answer, failure, round((time.monotonic() - accepted) * 1000))
-        self._account(state, call, dialled, values, answer, failure)
+        shown = dialled if full else log.masked(dialled)
+        self._account(call, protocol.shown(shown), values, answer, failure)
         for name, value in values.items():
             await session.set_variable(name, value)
-        if values["NPL_ERR"]:
-            await session.verbose(*outcome_line(f"'{dialled[:40]}'", values, answer, failure))
+        if values["NPL_ERR"]:  # Asterisk's console is a log too
+            line, level = outcome_line(f"'{shown[:40]}'", values, answer, failure)
+            await session.verbose(line if full else log.mask_numbers(line), level)
 
-    def _account(self, state: _State, call: str, dialled: str, values: dict, answer, failure) -> None:
-        """One log line and the metrics of a lookup."""
-        full = state.config.fastagi.log_numbers == "full"
-        shown = protocol.shown(dialled if full or len(dialled) <= 4 else "*" * (len(dialled) - 4) + dialled[-4:])
+    def _account(self, call: str, shown: str, values: dict, answer, failure) -> None:
+        """One log line (its number as ``shown``) and the metrics of a lookup."""
         logger.info("[%s] %s", call, outcome_line(shown, values, answer, failure)[0])
         self.metrics.lookups.labels(values["NPL_ERR"], values["NPL_SOURCE"]).inc()
         if values["NPL_ERR"] == TIMEOUT:
@@ -308,12 +410,29 @@ class Server:
         return {m: old[m] for m in failing if m in old}
 
 
+async def _listening_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on the first address ``host`` resolves to."""
+    loop = asyncio.get_running_loop()
+    family, *_, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0]
+    sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _descriptors() -> int:
+    """The process's soft limit of open descriptors (systemd's default is 1024)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 def serve(config_path: str | None, listen: str | None) -> int:
     """``npl-agi serve``: log lines to stderr (journald), run until SIGTERM, exit 0."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per lookup is ours
     config = load_config(config_path)
     server = Server(config, listen=listen)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(server.mask_record)
     try:
         asyncio.run(server.serve(config_path))
     except OSError as e:  # cannot listen: say so in one line, exit non-zero so systemd retries

@@ -77,6 +77,12 @@ def echo_in_body(sock, form) -> None:
     sock.sendall(head("200 OK", f"Content-Length: {len(body)}", "Connection: close") + body)
 
 
+def echo_numbers(sock, form) -> None:
+    """A status line that quotes the query's numbers back (every caller's in the batch)."""
+    body = ("FAIL bad query msisdn=" + form.get("msisdn", "") + "\n").encode()
+    sock.sendall(head("200 OK", f"Content-Length: {len(body)}", "Connection: close") + body)
+
+
 class HostileServer:
     """Serves one behaviour to every query until stopped; records the forms it was sent."""
 

@@ -29,7 +29,13 @@ def test_fastagi_unit_is_installed_with_this_installations_paths_and_removed_aga
     unit = (stage / "etc/systemd/system/npl-agi-fastagi.service").read_text()
     assert f"ExecStart={prefix}/bin/npl-agi serve --config /etc/asterisk/npl-agi.conf\n" in unit
     assert "@" not in unit.replace("@PREFIX@", "")  # every placeholder filled
-    for line in ("User=asterisk", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+    for line in (
+        "User=asterisk",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "LimitNOFILE=65536",
+    ):
         assert f"\n{line}\n" in unit
     assert "\nReadWritePaths=/var/lib/asterisk/npl-agi -/tmp\n" in unit
     assert "NPL_FASTAGI=agi://127.0.0.1:4573" in done.stdout

@@ -464,14 +464,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_process(config_path, subprocess_env) -> tuple[subprocess.Popen, int]:
+def start_process(config_path, subprocess_env, **popen) -> tuple[subprocess.Popen, int]:
+    """``npl-agi serve`` in a process of its own, once it listens (``popen``: more ``Popen`` options)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "npl_agi.cli", "serve", "--config", str(config_path), "--listen", f"127.0.0.1:{port}"],
         env=subprocess_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         text=True,
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen},
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
