@@ -55,15 +55,19 @@ class Cache:
 
     Public methods never raise: a backend error disables the backend for ``retry_after``
     seconds after one log line (for the rest of the process by default: an AGI script lives for
-    one call; the FastAGI server sets a cool-down and tries again).
+    one call). The FastAGI server sets a short first cool-down that doubles with each failed
+    probe up to ``retry_longest``, timed by ``retry_clock``; a success starts it again.
     """
 
     name = "none"
-    retry_after = math.inf
+    retry_after = math.inf  # the first cool-down after a failure
+    retry_longest = math.inf  # the longest, after failed probes
 
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.retry_clock = clock
+        self._failures = 0  # failures since the last success
         self.broken = False
         self.deadline: float | None = None  # time.monotonic() by which a call needs its answer
         self.background = False  # no call waits: store what was paid for even if that takes a while
@@ -77,11 +81,16 @@ class Cache:
     @property
     def broken(self) -> bool:
         """True while a failed backend is skipped."""
-        return self.clock() < self._broken_until
+        return self.retry_clock() < self._broken_until
 
     @broken.setter
     def broken(self, value: bool) -> None:
-        self._broken_until = self.clock() + self.retry_after if value else -math.inf
+        if not value:
+            self._failures, self._broken_until = 0, -math.inf
+            return
+        self._failures += 1
+        cooldown = min(self.retry_after * 2 ** min(self._failures - 1, 32), self.retry_longest)
+        self._broken_until = self.retry_clock() + cooldown
 
     def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
@@ -119,11 +128,13 @@ class Cache:
         if self.broken:
             return fallback
         try:
-            return work(*args)
+            done = work(*args)
         except Exception as e:  # whatever a cache does wrong, the call goes on
             self.broken = True
             log.warning("cache %s failed, continuing without the %s cache: %s", what, self.name, _short(e))
             return fallback
+        self._failures = 0
+        return done
 
     def close(self) -> None:
         """Let go of the backend's connection. Before a fork: an SQLite connection must never be

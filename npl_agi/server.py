@@ -33,7 +33,8 @@ from .lookup import Lookup, Resolved
 from .metrics import Metrics
 
 SCRIPT = "npl-lookup"
-CACHE_RETRY = 30.0  # seconds a failed cache backend is skipped before it is tried again
+CACHE_RETRY_FIRST = 1.0  # seconds a failed cache backend is skipped before it is probed again,
+CACHE_RETRY_LONGEST = 30.0  # doubling with each failed probe up to this
 SESSION_GRACE = 5.0  # seconds past its deadline a call has to take its variables
 HITS_RECORD_EVERY = 1.0  # seconds the hits served from the loop are counted for ``cache stats``
 # Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
@@ -72,7 +73,7 @@ class _State:
         cache = self.lookup.cache
         # Opened by the loop's thread at its first read, after start() has created the file.
         self.on_loop = Lookup(config, cache=_LoopCache(config.cache)) if isinstance(cache, SqliteCache) else None
-        cache.retry_after = CACHE_RETRY
+        cache.retry_after, cache.retry_longest, cache.retry_clock = CACHE_RETRY_FIRST, CACHE_RETRY_LONGEST, server.clock
         try:
             require_credentials(config)
             self.refused: ConfigError | None = None
