@@ -91,6 +91,7 @@ class Cache:
         self._failures += 1
         cooldown = min(self.retry_after * 2 ** min(self._failures - 1, 32), self.retry_longest)
         self._broken_until = self.retry_clock() + cooldown
+        self.close()  # the probe opens a new connection: the old one may be stuck (read-only, dead socket)
 
     def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
@@ -472,6 +473,12 @@ class RedisCache(Cache):
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
         self._redis = None
+
+    def close(self) -> None:
+        r, self._redis = self._redis, None
+        if r is not None:
+            with contextlib.suppress(Exception):
+                r.close()
 
     def client(self):
         """The redis-py client, made on first use; every operation gives up after ``REDIS_TIMEOUT``."""

@@ -509,3 +509,40 @@ def test_an_answer_reset_mid_body_keeps_its_complete_lines_through_the_server(tm
     errors = sorted(c.variables["NPL_ERR"] for c in served)
     assert errors == ["", "PROTOCOL"]  # the line that arrived is kept, the other is cut off
     assert [c.variables["NPL_MCCMNC"] for c in served if not c.variables["NPL_ERR"]] == ["23415"]
+
+
+# -- the cache file goes wrong under a running server --
+
+
+def immutable(path, on: bool) -> None:
+    """``chattr +i``/``-i``: a file that nobody, root included, may open for writing."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True, text=True)
+    if done.returncode and on:
+        pytest.skip(f"cannot make a file immutable here: {done.stderr.strip()}")
+
+
+def test_a_cache_file_that_was_read_only_is_reopened_once_writable_again(tmp_path, sim):
+    """Opened while it cannot be written, SQLite's connection is read-only for good: a failed
+    backend is retried with a new connection, so answers are cached again once the file is
+    writable, without a restart."""
+    config = config_for(tmp_path, sim)
+    SqliteCache(config.cache).put_many([Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")])
+    clock = Clock()
+    immutable(config.cache.path, True)
+
+    async def main():
+        server = await serving(config, clock)
+        try:
+            failed = await calls(server, [uk(1)])  # paid for; its write fails
+            immutable(config.cache.path, False)
+            clock.now += 2  # past the first cool-down
+            return failed, await calls(server, [uk(2)])
+        finally:
+            await server.drain()
+
+    try:
+        failed, then = run(main())
+    finally:
+        immutable(config.cache.path, False)
+    assert [r.variables["NPL_SOURCE"] for r in failed + then] == ["api", "api"]
+    assert list(SqliteCache(config.cache).get_many([f"44{uk(2)[1:]}"])) == [f"44{uk(2)[1:]}"]
