@@ -27,6 +27,7 @@ from .protocol import Answer
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
 SQLITE_BACKGROUND_BUSY_TIMEOUT = 10.0  # a request finishing in the background can wait to store its answers
+SQLITE_FILE_CHECK_EVERY = 1.0  # seconds between checks that the open file is still the one at the path
 REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
 REDIS_PREFIX = "npl-agi:"
 
@@ -56,7 +57,7 @@ class Cache:
     Public methods never raise: a backend error disables the backend for ``retry_after``
     seconds after one log line (for the rest of the process by default: an AGI script lives for
     one call). The FastAGI server sets a short first cool-down that doubles with each failed
-    probe up to ``retry_longest``, timed by ``retry_clock``; a success starts it again.
+    probe up to ``retry_longest``, timed by ``timer``; a success starts it again.
     """
 
     name = "none"
@@ -66,7 +67,7 @@ class Cache:
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.retry_clock = clock
+        self.timer = clock  # times cool-downs and file checks: the server gives its monotonic clock
         self._failures = 0  # failures since the last success
         self.broken = False
         self.deadline: float | None = None  # time.monotonic() by which a call needs its answer
@@ -81,7 +82,7 @@ class Cache:
     @property
     def broken(self) -> bool:
         """True while a failed backend is skipped."""
-        return self.retry_clock() < self._broken_until
+        return self.timer() < self._broken_until
 
     @broken.setter
     def broken(self, value: bool) -> None:
@@ -90,7 +91,7 @@ class Cache:
             return
         self._failures += 1
         cooldown = min(self.retry_after * 2 ** min(self._failures - 1, 32), self.retry_longest)
-        self._broken_until = self.retry_clock() + cooldown
+        self._broken_until = self.timer() + cooldown
         self.close()  # the probe opens a new connection: the old one may be stuck (read-only, dead socket)
 
     def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
@@ -196,10 +197,14 @@ class SqliteCache(Cache):
         INSERT OR IGNORE INTO counters VALUES ('created', strftime('%s','now')), ('hits', 0), ('misses', 0);
     """
 
+    announce_replaced = True  # warn when the file under the path is not the one open
+
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
         self._db = None
         self._busy_ms = -1  # the connection's busy timeout as last set
+        self._opened: tuple[int, int] | None = None  # st_dev, st_ino of the file open
+        self._next_check = -math.inf
 
     def close(self) -> None:
         db, self._db = self._db, None
@@ -214,6 +219,8 @@ class SqliteCache(Cache):
         Admin commands do not create it. When a lookup as root does, the file still belongs to
         the directory's owner and group (see ``create_shared_file``), so Asterisk can write it.
         """
+        if self._db is not None and self._replaced():
+            self.close()
         if self._db is None:
             import sqlite3
 
@@ -234,12 +241,28 @@ class SqliteCache(Cache):
                 db.close()
                 raise
             self._db = db
+            self._opened = _identity(path)
+            self._next_check = self.timer() + SQLITE_FILE_CHECK_EVERY
         # Another process's write makes us wait, but never past the call's deadline.
         busy_ms = int(self._busy_timeout() * 1000)
         if busy_ms != self._busy_ms:
             self._db.execute(f"PRAGMA busy_timeout = {busy_ms}")
             self._busy_ms = busy_ms
         return self._db
+
+    def _replaced(self) -> bool:
+        """Whether the path no longer names the file open (deleted, or another file moved there),
+        checked at most every ``SQLITE_FILE_CHECK_EVERY`` seconds. A long-lived process would
+        otherwise go on storing what it paid for in a file that nobody else can read."""
+        now = self.timer()
+        if now < self._next_check:
+            return False
+        self._next_check = now + SQLITE_FILE_CHECK_EVERY
+        if _identity(self.cfg.path) == self._opened:
+            return False
+        if self.announce_replaced:
+            log.warning("cache file %s was deleted or replaced while open, opening it again", self.cfg.path)
+        return True
 
     def _busy_timeout(self) -> float:
         return SQLITE_BACKGROUND_BUSY_TIMEOUT if self.background else self._within(SQLITE_BUSY_TIMEOUT)
@@ -324,6 +347,16 @@ class SqliteCache(Cache):
             {**_answer(msisdn, mccmnc, msc, imsi, error).as_dict(), "stored": stored, "expires": expires}
             for msisdn, mccmnc, msc, imsi, error, stored, expires in rows
         )
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file a path names (device, inode), or None when there is none. Taken when the
+    database is opened: sqlite3 does not give its file descriptor for an ``fstat``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 SHARED_DIR_MODE = 0o2770  # setgid: what is created inside takes the directory's group

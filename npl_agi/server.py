@@ -54,6 +54,8 @@ class _LoopCache(SqliteCache):
     path, which waits within the call's deadline and says what failed. Nothing is written here.
     """
 
+    announce_replaced = False  # the worker thread's connection says it
+
     def _busy_timeout(self) -> float:
         return 0.0
 
@@ -71,9 +73,12 @@ class _State:
         self.config = config
         self.lookup = Lookup(config)
         cache = self.lookup.cache
-        # Opened by the loop's thread at its first read, after start() has created the file.
-        self.on_loop = Lookup(config, cache=_LoopCache(config.cache)) if isinstance(cache, SqliteCache) else None
-        cache.retry_after, cache.retry_longest, cache.retry_clock = CACHE_RETRY_FIRST, CACHE_RETRY_LONGEST, server.clock
+        cache.retry_after, cache.retry_longest, cache.timer = CACHE_RETRY_FIRST, CACHE_RETRY_LONGEST, server.clock
+        self.on_loop: Lookup | None = None
+        if isinstance(cache, SqliteCache):  # opened by the loop's thread at its first read, after start()
+            on_loop = _LoopCache(config.cache)
+            on_loop.timer = server.clock
+            self.on_loop = Lookup(config, cache=on_loop)
         try:
             require_credentials(config)
             self.refused: ConfigError | None = None

@@ -534,6 +534,7 @@ def test_a_cache_file_that_was_read_only_is_reopened_once_writable_again(tmp_pat
         server = await serving(config, clock)
         try:
             failed = await calls(server, [uk(1)])  # paid for; its write fails
+            await server.state.broker.settled()  # stored after the call got its answer
             immutable(config.cache.path, False)
             clock.now += 2  # past the first cool-down
             return failed, await calls(server, [uk(2)])
@@ -546,3 +547,34 @@ def test_a_cache_file_that_was_read_only_is_reopened_once_writable_again(tmp_pat
         immutable(config.cache.path, False)
     assert [r.variables["NPL_SOURCE"] for r in failed + then] == ["api", "api"]
     assert list(SqliteCache(config.cache).get_many([f"44{uk(2)[1:]}"])) == [f"44{uk(2)[1:]}"]
+
+
+def test_a_deleted_cache_file_is_noticed_within_a_second_and_made_again_with_one_warning(tmp_path, sim, caplog):
+    """Deleted under a running server, the cache file (with its -wal and -shm) is made again
+    at the server's next cache step a second later: what the server pays for from then on is in
+    the file that other processes (AGI scripts, the CLI, the next server) read."""
+    config = config_for(tmp_path, sim)
+    clock = Clock()
+    path = config.cache.path
+
+    async def main():
+        server = await serving(config, clock)
+        try:
+            before = await calls(server, [uk(1)])
+            await server.state.broker.settled()
+            for suffix in ("", "-wal", "-shm"):
+                os.unlink(path + suffix)
+            clock.now += 1.5
+            after = await calls(server, [uk(2)])
+            clock.now += 1.5
+            again = await calls(server, [uk(2), uk(3)])
+            return before + after + again
+        finally:
+            await server.drain()
+
+    served = run(main())
+    assert [r.variables["NPL_ERR"] for r in served] == [""] * 4
+    wanted = [f"44{uk(i)[1:]}" for i in (2, 3)]
+    assert sorted(SqliteCache(config.cache).get_many(wanted)) == wanted
+    replaced = [r for r in caplog.records if "deleted or replaced" in r.getMessage()]
+    assert len(replaced) == 1, [r.getMessage() for r in caplog.records]

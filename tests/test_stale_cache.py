@@ -83,7 +83,7 @@ def test_a_failed_backend_is_probed_again_after_a_short_delay_doubling_up_to_the
     backend keeps failing; one success starts it again from 1 s. Timed by its own clock."""
     cache, _ = caches(tmp_path, None)
     ticks = Clock()
-    cache.retry_after, cache.retry_longest, cache.retry_clock = 1.0, 30.0, ticks
+    cache.retry_after, cache.retry_longest, cache.timer = 1.0, 30.0, ticks
     good, bad = cache.cfg.path, str(tmp_path / "missing" / "dir" / "\0bad")
     cache.cfg = cache.cfg._replace(path=bad)
     waits = []
