@@ -23,6 +23,7 @@ from .config import ApiConfig, CacheConfig, Config
 from .errors import LockUnavailable, LookupTimeout
 from .locks import FallbackRecord, FileLock, lock_name, wait_for
 from .protocol import Answer
+from .recent import Recent
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
@@ -71,6 +72,7 @@ class Cache:
         self._failures = 0  # failures since the last success
         self.broken = False
         self.deadline: float | None = None  # time.monotonic() by which a call needs its answer
+        self.recent: Recent | None = None  # the server's first-level cache, read before the backend
         self.background = False  # no call waits: store what was paid for even if that takes a while
 
     def _within(self, longest: float) -> float:
@@ -96,7 +98,19 @@ class Cache:
 
     def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
-        return self._safely("read", self._get_many, {}, msisdns)
+        return self._with_recent(msisdns, lambda rest: self._safely("read", self._get_many, {}, rest))
+
+    def _with_recent(self, msisdns: list[str], read: Callable[[list[str]], dict]) -> dict[str, Answer]:
+        """The answers in ``recent``, then what ``read`` finds of the rest, kept in ``recent``."""
+        if self.recent is None:
+            return {m: answer for m, (answer, _) in read(msisdns).items()}
+        found = self.recent.get_many(msisdns)
+        rest = [m for m in msisdns if m not in found]
+        if rest or not msisdns:  # an empty read still opens the backend (the server's start makes the file)
+            hits = read(rest)
+            self.recent.put_many(hits.values())
+            found.update((m, answer) for m, (answer, _) in hits.items())
+        return found
 
     def record(self, hits: int, misses: int) -> None:
         """Count hits and misses (for ``npl-agi cache stats``).
@@ -105,8 +119,13 @@ class Cache:
         counter is not worth a call's time or a warning (answers are; see ``put_many``).
         """
         if (hits or misses) and not self.broken:
-            with contextlib.suppress(Exception):
+            try:
                 self._record(hits, misses)
+            except Exception:
+                self._record_failed()
+
+    def _record_failed(self) -> None:
+        """A counter that could not be written (a busy file): nothing to say or do."""
 
     def get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """Network answers among ``msisdns`` whose entry expired less than ``stale_ttl`` ago.
@@ -119,6 +138,8 @@ class Cache:
         """Keep what deserves keeping (see ``ttl_for``); the rest is dropped silently."""
         now = self.clock()
         rows = [(a, now, now + ttl) for a in answers if (ttl := ttl_for(a, self.cfg)) > 0]
+        if rows and self.recent is not None:
+            self.recent.put_many((_answer(a.msisdn, *_record(a)), expires) for a, _, expires in rows)
         if rows:
             self._safely("write", self._put_many, None, rows)
 
@@ -143,7 +164,8 @@ class Cache:
         carried into a child process, where its locks and WAL index would be shared unknowingly."""
 
     # -- overridden by the backends --
-    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
+        """The live answers with when each expires (``clock`` seconds)."""
         return {}
 
     def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
@@ -280,8 +302,8 @@ class SqliteCache(Cache):
                 db.execute("ROLLBACK")
             raise
 
-    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
-        return {row[0]: _answer(*row) for row in self._select("expires > ?", [self.clock()], msisdns)}
+    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
+        return {row[0]: (_answer(*row[:5]), row[5]) for row in self._select("expires > ?", [self.clock()], msisdns)}
 
     def _select(self, where: str, params: list, msisdns: list[str]) -> Iterator[tuple]:
         """The answer rows of ``msisdns`` that match ``where`` (500 placeholders a query)."""
@@ -290,7 +312,7 @@ class SqliteCache(Cache):
             part = msisdns[start : start + 500]
             marks = ",".join("?" * len(part))
             yield from db.execute(
-                f"SELECT msisdn, mccmnc, msc, imsi, error FROM answers WHERE {where} AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
+                f"SELECT msisdn, mccmnc, msc, imsi, error, expires FROM answers WHERE {where} AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
                 [*params, *part],
             )
 
@@ -311,7 +333,7 @@ class SqliteCache(Cache):
         now = self.clock()
         where = "expires <= ? AND expires > ? AND error = '' AND mccmnc != ''"
         rows = self._select(where, [now, now - self.cfg.stale_ttl], msisdns)
-        return {row[0]: _answer(*row)._replace(source="stale") for row in rows}
+        return {row[0]: _answer(*row[:5])._replace(source="stale") for row in rows}
 
     def stats(self) -> dict:
         db = self._conn(create=False)
@@ -543,14 +565,20 @@ class RedisCache(Cache):
                 found[m] = _answer(m, *fields[:4])._replace(source="stale")
         return found
 
-    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
         r = self.client()
         found = {}
         for m, value in zip(msisdns, r.mget([self.key(m) for m in msisdns]), strict=True):
             fields = _fields(value)
             if fields:
-                found[m] = _answer(m, *fields[:4])
+                answer = _answer(m, *fields[:4])
+                found[m] = (answer, float(fields[4]) + ttl_for(answer, self.cfg))  # as put_many set its expiry
         return found
+
+    def _record_failed(self) -> None:
+        """A Redis that cannot count cannot answer either: skip it for the cool-down instead of
+        waiting ``REDIS_TIMEOUT`` for it in every call that the first-level cache answers."""
+        self.broken = True
 
     def _record(self, hits: int, misses: int) -> None:
         pipe = self.client().pipeline(transaction=False)

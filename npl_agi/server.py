@@ -31,11 +31,13 @@ from .errors import TIMEOUT, TRUNCATED, UNAVAILABLE, ConfigError, Disabled, Look
 from .fastagi import MAX_LINE, Session, SessionEnded
 from .lookup import Lookup, Resolved
 from .metrics import Metrics
+from .recent import Recent
 
 SCRIPT = "npl-lookup"
 CACHE_RETRY_FIRST = 1.0  # seconds a failed cache backend is skipped before it is probed again,
 CACHE_RETRY_LONGEST = 30.0  # doubling with each failed probe up to this
 SESSION_GRACE = 5.0  # seconds past its deadline a call has to take its variables
+RECENT_ENTRIES = 10_000  # answers kept in the server's own memory in front of the cache backend
 HITS_RECORD_EVERY = 1.0  # seconds the hits served from the loop are counted for ``cache stats``
 # Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
@@ -60,7 +62,7 @@ class _LoopCache(SqliteCache):
         return 0.0
 
     def get_many(self, msisdns: list[str]) -> dict:
-        return self._get_many(msisdns)  # a failure is the caller's: the call goes to the worker thread
+        return self._with_recent(msisdns, self._get_many)  # a failure is the caller's: on to the worker thread
 
 
 class _State:
@@ -74,10 +76,12 @@ class _State:
         self.lookup = Lookup(config)
         cache = self.lookup.cache
         cache.retry_after, cache.retry_longest, cache.timer = CACHE_RETRY_FIRST, CACHE_RETRY_LONGEST, server.clock
+        if cache.name != "none":  # a failing backend then costs each recent number nothing
+            cache.recent = Recent(RECENT_ENTRIES)
         self.on_loop: Lookup | None = None
         if isinstance(cache, SqliteCache):  # opened by the loop's thread at its first read, after start()
             on_loop = _LoopCache(config.cache)
-            on_loop.timer = server.clock
+            on_loop.timer, on_loop.recent = server.clock, cache.recent
             self.on_loop = Lookup(config, cache=on_loop)
         try:
             require_credentials(config)

@@ -578,3 +578,39 @@ def test_a_deleted_cache_file_is_noticed_within_a_second_and_made_again_with_one
     assert sorted(SqliteCache(config.cache).get_many(wanted)) == wanted
     replaced = [r for r in caplog.records if "deleted or replaced" in r.getMessage()]
     assert len(replaced) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_frozen_redis_costs_each_number_at_most_one_credit(tmp_path, sim, redis_own):
+    """Redis frozen (SIGSTOP) while the same few numbers are called again and again: answers
+    already paid for come from the server's first-level cache, and a number first asked during
+    the outage is paid for once; Redis is probed again after its short cool-down."""
+    config = config_for(tmp_path, sim, cache={"backend": "redis", "redis_url": redis_own.url})
+    clock = Clock()
+    popular = [uk(i) for i in range(5)]
+    newcomers = [uk(10), uk(11)]
+
+    async def rounds(server, numbers, count):
+        served = []
+        for _ in range(count):
+            served += await calls(server, numbers)
+            await server.state.broker.settled()
+            clock.now += 2  # the cool-down ends: the next miss probes Redis
+        return served
+
+    async def main():
+        server = await serving(config, clock)
+        try:
+            served = await rounds(server, popular, 1)
+            os.kill(redis_own.proc.pid, signal.SIGSTOP)
+            try:
+                served += await rounds(server, popular + newcomers, 4)
+            finally:
+                os.kill(redis_own.proc.pid, signal.SIGCONT)
+            return served + await rounds(server, popular + newcomers, 2)
+        finally:
+            await server.drain()
+
+    served = run(main())
+    assert {r.variables["NPL_ERR"] for r in served} == {""}
+    charged = sim.stats()["charged"]
+    assert sorted(charged) == sorted(f"44{n[1:]}" for n in popular + newcomers)
