@@ -530,10 +530,9 @@ class RedisCache(Cache):
         self._redis = None
 
     def close(self) -> None:
-        r, self._redis = self._redis, None
-        if r is not None:
-            with contextlib.suppress(Exception):
-                r.close()
+        """Make the next operation use a new client. The old one is dropped, not closed: an
+        account lock taken through it goes on renewing its lease on its connection."""
+        self._redis = None
 
     def client(self):
         """The redis-py client, made on first use; every operation gives up after ``REDIS_TIMEOUT``."""

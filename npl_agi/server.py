@@ -7,7 +7,9 @@ variables from the same code (``agi.variables_for``); only the transport differs
 concurrent calls go to the broker, which asks for them in one request. Cache steps that may wait
 (writes, Redis, validation of a number the cache misses) run in one worker thread (SQLite
 connections belong to one thread), so nothing blocks the event loop; a call whose number is an
-SQLite cache hit is served from the loop itself (see ``_LoopCache``).
+SQLite cache hit is served from the loop itself (see ``_LoopCache``). In front of either backend
+the last answers are kept in memory (``recent.Recent``), so a backend outage costs no credits
+for them.
 """
 
 from __future__ import annotations
