@@ -23,10 +23,12 @@ from .config import ApiConfig, CacheConfig, Config
 from .errors import LockUnavailable, LookupTimeout
 from .locks import AccountLock, FallbackRecord, lock_name, wait_for
 from .protocol import Answer
+from .recent import Recent
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
 SQLITE_BACKGROUND_BUSY_TIMEOUT = 10.0  # a request finishing in the background can wait to store its answers
+SQLITE_FILE_CHECK_EVERY = 1.0  # seconds between checks that the open file is still the one at the path
 REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
 REDIS_PREFIX = "npl-agi:"
 
@@ -55,17 +57,22 @@ class Cache:
 
     Public methods never raise: a backend error disables the backend for ``retry_after``
     seconds after one log line (for the rest of the process by default: an AGI script lives for
-    one call; the FastAGI server sets a cool-down and tries again).
+    one call). The FastAGI server sets a short first cool-down that doubles with each failed
+    probe up to ``retry_longest``, timed by ``timer``; a success starts it again.
     """
 
     name = "none"
-    retry_after = math.inf
+    retry_after = math.inf  # the first cool-down after a failure
+    retry_longest = math.inf  # the longest, after failed probes
 
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.timer = clock  # times cool-downs and file checks: the server gives its monotonic clock
+        self._failures = 0  # failures since the last success
         self.broken = False
         self.deadline: float | None = None  # time.monotonic() by which a call needs its answer
+        self.recent: Recent | None = None  # the server's first-level cache, read before the backend
         self.background = False  # no call waits: store what was paid for even if that takes a while
 
     def _within(self, longest: float) -> float:
@@ -77,15 +84,33 @@ class Cache:
     @property
     def broken(self) -> bool:
         """True while a failed backend is skipped."""
-        return self.clock() < self._broken_until
+        return self.timer() < self._broken_until
 
     @broken.setter
     def broken(self, value: bool) -> None:
-        self._broken_until = self.clock() + self.retry_after if value else -math.inf
+        if not value:
+            self._failures, self._broken_until = 0, -math.inf
+            return
+        self._failures += 1
+        cooldown = min(self.retry_after * 2 ** min(self._failures - 1, 32), self.retry_longest)
+        self._broken_until = self.timer() + cooldown
+        self.close()  # the probe opens a new connection: the old one may be stuck (read-only, dead socket)
 
     def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
-        return self._safely("read", self._get_many, {}, msisdns)
+        return self._with_recent(msisdns, lambda rest: self._safely("read", self._get_many, {}, rest))
+
+    def _with_recent(self, msisdns: list[str], read: Callable[[list[str]], dict]) -> dict[str, Answer]:
+        """The answers in ``recent``, then what ``read`` finds of the rest, kept in ``recent``."""
+        if self.recent is None:
+            return {m: answer for m, (answer, _) in read(msisdns).items()}
+        found = self.recent.get_many(msisdns)
+        rest = [m for m in msisdns if m not in found]
+        if rest or not msisdns:  # an empty read still opens the backend (the server's start makes the file)
+            hits = read(rest)
+            self.recent.put_many(hits.values())
+            found.update((m, answer) for m, (answer, _) in hits.items())
+        return found
 
     def record(self, hits: int, misses: int) -> None:
         """Count hits and misses (for ``npl-agi cache stats``).
@@ -94,8 +119,13 @@ class Cache:
         counter is not worth a call's time or a warning (answers are; see ``put_many``).
         """
         if (hits or misses) and not self.broken:
-            with contextlib.suppress(Exception):
+            try:
                 self._record(hits, misses)
+            except Exception:
+                self._record_failed()
+
+    def _record_failed(self) -> None:
+        """A counter that could not be written (a busy file): nothing to say or do."""
 
     def get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
         """Network answers among ``msisdns`` whose entry expired less than ``stale_ttl`` ago.
@@ -108,6 +138,8 @@ class Cache:
         """Keep what deserves keeping (see ``ttl_for``); the rest is dropped silently."""
         now = self.clock()
         rows = [(a, now, now + ttl) for a in answers if (ttl := ttl_for(a, self.cfg)) > 0]
+        if rows and self.recent is not None:
+            self.recent.put_many((_answer(a.msisdn, *_record(a)), expires) for a, _, expires in rows)
         if rows:
             self._safely("write", self._put_many, None, rows)
 
@@ -120,18 +152,21 @@ class Cache:
         if self.broken:
             return fallback
         try:
-            return work(*args)
+            done = work(*args)
         except Exception as e:  # whatever a cache does wrong, the call goes on
             self.broken = True
             log.warning("cache %s failed, continuing without the %s cache: %s", what, self.name, _short(e))
             return fallback
+        self._failures = 0
+        return done
 
     def close(self) -> None:
         """Let go of the backend's connection. Before a fork: an SQLite connection must never be
         carried into a child process, where its locks and WAL index would be shared unknowingly."""
 
     # -- overridden by the backends --
-    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
+        """The live answers with when each expires (``clock`` seconds)."""
         return {}
 
     def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
@@ -185,10 +220,14 @@ class SqliteCache(Cache):
         INSERT OR IGNORE INTO counters VALUES ('created', strftime('%s','now')), ('hits', 0), ('misses', 0);
     """
 
+    announce_replaced = True  # warn when the file under the path is not the one open
+
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
         self._db = None
         self._busy_ms = -1  # the connection's busy timeout as last set
+        self._opened: tuple[int, int] | None = None  # st_dev, st_ino of the file open
+        self._next_check = -math.inf
 
     def close(self) -> None:
         db, self._db = self._db, None
@@ -203,6 +242,8 @@ class SqliteCache(Cache):
         Admin commands do not create it. When a lookup as root does, the file still belongs to
         the directory's owner and group (see ``create_shared_file``), so Asterisk can write it.
         """
+        if self._db is not None and self._replaced():
+            self.close()
         if self._db is None:
             import sqlite3
 
@@ -223,12 +264,28 @@ class SqliteCache(Cache):
                 db.close()
                 raise
             self._db = db
+            self._opened = _identity(path)
+            self._next_check = self.timer() + SQLITE_FILE_CHECK_EVERY
         # Another process's write makes us wait, but never past the call's deadline.
         busy_ms = int(self._busy_timeout() * 1000)
         if busy_ms != self._busy_ms:
             self._db.execute(f"PRAGMA busy_timeout = {busy_ms}")
             self._busy_ms = busy_ms
         return self._db
+
+    def _replaced(self) -> bool:
+        """Whether the path no longer names the file open (deleted, or another file moved there),
+        checked at most every ``SQLITE_FILE_CHECK_EVERY`` seconds. A long-lived process would
+        otherwise go on storing what it paid for in a file that nobody else can read."""
+        now = self.timer()
+        if now < self._next_check:
+            return False
+        self._next_check = now + SQLITE_FILE_CHECK_EVERY
+        if _identity(self.cfg.path) == self._opened:
+            return False
+        if self.announce_replaced:
+            log.warning("cache file %s was deleted or replaced while open, opening it again", self.cfg.path)
+        return True
 
     def _busy_timeout(self) -> float:
         return SQLITE_BACKGROUND_BUSY_TIMEOUT if self.background else self._within(SQLITE_BUSY_TIMEOUT)
@@ -246,8 +303,8 @@ class SqliteCache(Cache):
                 db.execute("ROLLBACK")
             raise
 
-    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
-        return {row[0]: _answer(*row) for row in self._select("expires > ?", [self.clock()], msisdns)}
+    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
+        return {row[0]: (_answer(*row[:5]), row[5]) for row in self._select("expires > ?", [self.clock()], msisdns)}
 
     def _select(self, where: str, params: list, msisdns: list[str]) -> Iterator[tuple]:
         """The answer rows of ``msisdns`` that match ``where`` (500 placeholders a query)."""
@@ -256,7 +313,7 @@ class SqliteCache(Cache):
             part = msisdns[start : start + 500]
             marks = ",".join("?" * len(part))
             yield from db.execute(
-                f"SELECT msisdn, mccmnc, msc, imsi, error FROM answers WHERE {where} AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
+                f"SELECT msisdn, mccmnc, msc, imsi, error, expires FROM answers WHERE {where} AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
                 [*params, *part],
             )
 
@@ -277,7 +334,7 @@ class SqliteCache(Cache):
         now = self.clock()
         where = "expires <= ? AND expires > ? AND error = '' AND mccmnc != ''"
         rows = self._select(where, [now, now - self.cfg.stale_ttl], msisdns)
-        return {row[0]: _answer(*row)._replace(source="stale") for row in rows}
+        return {row[0]: _answer(*row[:5])._replace(source="stale") for row in rows}
 
     def stats(self) -> dict:
         db = self._conn(create=False)
@@ -313,6 +370,16 @@ class SqliteCache(Cache):
             {**_answer(msisdn, mccmnc, msc, imsi, error).as_dict(), "stored": stored, "expires": expires}
             for msisdn, mccmnc, msc, imsi, error, stored, expires in rows
         )
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file a path names (device, inode), or None when there is none. Taken when the
+    database is opened: sqlite3 does not give its file descriptor for an ``fstat``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 SHARED_DIR_MODE = 0o2770  # setgid: what is created inside takes the directory's group
@@ -463,6 +530,11 @@ class RedisCache(Cache):
         super().__init__(cfg, clock)
         self._redis = None
 
+    def close(self) -> None:
+        """Make the next operation use a new client. The old one is dropped, not closed: an
+        account lock taken through it goes on renewing its lease on its connection."""
+        self._redis = None
+
     def client(self):
         """The redis-py client, made on first use; every operation gives up after ``REDIS_TIMEOUT``."""
         if self._redis is None:
@@ -493,14 +565,20 @@ class RedisCache(Cache):
                 found[m] = _answer(m, *fields[:4])._replace(source="stale")
         return found
 
-    def _get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
         r = self.client()
         found = {}
         for m, value in zip(msisdns, r.mget([self.key(m) for m in msisdns]), strict=True):
             fields = _fields(value)
             if fields:
-                found[m] = _answer(m, *fields[:4])
+                answer = _answer(m, *fields[:4])
+                found[m] = (answer, float(fields[4]) + ttl_for(answer, self.cfg))  # as put_many set its expiry
         return found
+
+    def _record_failed(self) -> None:
+        """A Redis that cannot count cannot answer either: skip it for the cool-down instead of
+        waiting ``REDIS_TIMEOUT`` for it in every call that the first-level cache answers."""
+        self.broken = True
 
     def _record(self, hits: int, misses: int) -> None:
         pipe = self.client().pipeline(transaction=False)

@@ -7,7 +7,9 @@ variables from the same code (``agi.variables_for``); only the transport differs
 concurrent calls go to the broker, which asks for them in one request. Cache steps that may wait
 (writes, Redis, validation of a number the cache misses) run in one worker thread (SQLite
 connections belong to one thread), so nothing blocks the event loop; a call whose number is an
-SQLite cache hit is served from the loop itself (see ``_LoopCache``).
+SQLite cache hit is served from the loop itself (see ``_LoopCache``). In front of either backend
+the last answers are kept in memory (``recent.Recent``), so a backend outage costs no credits
+for them.
 
 Hostile clients are bounded: a session holds at most its environment block (``fastagi``), at
 most ``MAX_READING`` sessions may be reading theirs, and sessions stop short of the descriptor
@@ -40,10 +42,13 @@ from .errors import TIMEOUT, TRUNCATED, UNAVAILABLE, ConfigError, Disabled, Look
 from .fastagi import MAX_LINE, Session, SessionEnded
 from .lookup import Lookup, Resolved
 from .metrics import Metrics
+from .recent import Recent
 
 SCRIPT = "npl-lookup"
-CACHE_RETRY = 30.0  # seconds a failed cache backend is skipped before it is tried again
+CACHE_RETRY_FIRST = 1.0  # seconds a failed cache backend is skipped before it is probed again,
+CACHE_RETRY_LONGEST = 30.0  # doubling with each failed probe up to this
 SESSION_GRACE = 5.0  # seconds past its deadline a call has to take its variables
+RECENT_ENTRIES = 10_000  # answers kept in the server's own memory in front of the cache backend
 HITS_RECORD_EVERY = 1.0  # seconds the hits served from the loop are counted for ``cache stats``
 MAX_READING = 1024  # sessions reading their environment at once (a burst of calls takes a moment)
 FD_RESERVE = 64  # descriptors never taken by sessions: the lock, the cache, the service, the log
@@ -72,11 +77,13 @@ class _LoopCache(SqliteCache):
     path, which waits within the call's deadline and says what failed. Nothing is written here.
     """
 
+    announce_replaced = False  # the worker thread's connection says it
+
     def _busy_timeout(self) -> float:
         return 0.0
 
     def get_many(self, msisdns: list[str]) -> dict:
-        return self._get_many(msisdns)  # a failure is the caller's: the call goes to the worker thread
+        return self._with_recent(msisdns, self._get_many)  # a failure is the caller's: on to the worker thread
 
 
 class _State:
@@ -89,9 +96,14 @@ class _State:
         self.config = config
         self.lookup = Lookup(config)
         cache = self.lookup.cache
-        # Opened by the loop's thread at its first read, after start() has created the file.
-        self.on_loop = Lookup(config, cache=_LoopCache(config.cache)) if isinstance(cache, SqliteCache) else None
-        cache.retry_after = CACHE_RETRY
+        cache.retry_after, cache.retry_longest, cache.timer = CACHE_RETRY_FIRST, CACHE_RETRY_LONGEST, server.clock
+        if cache.name != "none":  # a failing backend then costs each recent number nothing
+            cache.recent = Recent(RECENT_ENTRIES)
+        self.on_loop: Lookup | None = None
+        if isinstance(cache, SqliteCache):  # opened by the loop's thread at its first read, after start()
+            on_loop = _LoopCache(config.cache)
+            on_loop.timer, on_loop.recent = server.clock, cache.recent
+            self.on_loop = Lookup(config, cache=on_loop)
         try:
             require_credentials(config)
             self.refused: ConfigError | None = None

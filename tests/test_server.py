@@ -613,3 +613,108 @@ def test_an_answer_reset_mid_body_keeps_its_complete_lines_through_the_server(tm
     errors = sorted(c.variables["NPL_ERR"] for c in served)
     assert errors == ["", "PROTOCOL"]  # the line that arrived is kept, the other is cut off
     assert [c.variables["NPL_MCCMNC"] for c in served if not c.variables["NPL_ERR"]] == ["23415"]
+
+
+# -- the cache file goes wrong under a running server --
+
+
+def immutable(path, on: bool) -> None:
+    """``chattr +i``/``-i``: a file that nobody, root included, may open for writing."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True, text=True)
+    if done.returncode and on:
+        pytest.skip(f"cannot make a file immutable here: {done.stderr.strip()}")
+
+
+def test_a_cache_file_that_was_read_only_is_reopened_once_writable_again(tmp_path, sim):
+    """Opened while it cannot be written, SQLite's connection is read-only for good: a failed
+    backend is retried with a new connection, so answers are cached again once the file is
+    writable, without a restart."""
+    config = config_for(tmp_path, sim)
+    SqliteCache(config.cache).put_many([Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")])
+    clock = Clock()
+    immutable(config.cache.path, True)
+
+    async def main():
+        server = await serving(config, clock)
+        try:
+            failed = await calls(server, [uk(1)])  # paid for; its write fails
+            await server.state.broker.settled()  # stored after the call got its answer
+            immutable(config.cache.path, False)
+            clock.now += 2  # past the first cool-down
+            return failed, await calls(server, [uk(2)])
+        finally:
+            await server.drain()
+
+    try:
+        failed, then = run(main())
+    finally:
+        immutable(config.cache.path, False)
+    assert [r.variables["NPL_SOURCE"] for r in failed + then] == ["api", "api"]
+    assert list(SqliteCache(config.cache).get_many([f"44{uk(2)[1:]}"])) == [f"44{uk(2)[1:]}"]
+
+
+def test_a_deleted_cache_file_is_noticed_within_a_second_and_made_again_with_one_warning(tmp_path, sim, caplog):
+    """Deleted under a running server, the cache file (with its -wal and -shm) is made again
+    at the server's next cache step a second later: what the server pays for from then on is in
+    the file that other processes (AGI scripts, the CLI, the next server) read."""
+    config = config_for(tmp_path, sim)
+    clock = Clock()
+    path = config.cache.path
+
+    async def main():
+        server = await serving(config, clock)
+        try:
+            before = await calls(server, [uk(1)])
+            await server.state.broker.settled()
+            for suffix in ("", "-wal", "-shm"):
+                os.unlink(path + suffix)
+            clock.now += 1.5
+            after = await calls(server, [uk(2)])
+            clock.now += 1.5
+            again = await calls(server, [uk(2), uk(3)])
+            return before + after + again
+        finally:
+            await server.drain()
+
+    served = run(main())
+    assert [r.variables["NPL_ERR"] for r in served] == [""] * 4
+    wanted = [f"44{uk(i)[1:]}" for i in (2, 3)]
+    assert sorted(SqliteCache(config.cache).get_many(wanted)) == wanted
+    replaced = [r for r in caplog.records if "deleted or replaced" in r.getMessage()]
+    assert len(replaced) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_frozen_redis_costs_each_number_at_most_one_credit(tmp_path, sim, redis_own):
+    """Redis frozen (SIGSTOP) while the same few numbers are called again and again: answers
+    already paid for come from the server's first-level cache, and a number first asked during
+    the outage is paid for once; Redis is probed again after its short cool-down."""
+    config = config_for(tmp_path, sim, cache={"backend": "redis", "redis_url": redis_own.url})
+    clock = Clock()
+    popular = [uk(i) for i in range(5)]
+    newcomers = [uk(10), uk(11)]
+
+    async def rounds(server, numbers, count):
+        served = []
+        for _ in range(count):
+            served += await calls(server, numbers)
+            await server.state.broker.settled()
+            clock.now += 2  # the cool-down ends: the next miss probes Redis
+        return served
+
+    async def main():
+        server = await serving(config, clock)
+        try:
+            served = await rounds(server, popular, 1)
+            os.kill(redis_own.proc.pid, signal.SIGSTOP)
+            try:
+                served += await rounds(server, popular + newcomers, 4)
+            finally:
+                os.kill(redis_own.proc.pid, signal.SIGCONT)
+            return served + await rounds(server, popular + newcomers, 2)
+        finally:
+            await server.drain()
+
+    served = run(main())
+    assert {r.variables["NPL_ERR"] for r in served} == {""}
+    charged = sim.stats()["charged"]
+    assert sorted(charged) == sorted(f"44{n[1:]}" for n in popular + newcomers)

@@ -68,3 +68,34 @@ def test_a_failed_backend_is_tried_again_after_its_cooldown(tmp_path) -> None:
     assert not cache.broken
     cache.put_many(ANSWERS)
     assert list(cache.get_many(["447788450450"])) == ["447788450450"]
+
+
+def cooldown(cache, ticks: Clock) -> float:
+    """How long ``cache`` stays broken, in half seconds of ``ticks`` (at most a minute)."""
+    start = ticks.now
+    while cache.broken and ticks.now - start < 60:
+        ticks.now += 0.5
+    return ticks.now - start
+
+
+def test_a_failed_backend_is_probed_again_after_a_short_delay_doubling_up_to_the_longest(tmp_path) -> None:
+    """The server's cool-down: 1 s after the first failure, then 2, 4, ... up to 30 s while the
+    backend keeps failing; one success starts it again from 1 s. Timed by its own clock."""
+    cache, _ = caches(tmp_path, None)
+    ticks = Clock()
+    cache.retry_after, cache.retry_longest, cache.timer = 1.0, 30.0, ticks
+    good, bad = cache.cfg.path, str(tmp_path / "missing" / "dir" / "\0bad")
+    cache.cfg = cache.cfg._replace(path=bad)
+    waits = []
+    for _ in range(7):
+        assert cache.get_many(["447788450450"]) == {}
+        assert cache.broken
+        waits.append(cooldown(cache, ticks))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    cache.cfg = cache.cfg._replace(path=good)
+    cache.put_many(ANSWERS)
+    assert list(cache.get_many(["447788450450"])) == ["447788450450"]
+    cache.close()
+    cache.cfg = cache.cfg._replace(path=bad)
+    assert cache.get_many(["447788450450"]) == {}
+    assert cooldown(cache, ticks) == 1.0  # the success started it again
