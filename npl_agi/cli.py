@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lookup", parents=[common], help="look numbers up and show their network now")
     p.add_argument("numbers", nargs="*", metavar="NUMBER", help="numbers, dialled or international")
     p.add_argument(
-        "--file", metavar="F", help="read numbers from F, one per line ('-' for stdin), batch_size at a time"
+        "--file",
+        metavar="F",
+        help="read numbers from F, one per line ('-' for stdin), batch_size at a time; each number is asked once",
     )
     p.add_argument("--output", metavar="F", help="write the answers to F as CSV")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
