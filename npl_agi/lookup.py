@@ -80,20 +80,21 @@ class Lookup:
 
         Numbers that cannot be normalised or are skipped by type get a per-number error and cost
         nothing; cached answers (and those in the run's ``memory``) cost nothing; the rest are
-        asked once each, each request within
-        ``timeout`` and all of them before ``deadline`` (``time.monotonic()`` seconds). When a
-        request fails as a whole (refused, unreachable, timed out), its numbers get that failure
-        as their error and no later request is sent; with ``strict`` the failure is then raised,
-        carrying every answer in its ``answers`` attribute (what was already paid for is not lost).
+        asked once each, each request within ``timeout`` and all of them before ``deadline``
+        (``time.monotonic()`` seconds). When a request fails as a whole (refused, unreachable,
+        timed out), its numbers get that failure as their error and no later request is sent;
+        with ``strict`` the failure is then raised, carrying every answer in its ``answers``
+        attribute (what was already paid for is not lost).
         """
         if deadline is not None:
             self.cache.deadline = deadline
         resolved = self.resolve(dialled)
-        fresh: dict[str, Answer] = self.memory.get_many(resolved.misses) if self.memory is not None else {}
-        misses = [m for m in resolved.misses if m not in fresh]
+        remembered = self.memory.get_many(resolved.misses) if self.memory is not None else {}
+        misses = [m for m in resolved.misses if m not in remembered]
         done = len(resolved.wanted) - len(misses)
         if progress:
             progress(done, len(resolved.wanted))
+        fresh: dict[str, Answer] = {}
         failure = None
         try:
             for batch in self._ask(misses, timeout, deadline) if misses else ():
@@ -106,7 +107,7 @@ class Lookup:
             failure = e
             for m in misses:
                 fresh.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
-        out = self.finish(resolved, fresh)
+        out = self.finish(resolved, {**remembered, **fresh})
         if failure is not None and strict:
             failure.answers = out
             raise failure

@@ -191,3 +191,20 @@ def test_memory_that_cannot_write_is_given_up_without_failing(tmp_path, caplog) 
         memory.put_many([Answer("447700000036", error="ERR36", source="api")])
         assert memory.get_many(["447700000029", "447700000036"]) == {}
     assert len([r for r in caplog.records if r.name == "npl_agi"]) == 1
+
+
+def test_progress_counts_a_remembered_number_once(tmp_path, sim) -> None:
+    """The progress line of a chunk with a number asked chunks before ends at the chunk's size."""
+    from npl_agi.config import load_config
+    from npl_agi.lookup import Lookup
+    from npl_agi.runmemory import RunMemory
+
+    conf = write_config(tmp_path / "c.conf", sim.url, cache={"backend": "none"})
+    seen: list[tuple[int, int]] = []
+    with RunMemory(str(tmp_path)) as memory:
+        lookup = Lookup(load_config(str(conf)), memory=memory)
+        lookup.many([ABSENT])
+        answers = lookup.many([ABSENT, PORTED], progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 2), (2, 2)]
+    assert [a.error for a in answers] == ["ERR29", ""]
+    assert sim.stats()["charged"] == ["447700000029", "447788450450"]
