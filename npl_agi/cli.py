@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lookup", parents=[common], help="look numbers up and show their network now")
     p.add_argument("numbers", nargs="*", metavar="NUMBER", help="numbers, dialled or international")
     p.add_argument(
-        "--file", metavar="F", help="read numbers from F, one per line ('-' for stdin), batch_size at a time"
+        "--file",
+        metavar="F",
+        help="read numbers from F, one per line ('-' for stdin), batch_size at a time; each number is asked once",
     )
     p.add_argument("--output", metavar="F", help="write the answers to F as CSV")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
@@ -175,21 +177,32 @@ def seconds(text: str) -> float:
     return value
 
 
-def _lookup_for(args):
+def _lookup_for(args, memory=None):
     from .lookup import Lookup
 
-    return Lookup(load_config(args.config))
+    return Lookup(load_config(args.config), memory=memory)
 
 
 def cmd_lookup(args) -> int:
     """Numbers from the arguments, then from ``--file``, looked up ``batch_size`` at a time.
 
     Each chunk's answers are written out before the next chunk is read, so a file of any size
-    runs in little memory. The first request that fails as a whole stops the run.
+    runs in little memory. Every answer is also kept for the run on disk (``RunMemory``), so a
+    number repeated chunks later is not asked again, whatever the cache keeps. The first request
+    that fails as a whole stops the run.
     """
     if not args.numbers and not args.file:
         raise UsageError("no numbers given (NUMBER arguments or --file)")
-    lookup = _lookup_for(args)
+    from .runmemory import RunMemory
+
+    # Stopped like on Ctrl-C, so the run's memory is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with RunMemory() as memory:
+        return look_up_all(args, _lookup_for(args, memory))
+
+
+def look_up_all(args, lookup) -> int:
+    """``cmd_lookup`` with its ``Lookup``: read, look up and write out chunk by chunk."""
     api = lookup.config.api
     timeout = args.timeout or (api.bulk_timeout if args.file else api.timeout)
     source = open_numbers(args.file) if args.file else None

@@ -20,11 +20,16 @@ Progress = Callable[[int, int], None]
 class Lookup:
     """Looks numbers up for one configuration. Build it once; it opens what it needs lazily."""
 
-    def __init__(self, config: Config, *, cache=None, client=None, directory=None, detached: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, cache=None, client=None, directory=None, detached: bool = False, memory=None
+    ) -> None:
         """``detached``: requests run in a detached child process that outlives a call's deadline
-        to cache what it paid for (the AGI script); otherwise in this process (the CLI)."""
+        to cache what it paid for (the AGI script); otherwise in this process (the CLI).
+        ``memory``: a ``RunMemory`` that keeps every answer of a run (the CLI), so no number is
+        asked twice in it, cached or not."""
         self.config = config
         self.detached = detached
+        self.memory = memory
         self._cache = cache
         self._client = client
         self._directory = directory
@@ -74,16 +79,18 @@ class Lookup:
         """One answer per dialled number, in input order.
 
         Numbers that cannot be normalised or are skipped by type get a per-number error and cost
-        nothing; cached answers cost nothing; the rest are asked once each, each request within
-        ``timeout`` and all of them before ``deadline`` (``time.monotonic()`` seconds). When a
-        request fails as a whole (refused, unreachable, timed out), its numbers get that failure
-        as their error and no later request is sent; with ``strict`` the failure is then raised,
-        carrying every answer in its ``answers`` attribute (what was already paid for is not lost).
+        nothing; cached answers (and those in the run's ``memory``) cost nothing; the rest are
+        asked once each, each request within ``timeout`` and all of them before ``deadline``
+        (``time.monotonic()`` seconds). When a request fails as a whole (refused, unreachable,
+        timed out), its numbers get that failure as their error and no later request is sent;
+        with ``strict`` the failure is then raised, carrying every answer in its ``answers``
+        attribute (what was already paid for is not lost).
         """
         if deadline is not None:
             self.cache.deadline = deadline
         resolved = self.resolve(dialled)
-        misses = resolved.misses
+        remembered = self.memory.get_many(resolved.misses) if self.memory is not None else {}
+        misses = [m for m in resolved.misses if m not in remembered]
         done = len(resolved.wanted) - len(misses)
         if progress:
             progress(done, len(resolved.wanted))
@@ -91,6 +98,8 @@ class Lookup:
         failure = None
         try:
             for batch in self._ask(misses, timeout, deadline) if misses else ():
+                if self.memory is not None:
+                    self.memory.put_many(batch.values())
                 fresh.update(batch)
                 if progress:
                     progress(done + len(fresh), len(resolved.wanted))
@@ -98,7 +107,7 @@ class Lookup:
             failure = e
             for m in misses:
                 fresh.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
-        out = self.finish(resolved, fresh)
+        out = self.finish(resolved, {**remembered, **fresh})
         if failure is not None and strict:
             failure.answers = out
             raise failure
