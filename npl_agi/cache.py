@@ -17,12 +17,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
 
 from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
 from .errors import LockUnavailable, LookupTimeout
-from .locks import FallbackRecord, FileLock, lock_name, wait_for
 from .protocol import Answer
+
+if TYPE_CHECKING:  # the locks are imported where they are taken: a cache hit takes none
+    from .locks import FileLock
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
@@ -113,6 +116,8 @@ class Cache:
 
     def account_lock(self, api: ApiConfig) -> FileLock | RedisLock:
         """The lock that keeps the account to one connection across this cache's scope."""
+        from .locks import FileLock
+
         return FileLock.for_account(lock_directory(api, self.cfg), api.url, api.user)
 
     def _safely(self, what: str, work, fallback, *args):
@@ -577,6 +582,8 @@ class RedisLock:
     RENEW_EVERY = LEASE / 4  # leaves room for a few slow Redis answers before the lease runs out
 
     def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
+        from .locks import FallbackRecord, FileLock, lock_name
+
         self.cache = cache
         self.name = f"{REDIS_PREFIX}lock:{lock_name(api.url, api.user)}"
         self.fallback = FileLock.for_account(api.lock_dir, api.url, api.user)
@@ -591,6 +598,8 @@ class RedisLock:
         The lease is renewed until ``release``, or at the latest until ``hold_until`` (default
         ``deadline``), when the request that holds it has been cut off.
         """
+        from .locks import wait_for
+
         if not self.cache.broken:
             try:
                 # thread_local=False: the renewing thread must see the token this thread got
