@@ -17,14 +17,16 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
 
 from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
 from .errors import LockUnavailable, LookupTimeout
 from .protocol import Answer
 
-if TYPE_CHECKING:  # the locks are imported where they are taken: a cache hit takes none
+# The locks are imported where they are taken: a cache hit takes none. typing.TYPE_CHECKING would
+# import typing, which a hit does not use either.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from .locks import FileLock
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})

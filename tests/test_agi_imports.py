@@ -19,6 +19,7 @@ NOT_ON_A_HIT = {
     "hashlib",
     "fcntl",
     "threading",
+    "typing",
     "logging",
     "redis",
     "asyncio",
