@@ -7,8 +7,8 @@ spawn to the exit. The cases run round-robin, so the machine's noise falls on al
 and the hit's ratios to the floors are taken pair by pair within a round. The AGI emulator, which
 answers each command as it comes (as Asterisk does), has its own cost: a cache hit through it is
 a case of its own. Peak memory is measured in separate runs, because the small process that
-measures it would add its own start-up to the wall time; where a hit's time goes, in runs under
-``python -X importtime``.
+measures it would add its own start-up to the wall time. Where a hit's time goes: its imports in
+runs under ``python -X importtime``, its SQLite work timed in this process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import http.client
 import re
 import time
 from urllib.parse import urlencode, urlsplit
+
+from npl_agi.cache import open_cache
+from npl_agi.config import load_config
 
 from .harness import (
     ACCOUNT,
@@ -41,15 +44,18 @@ BARE_AGI, PYST2 = "bare AGI script (reads the environment, sets 11 constants)", 
 MISS, BASE = "cache miss (lookup at the simulator)", "baseline script (always asks)"
 IMPORTS = "python3 -c 'import requests, phonenumbers'"  # what a miss loads that a hit does not
 EMULATED = "cache hit through the AGI emulator (a reply per command)"
-# Where a hit's imports go, by the top-level imports of `python -X importtime` (and pprint inside pyst2).
+# Where a hit's imports go, by the top-level imports of `python -X importtime`, and two of the
+# modules inside them (NESTED) wherever they are first imported.
 IMPORT_GROUPS = {
     "asterisk.agi": "pyst2's asterisk.agi",
-    "pprint": "  of which pprint (dataclasses, inspect)",
+    "pprint": "  pprint, inside pyst2 (dataclasses, inspect)",
     "sqlite3": "sqlite3",
     "npl_agi.config": "npl_agi.config (configparser)",
     "npl_agi": "npl_agi's other modules",
+    "re": "  re, inside the first that needs it (pyst2, configparser and npl_agi all do)",
     "": "the interpreter's own (site, encodings, signal)",
 }
+NESTED = ("pprint", "re")
 _IMPORT_LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)")
 
 
@@ -67,14 +73,27 @@ def round_trip_ms(url: str, msisdn: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def sqlite_ms(config: str, count: bool) -> float:
+    """A hit's SQLite work in this process, as the script does it: open the cache, read the
+    number, count the hit (``count``: a write transaction), close (the last connection to close
+    checkpoints the WAL)."""
+    cache = open_cache(load_config(config))
+    started = time.perf_counter()
+    cache.get_many([PORTED])
+    if count:
+        cache.record(hits=1, misses=0)
+    cache.close()
+    return (time.perf_counter() - started) * 1000
+
+
 def import_ms(stderr: str) -> dict[str, float]:
     """A run's ``-X importtime`` report as milliseconds per group of ``IMPORT_GROUPS`` (each
     top-level import counts once, with everything it imported first), and ``total``."""
     out = dict.fromkeys([*IMPORT_GROUPS, "total"], 0.0)
     for cumulative, indent, name in _IMPORT_LINE.findall(stderr):
         ms = int(cumulative) / 1000
-        if name == "pprint":
-            out["pprint"] += ms
+        if name in NESTED:
+            out[name] += ms
         if indent:
             continue
         group = name if name in IMPORT_GROUPS else "npl_agi" if name.startswith("npl_agi.") else ""
@@ -130,6 +149,10 @@ def run(settings, report: Report) -> None:
             }
             timed = ProcessAgi("importtime", str(AGI_SCRIPT), agi.env, [w.python, "-X", "importtime"])
             imported = [import_ms(check(timed.spawn(PORTED), "importtime", **hit).stderr) for _ in range(settings.runs)]
+            sqlite = {count: [] for count in (False, True)}
+            for _ in range(settings.runs):
+                for count, samples in sqlite.items():
+                    samples.append(sqlite_ms(agi.env["NPL_AGI_CONFIG"], count))
         rtt = [round_trip_ms(w.sim.url, next(fresh)) for _ in range(settings.runs)]
 
     times = {label: report.add(SECTION, f"{label}: wall time", "ms", s, latency=True) for label, s in wall.items()}
@@ -150,10 +173,16 @@ def run(settings, report: Report) -> None:
     }
     for f in shares.values():
         f.reference = shares["total"]
+    read = report.add(SECTION, "a hit's SQLite work, in-process: open, read, close", "ms", sqlite[False])
+    counted = report.add(
+        SECTION, "a hit's SQLite work, in-process: open, read, count the hit, close", "ms", sqlite[True]
+    )
+    counted.reference = read
     trip = report.add(SECTION, "simulator round trip (1 number, new connection)", "ms", rtt, latency=True)
 
     ratio, bare_ms, hit_ms, miss = per_pair[BARE].median, times[BARE].median, times[HIT].median, times[MISS].median
-    cause = "" if ratio <= 3 else "; " + where_the_time_goes({k: f.median for k, f in shares.items()})
+    medians = {k: f.median for k, f in shares.items()} | {"read": read.median, "count": counted.median - read.median}
+    cause = "" if ratio <= 3 else "; " + where_the_time_goes(medians)
     report.target(
         SECTION,
         "cache hit <= 3 x bare python3 -c pass",
@@ -173,5 +202,7 @@ def where_the_time_goes(ms: dict[str, float]) -> str:
     return (
         f"a hit's imports take {ms['total']:.0f} ms under -X importtime: pyst2's asterisk.agi {ms['asterisk.agi']:.0f} "
         f"(its pprint {ms['pprint']:.0f}: dataclasses, inspect), sqlite3 {ms['sqlite3']:.0f}, npl_agi.config "
-        f"{ms['npl_agi.config']:.0f}, npl_agi's other modules {ms['npl_agi']:.0f}, the interpreter's own {ms['']:.0f}"
+        f"{ms['npl_agi.config']:.0f}, npl_agi's other modules {ms['npl_agi']:.0f} (re {ms['re']:.0f}), the "
+        f"interpreter's own {ms['']:.0f}; SQLite in-process: {ms['read']:.1f} ms to read, {ms['count']:.1f} more "
+        "to count the hit"
     )
