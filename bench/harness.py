@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 import venv
@@ -212,10 +213,17 @@ class ProcessAgi:
             stdin.write(header + f"{OK}\n".encode() * REPLIES)
             stdin.seek(0)
             started = time.perf_counter()
-            returncode = subprocess.call(
-                [*self.python, self.script, number], stdin=stdin, stdout=out, stderr=err, env=self.env,
-                timeout=CALL_TIMEOUT,
-            )  # fmt: skip
+            proc = subprocess.Popen(
+                [*self.python, self.script, number], stdin=stdin, stdout=out, stderr=err, env=self.env
+            )
+            # A wait with a timeout polls, sleeping up to 50 ms at a time: the exit is waited for
+            # without one, and a timer kills a script that hangs.
+            killer = threading.Timer(CALL_TIMEOUT, proc.kill)
+            killer.start()
+            try:
+                returncode = proc.wait()
+            finally:
+                killer.cancel()
             seconds = time.perf_counter() - started
             out.seek(0)
             err.seek(0)
