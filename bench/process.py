@@ -162,6 +162,7 @@ def run(settings, report: Report) -> None:
         floor: report.add(SECTION, f"cache hit / {floor}, pair by pair", "x", ratios(wall[HIT], wall[floor]))
         for floor in (BARE, BARE_AGI)
     }
+    pyst2_ratio = report.add(SECTION, f"{PYST2} / {BARE}, pair by pair", "x", ratios(wall[PYST2], wall[BARE]))
     emulator = [e - h for e, h in zip(wall[EMULATED], wall[HIT], strict=True)]  # the same round's
     report.add(SECTION, "the AGI emulator's own cost (a hit through it - the same hit, pair by pair)", "ms", emulator)
     mems = {label: report.add(SECTION, f"{label}: peak memory", "MiB", s) for label, s in memory.items()}
@@ -182,7 +183,9 @@ def run(settings, report: Report) -> None:
 
     ratio, bare_ms, hit_ms, miss = per_pair[BARE].median, times[BARE].median, times[HIT].median, times[MISS].median
     medians = {k: f.median for k, f in shares.items()} | {"read": read.median, "count": counted.median - read.median}
-    cause = "" if ratio <= 3 else "; " + where_the_time_goes(medians)
+    cause = (
+        "" if ratio <= 3 else f"; pyst2's import alone is {pyst2_ratio.median:.2f} x; " + where_the_time_goes(medians)
+    )
     report.target(
         SECTION,
         "cache hit <= 3 x bare python3 -c pass",
