@@ -52,7 +52,7 @@ IMPORT_GROUPS = {
     "sqlite3": "sqlite3",
     "npl_agi.config": "npl_agi.config (configparser)",
     "npl_agi": "npl_agi's other modules",
-    "re": "  re, inside the first that needs it (pyst2, configparser and npl_agi all do)",
+    "re": "  re, in the module that imports it first (pyst2 and configparser need it too)",
     "": "the interpreter's own (site, encodings, signal)",
 }
 NESTED = ("pprint", "re")
