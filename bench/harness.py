@@ -11,6 +11,7 @@ stopped at its end. Adding one is adding its factory to a section's list of cont
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import json
 import os
@@ -18,25 +19,31 @@ import re
 import select
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
+import venv
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from npl_agi.emulator import AgiEmulator, AgiRun, fastagi_call
+from npl_agi.agi import VARIABLES
+from npl_agi.emulator import OK, AgiEmulator, AgiRun, agi_header, environment, fastagi_call, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 AGI_SCRIPT = ROOT / "agi-bin" / "npl-lookup.agi"
 BASELINE_SCRIPT = ROOT / "bench" / "baseline_agi.py"
+BARE_AGI_SCRIPT = ROOT / "bench" / "bare_agi.py"
 PEAK_RSS = ROOT / "bench" / "peak_rss.py"
 ACCOUNT = "demo"  # the simulator's account with unlimited credit (user and password)
 MINIMAL_FASTAGI = ROOT / "bench" / "minimal_fastagi.py"
 CALL_TIMEOUT = 30.0  # seconds the emulator waits for a script before it kills it
 PORTED = "447788450450"  # the simulator's Vodafone UK number, used for cache hits
+REPLIES = 64  # replies a conversation file holds: a call sends a dozen commands
 
 
 class BenchError(Exception):
@@ -125,10 +132,11 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
         proc.wait()
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of every process the benchmark starts: this checkout's npl_agi first."""
+def child_env(*path: str, **extra: str) -> dict[str, str]:
+    """The environment of every process the benchmark starts: this checkout's npl_agi first,
+    then the directories in ``path``, on ``PYTHONPATH``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), *path, env.get("PYTHONPATH")]))
     return {**env, **extra}
 
 
@@ -139,6 +147,20 @@ class World:
     sim: SimulatorProcess
     directory: Path
     ttl: float = 86400.0
+    python: str = sys.executable  # the interpreter the scripts run on (see ``as_installed``)
+    path: tuple[str, ...] = ()  # on their PYTHONPATH after this checkout
+
+    def as_installed(self) -> None:
+        """Run the scripts as install.sh leaves them: on the interpreter of a virtual environment
+        of their own, whose site-packages holds no ``.pth`` file (a development checkout's editable
+        install imports pathlib, re and urllib.parse in every interpreter it starts, which adds the
+        same milliseconds to both sides of a ratio), with this environment's packages on
+        PYTHONPATH and npl_agi's bytecode compiled (pip compiles it when it installs; without it a
+        call compiles every module it imports)."""
+        venv.create(self.directory / "venv", symlinks=True)
+        compileall.compile_dir(str(ROOT / "npl_agi"), quiet=1)
+        self.python = str(self.directory / "venv" / "bin" / "python")
+        self.path = tuple(dict.fromkeys(sysconfig.get_path(p) for p in ("purelib", "platlib")))
 
     def config(self, name: str, *, enabled: bool = True, timeout: float | None = None) -> Path:
         """A configuration for the simulator's account, with a cache file of its own (``name``);
@@ -153,11 +175,14 @@ class World:
             f"[cache]\npath = {self.directory / name}.sqlite\nttl = {self.ttl}\n"
             "[fastagi]\nmetrics_listen =\n"
         )
+        path.chmod(0o640)  # as install.sh leaves it: else every call warns that the password is readable
         return path
 
     def env(self, config: Path) -> dict[str, str]:
         """For a script: the npl-agi configuration, and the service for the baseline script."""
-        return child_env(NPL_AGI_CONFIG=str(config), NPL_URL=self.sim.url, NPL_USER=ACCOUNT, NPL_PASSWORD=ACCOUNT)
+        return child_env(
+            *self.path, NPL_AGI_CONFIG=str(config), NPL_URL=self.sim.url, NPL_USER=ACCOUNT, NPL_PASSWORD=ACCOUNT
+        )
 
 
 @contextlib.contextmanager
@@ -176,7 +201,36 @@ class ProcessAgi:
         self.python = [sys.executable] if python is None else python
 
     def call(self, number: str) -> AgiRun:
+        """One call through the AGI emulator: the replies come one at a time, as Asterisk sends them."""
         return AgiEmulator(self.script, python=self.python, env=self.env).run([number], timeout=CALL_TIMEOUT)
+
+    def spawn(self, number: str) -> AgiRun:
+        """One call as an admin times a script: a whole process with stdin from a file holding the
+        conversation (the environment block, then a reply for every command), timed from the spawn
+        to the exit, with no emulator's work in it; what it set is read from its output afterwards."""
+        header = agi_header(environment(os.path.basename(self.script), [number]))
+        with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            stdin.write(header + f"{OK}\n".encode() * REPLIES)
+            stdin.seek(0)
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                [*self.python, self.script, number], stdin=stdin, stdout=out, stderr=err, env=self.env
+            )
+            # A wait with a timeout polls, sleeping up to 50 ms at a time: the exit is waited for
+            # without one, and a timer kills a script that hangs.
+            killer = threading.Timer(CALL_TIMEOUT, proc.kill)
+            killer.start()
+            try:
+                returncode = proc.wait()
+            finally:
+                killer.cancel()
+            seconds = time.perf_counter() - started
+            out.seek(0)
+            err.seek(0)
+            run = replay(out.read().decode("utf-8", "replace"))
+            run.stderr = err.read().decode("utf-8", "replace")
+        run.returncode, run.seconds = returncode, seconds
+        return run
 
     def peak_mib(self, number: str) -> float:
         """Peak resident memory of one call's process, in MiB."""
@@ -256,14 +310,21 @@ def npl_agi(config: str = "npl-agi", *, enabled: bool = True, timeout: float | N
 
     def make(w: World) -> AbstractContextManager[ProcessAgi]:
         env = w.env(w.config(config, enabled=enabled, timeout=timeout))
-        return contextlib.nullcontext(ProcessAgi("npl-agi, process AGI", str(AGI_SCRIPT), env))
+        return contextlib.nullcontext(ProcessAgi("npl-agi, process AGI", str(AGI_SCRIPT), env, [w.python]))
 
     return make
 
 
 def baseline(w: World) -> AbstractContextManager[ProcessAgi]:
     """The naive script (``bench/baseline_agi.py``), run by the same Python."""
-    return contextlib.nullcontext(ProcessAgi("baseline script", str(BASELINE_SCRIPT), w.env(w.config("baseline"))))
+    env = w.env(w.config("baseline"))
+    return contextlib.nullcontext(ProcessAgi("baseline script", str(BASELINE_SCRIPT), env, [w.python]))
+
+
+def bare_agi(w: World) -> AbstractContextManager[ProcessAgi]:
+    """The least a process AGI in Python does (``bench/bare_agi.py``), told the variables' names."""
+    env = {**w.env(w.config("bare")), "NPL_VARIABLES": " ".join(VARIABLES)}
+    return contextlib.nullcontext(ProcessAgi("bare AGI script", str(BARE_AGI_SCRIPT), env, [w.python]))
 
 
 def python_c(code: str) -> Factory:
@@ -271,7 +332,7 @@ def python_c(code: str) -> Factory:
 
     def make(w: World) -> AbstractContextManager[ProcessAgi]:
         return contextlib.nullcontext(
-            ProcessAgi(f"python3 -c {code!r}", code, w.env(w.config("bare")), [sys.executable, "-c"])
+            ProcessAgi(f"python3 -c {code!r}", code, w.env(w.config("bare")), [w.python, "-c"])
         )
 
     return make

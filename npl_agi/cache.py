@@ -21,9 +21,14 @@ from contextlib import contextmanager, suppress
 from . import log, protocol
 from .config import ApiConfig, CacheConfig, Config
 from .errors import LockUnavailable, LookupTimeout
-from .locks import AccountLock, FallbackRecord, lock_name, wait_for
 from .protocol import Answer
-from .recent import Recent
+
+# The locks are imported where they are taken: a cache hit takes none. typing.TYPE_CHECKING would
+# import typing, which a hit does not use either.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .locks import AccountLock
+    from .recent import Recent
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
@@ -145,6 +150,8 @@ class Cache:
 
     def account_lock(self, api: ApiConfig) -> AccountLock | RedisLock:
         """The lock that keeps the account to one connection across this cache's scope."""
+        from .locks import AccountLock
+
         fallback = self.cfg.lock_fallback != "none"
         return AccountLock(lock_directory(api, self.cfg), api.url, api.user, fallback=fallback)
 
@@ -656,6 +663,8 @@ class RedisLock:
     RENEW_EVERY = LEASE / 4  # leaves room for a few slow Redis answers before the lease runs out
 
     def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
+        from .locks import AccountLock, FallbackRecord, lock_name
+
         self.cache = cache
         self.name = f"{REDIS_PREFIX}lock:{lock_name(api.url, api.user)}"
         self.fallback = AccountLock(api.lock_dir, api.url, api.user)
@@ -670,6 +679,8 @@ class RedisLock:
         The lease is renewed until ``release``, or at the latest until ``hold_until`` (default
         ``deadline``), when the request that holds it has been cut off.
         """
+        from .locks import wait_for
+
         if not self.cache.broken:
             try:
                 # thread_local=False: the renewing thread must see the token this thread got

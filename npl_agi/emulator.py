@@ -120,7 +120,21 @@ def fastagi_greeting(host: str, port: int, script: str, args, agi_env: dict[str,
         "agi_network_script": script,
         **environment(f"agi://{host}:{port}/{script}", args, agi_env),
     }
+    return agi_header(env_block)
+
+
+def agi_header(env_block: dict[str, str]) -> bytes:
+    """The environment block as Asterisk writes it: ``key: value`` lines, then a blank line."""
     return ("".join(f"{k}: {v}\n" for k, v in env_block.items()) + "\n").encode("utf-8", "surrogateescape")
+
+
+def replay(output: str, respond: Responder = answer_all) -> AgiRun:
+    """What a script's commands set, read from its output afterwards: for a script that had all
+    its replies in advance (stdin from a file, as a benchmark times a whole process)."""
+    run = AgiRun()
+    for line in output.splitlines():
+        AgiEmulator._handle(line, respond, run)
+    return run
 
 
 async def fastagi_call(
@@ -214,10 +228,9 @@ class AgiEmulator:
         return run
 
     def _converse(self, proc, env_block, respond, sighup_after, deadline, run) -> None:
-        header = "".join(f"{k}: {v}\n" for k, v in env_block.items()) + "\n"
         # A script may end without reading its environment (Asterisk shrugs that off too).
         with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(header.encode("utf-8", "surrogateescape"))
+            proc.stdin.write(agi_header(env_block))
             proc.stdin.flush()
         sighup_at = time.monotonic() + sighup_after if sighup_after is not None else None
         sel = selectors.DefaultSelector()

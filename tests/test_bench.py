@@ -9,7 +9,15 @@ from asterisk_fixture import find_asterisk
 from conftest import ROOT
 
 SECTIONS = {
-    "process": ["cache hit: wall time", "cache miss (lookup at the simulator): peak memory", "baseline script"],
+    "process": [
+        "cache hit: wall time",
+        "cache miss (lookup at the simulator): peak memory",
+        "baseline script",
+        "bare AGI script",
+        "cache hit / bare python3 -c pass, pair by pair",
+        "the AGI emulator's own cost",
+        "imports on a hit (-X importtime): pyst2's asterisk.agi",
+    ],
     "burst": [
         "10 calls, npl-agi: answered",
         "10 calls, npl-agi serve: answered",
