@@ -133,7 +133,7 @@ def asked_at(args: list[str], wall: float, mono: float) -> float | None:
     if not given:
         return None
     try:
-        epoch = float(given[-1][:32])
+        epoch = float(given[-1])
     except ValueError:
         epoch = math.nan
     if not wall - ASKED_MAX_AGE <= epoch <= wall + ASKED_MAX_AHEAD:  # also refuses NaN
@@ -276,8 +276,8 @@ def _alarm_at(deadline: float) -> Iterator[None]:
 def process_started() -> float:
     """When this process started, in ``time.monotonic()`` seconds (to the kernel's 10 ms tick).
 
-    Asterisk forks the script the moment the call asks for it; the call's deadline counts from
-    there, so the interpreter's start and the imports are inside it.
+    The deadline's start when the dialplan passes no time of its own (see ``asked_at``): the
+    interpreter's start and the imports are inside it, the wait for Asterisk to fork is not.
     """
     now = time.monotonic()
     try:
