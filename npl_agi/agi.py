@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import signal
@@ -37,6 +38,10 @@ MAX_VERBOSE = 300
 # so that the call has its variables by the deadline even on a busy machine.
 REPLY_RESERVE = 0.1
 ALARM_GRACE = 0.02  # past the lookup's own deadline, for it to come back with what it has
+# The dialplan's time of the AGI() call is used when it is at most this long ago (a longer wait
+# is a clock step or garbage) and at most a little ahead (another clock's rounding).
+ASKED_MAX_AGE = 60.0
+ASKED_MAX_AHEAD = 1.0
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -116,6 +121,26 @@ def dialled_number(args: list[str], env: dict[str, str]) -> str:
     return "" if dnid == "unknown" else dnid
 
 
+def asked_at(args: list[str], wall: float, mono: float) -> float | None:
+    """When the dialplan called ``AGI()``, in ``time.monotonic()`` seconds; None if it did not say.
+
+    The time is a ``t=EPOCH`` argument (wall clock, e.g. ``1733230000.123``) anywhere after the
+    number; the last one counts, being the shipped Gosub's own. ``wall`` and ``mono`` are the
+    two clocks read together now. Raises ``ValueError`` for a time that is not within
+    ``ASKED_MAX_AGE`` before now (garbage, a clock step, a hostile dialplan).
+    """
+    given = [a[2:] for a in args[1:] if a.startswith("t=")]
+    if not given:
+        return None
+    try:
+        epoch = float(given[-1])
+    except ValueError:
+        epoch = math.nan
+    if not wall - ASKED_MAX_AGE <= epoch <= wall + ASKED_MAX_AHEAD:  # also refuses NaN
+        raise ValueError(f"t={given[-1][:40]} is not a time within {ASKED_MAX_AGE:g} s before now")
+    return mono - max(wall - epoch, 0.0)
+
+
 def variables_for(answer=None, failure: NplError | None = None, ms: int = 0) -> dict[str, str]:
     """Every variable the script sets, so stale values from an earlier lookup never linger."""
     values = dict.fromkeys(VARIABLES, "")
@@ -149,12 +174,19 @@ def run(
 ) -> dict[str, str]:
     """Look up the call's number and set the variables; returns what it set (for tests).
 
-    ``started`` (``time.monotonic()`` seconds, default now) is when the call's deadline began:
-    the script's own start, so that the interpreter's start and the imports count too.
+    The call's deadline counts from the dialplan's ``AGI()`` call when a ``t=`` argument gives
+    it (see ``asked_at``), so the wait for a busy machine to start the script counts too; else
+    from ``started`` (``time.monotonic()`` seconds, default now: ``main`` passes the process's
+    start). A script that starts too late to send a request answers at once (see ``_shed``).
     """
     log.set_sink(lambda message: _verbose_quietly(channel, f"npl-agi: {message}"))
     dialled = dialled_number(args, channel.env)
-    started = time.monotonic() if started is None else started
+    now, asked = time.monotonic(), None
+    try:
+        asked = asked_at(args, time.time(), now)
+    except ValueError as e:
+        log.warning("%s; the deadline counts from the script's start", e)
+    started = asked if asked is not None else now if started is None else started
     answer, failure = None, None
     try:  # Lookup.one() turns service and network failures into the answer's error
         from .config import load_config
@@ -162,12 +194,15 @@ def run(
         config = load_config(config_path)
         if not config.api.enabled:
             raise Disabled("lookups are switched off (enabled = no)")
-        from .lookup import Lookup
-
         deadline = started + config.api.timeout - REPLY_RESERVE
         try:  # the lookup keeps to its deadline; the alarm is for what cannot (imports, a busy cache)
-            with _alarm_at(deadline + ALARM_GRACE):
-                answer = Lookup(config, detached=True).one(dialled, deadline=deadline)
+            if deadline - time.monotonic() < config.api.request_floor:
+                answer = _shed(config, dialled, deadline)
+            else:
+                from .lookup import Lookup
+
+                with _alarm_at(deadline + ALARM_GRACE):
+                    answer = Lookup(config, detached=True).one(dialled, deadline=deadline)
         except _DeadlinePassed:
             if answer is None:  # else the alarm rang just as the answer came: keep the answer
                 raise LookupTimeout(f"no answer within the call's {config.api.timeout:g} s") from None
@@ -181,6 +216,24 @@ def run(
         channel.set_variable(name, value)
     channel.verbose(*outcome_line(f"'{dialled[:40]}'", values, answer, failure))
     return values
+
+
+def _shed(config, dialled: str, deadline: float):
+    """The answer of a call that started too late to send a request: under overload, calls are
+    shed, not queued. Before the deadline a cached answer is read, with nothing heavier than
+    sqlite3 (a Redis cache would need its client); otherwise, or on a miss, ``TIMEOUT`` at once."""
+    why = f"started too late to ask the service within the call's {config.api.timeout:g} s"
+    if config.cache.backend == "sqlite" and time.monotonic() < deadline:
+        from .lookup import Lookup
+
+        lookup = Lookup(config)
+        lookup.cache.deadline = deadline
+        with _alarm_at(deadline + ALARM_GRACE):
+            resolved = lookup.cached([dialled])
+            if resolved is not None:
+                return lookup.finish(resolved, {})[0]
+        why += ", and it is not cached"
+    raise LookupTimeout(why)
 
 
 def outcome_line(shown: str, values: dict[str, str], answer=None, failure: NplError | None = None) -> tuple[str, int]:
@@ -223,8 +276,8 @@ def _alarm_at(deadline: float) -> Iterator[None]:
 def process_started() -> float:
     """When this process started, in ``time.monotonic()`` seconds (to the kernel's 10 ms tick).
 
-    Asterisk forks the script the moment the call asks for it; the call's deadline counts from
-    there, so the interpreter's start and the imports are inside it.
+    The deadline's start when the dialplan passes no time of its own (see ``asked_at``): the
+    interpreter's start and the imports are inside it, the wait for Asterisk to fork is not.
     """
     now = time.monotonic()
     try:

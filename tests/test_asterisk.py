@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from asterisk_fixture import (
 )
 from conftest import write_config
 
+from npl_agi.agi import asked_at
 from npl_agi.config import NumberConfig
 from npl_agi.number import normalise, validate
 from npl_agi.simulator import Simulator, simulated_answer
@@ -514,3 +517,44 @@ def test_agisighup_is_not_left_set_after_the_lookup(pbx: Pbx) -> None:
     pbx.asterisk.originate("Local/07788450450@test-agisighup", token)
     (after,) = wait_for(lambda: [r for r in pbx.records(token) if r[0] == "after"], 20, "the record after the Gosub")
     assert after == ["after", "", "23415"]
+
+
+def test_the_gosub_passes_the_time_it_calls_the_agi(pbx: Pbx) -> None:
+    """The call's deadline starts at the dialplan's AGI() call: the Gosub passes that time, to the
+    millisecond (EPOCH alone is whole seconds), after the number."""
+    real = pbx.agi.read_bytes()
+    script = (
+        "#!/bin/sh\ntoken=\n"
+        'while read -r line && [ -n "$line" ]; do\n'
+        "  case $line in agi_accountcode:*) token=${line#agi_accountcode: } ;; esac\n"
+        "done\n"
+        f'printf "%s|args|%s|%s|%s\\n" "$token" "$#" "$1" "$2" >> {pbx.results}\n'
+    )
+    seen = []
+    try:
+        pbx.agi.write_text(script)
+        for _ in range(2):
+            token = pbx.token()
+            before = time.time()
+            pbx.asterisk.originate("Local/07788450450@test-gosub", token)
+            (record,) = wait_for(
+                lambda token=token: [r for r in pbx.records(token) if r[0] == "args"], 20, "the AGI's arguments"
+            )
+            seen.append((before, time.time(), record[1:]))
+    finally:
+        pbx.agi.write_bytes(real)
+    for before, after, (count, number, given) in seen:
+        assert (count, number) == ("2", "07788450450")
+        assert re.fullmatch(r"t=\d{10}\.\d{3}", given), given
+        assert before - 1 <= float(given[2:]) <= after
+        assert asked_at([number, given], after, 0.0) is not None
+    assert any(not given.endswith(".000") for *_, (_, _, given) in seen)
+
+
+def test_the_script_takes_the_gosubs_time(pbx: Pbx) -> None:
+    dialled = number_on("23410")
+    seen = pbx.lookup(dialled)
+    assert (seen["AGISTATUS"], seen["NPL_ERR"], seen["NPL_MCCMNC"]) == ("SUCCESS", "", "23410")
+    messages = (pbx.asterisk.log / "messages.log").read_text(errors="replace")
+    assert f"npl-agi: '{dialled}' -> 23410" in messages  # the script's own line, at verbose 3
+    assert "the deadline counts from the script's start" not in messages

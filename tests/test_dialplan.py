@@ -18,6 +18,8 @@ from npl_agi.agi import VARIABLES
 
 SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf")
 LINT_FINDING = re.compile(r"\b[EWHI]_[A-Z0-9_]+\b")
+# The process script, given the number and the time of the call (to the ms: the deadline's start).
+PROCESS_AGI = "AGI(npl-lookup.agi,${ARG1},t=${STRFTIME(,,%s.%3q)})"
 UK_NETWORKS = {"23415": "Vodafone UK", "23410": "O2 UK", "23430": "EE", "23420": "Three UK"}
 
 
@@ -64,7 +66,7 @@ def test_asterisklint_read_every_context(tmp_path: Path) -> None:
     shown = lint("dialplan-show", extensions_conf(tmp_path, bundled())).stdout
     for context in ("npl-lookup", "npl-outbound", "npl-outbound-call", "npl-routes", "npl-fallback"):
         assert f"[ Context '{context}' created by 'pbx_config' ]" in shown
-    assert "AGI(npl-lookup.agi,${ARG1})" in shown
+    assert PROCESS_AGI in shown
     for mccmnc in UK_NETWORKS:
         assert f"'{mccmnc}' =>" in shown
 
@@ -129,7 +131,7 @@ def test_outbound_matches_numbers_only() -> None:
 def test_lookup_clears_every_variable_before_the_agi_runs() -> None:
     """Every variable npl_agi sets is emptied first, so nothing stale survives an AGI that fails."""
     text = bundled()["npl-lookup.conf"]
-    before_agi = text.split("AGI(npl-lookup.agi,${ARG1})")[0]
+    before_agi, _ = text.split(PROCESS_AGI)
     cleared = set(re.findall(r"^\s*same\s*=>\s*n,Set\((NPL_[A-Z_]+)=\)\s*$", before_agi, flags=re.MULTILINE))
     assert cleared == set(VARIABLES)
 
@@ -139,7 +141,7 @@ def test_fastagi_when_npl_fastagi_is_set_and_the_process_script_when_it_fails() 
     fast = lines.index("same => n,AGI(${NPL_FASTAGI}/npl-lookup,${ARG1})")
     assert lines[fast - 1] == 'same => n,GotoIf($["${NPL_FASTAGI}" = ""]?process)'
     assert lines[fast + 1] == 'same => n,GotoIf($["${AGISTATUS}" != "FAILURE"]?done)'
-    assert lines[fast + 2] == "same => n(process),AGI(npl-lookup.agi,${ARG1})"
+    assert lines[fast + 2] == f"same => n(process),{PROCESS_AGI}"
 
 
 def test_snippets_leave_globals_to_extensions_conf() -> None:

@@ -90,6 +90,24 @@ def test_a_call_sets_what_the_agi_script_sets(tmp_path, sim, subprocess_env):
     assert any("NPL_ERR=PROTOCOL" in v for v in served[4].verbose)
 
 
+def test_a_time_argument_after_the_number_changes_nothing_here(tmp_path, sim):
+    """The process script's t= (its deadline's start) is no number here; this door's deadline
+    starts when it accepts the connection."""
+    config = config_for(tmp_path, sim)
+
+    async def main():
+        server = await serving(config)
+        host, port = server.address
+        try:
+            return await fastagi_call(host, port, ["07788450450", f"t={time.time() - 30:.3f}"])
+        finally:
+            await server.drain()
+
+    v = run(main()).variables
+    assert (v["NPL_ERR"], v["NPL_NUMBER"], v["NPL_MCCMNC"], v["NPL_SOURCE"]) == ("", "447788450450", "23415", "api")
+    assert int(v["NPL_LOOKUP_MS"]) < 30_000
+
+
 def test_200_distinct_calls_at_once_share_one_connection_and_a_few_requests(tmp_path, sim):
     config = config_for(tmp_path, sim)
 
