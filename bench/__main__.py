@@ -9,11 +9,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import bulk, burst, credit, fastagi, pbx, process
+from . import bulk, burst, credit, fastagi, pbx, process, sip
 from .harness import log
 from .report import Report
 
-SECTIONS = {m.SECTION: m for m in (process, burst, fastagi, pbx, bulk, credit)}
+SECTIONS = {m.SECTION: m for m in (process, burst, fastagi, pbx, bulk, credit, sip)}
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Settings:
     fastagi_at_once: int = 500  # distinct misses all at once
     agis_at_once: int = 50  # process AGIs running at once for the same numbers
     load_clients: int = 1  # FastAGI client processes
+    sip_rates: tuple[int, ...] = (10, 15, 20, 25, 50)  # SIP calls per second
+    sip_seconds: float = 20  # at each rate
 
 
 QUICK = Settings(
@@ -54,6 +56,8 @@ QUICK = Settings(
     fastagi_miss_calls=(30, 30, 30),
     fastagi_at_once=40,
     agis_at_once=10,
+    sip_rates=(5,),
+    sip_seconds=2,
 )
 
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from npl_agi.agi import VARIABLES
 from npl_agi.emulator import OK, AgiEmulator, AgiRun, agi_header, environment, fastagi_call, replay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,8 +321,8 @@ def baseline(w: World) -> AbstractContextManager[ProcessAgi]:
 
 
 def bare_agi(w: World) -> AbstractContextManager[ProcessAgi]:
-    """The least a process AGI in Python does (``bench/bare_agi.py``), told the variables' names."""
-    env = {**w.env(w.config("bare")), "NPL_VARIABLES": " ".join(VARIABLES)}
+    """The least a process AGI in Python does (``bench/bare_agi.py``): a hit's variables as constants."""
+    env = w.env(w.config("bare"))
     return contextlib.nullcontext(ProcessAgi("bare AGI script", str(BARE_AGI_SCRIPT), env, [w.python]))
 
 

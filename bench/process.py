@@ -127,7 +127,7 @@ def run(settings, report: Report) -> None:
             cases = [
                 (BARE, bare, lambda: PORTED, None),
                 (HIT, agi, lambda: PORTED, hit),
-                (BARE_AGI, floor, lambda: PORTED, {"NPL_ERR": "1"}),
+                (BARE_AGI, floor, lambda: PORTED, {"NPL_MCCMNC": "23415"}),
                 (PYST2, pyst2, lambda: PORTED, None),
                 (IMPORTS, imports, lambda: PORTED, None),
                 (OFF, off, lambda: PORTED, {"NPL_ERR": "DISABLED"}),

@@ -257,13 +257,13 @@ verbose = 3
         staging.write_text(text)
         os.replace(staging, self.spool / "outgoing" / staging.name)
 
-    def cdr_rows(self, token: str) -> list[dict[str, str]]:
-        """The CDR records cdr_custom wrote for a call so far."""
+    def cdr_rows(self, token: str, field: str = "accountcode") -> list[dict[str, str]]:
+        """The CDR records cdr_custom wrote so far whose ``field`` is ``token`` (a call's)."""
         if not self.cdr_file.exists():
             return []
         with self.cdr_file.open(newline="") as f:
             rows = [dict(zip(self.cdr_fields, r, strict=False)) for r in csv.reader(f)]
-        return [r for r in rows if r.get("accountcode") == token]
+        return [r for r in rows if r.get(field) == token]
 
     def descendants(self) -> dict[int, str]:
         """Processes below Asterisk (pid -> command line), e.g. AGI scripts it started."""

@@ -7,6 +7,7 @@ import sys
 
 from asterisk_fixture import find_asterisk
 from conftest import ROOT
+from sip_fixture import find_sip
 
 SECTIONS = {
     "process": [
@@ -43,7 +44,24 @@ SECTIONS = {
     ],
     "bulk": ["simulator-limited rate", "20,000 numbers: throughput", "20,000 numbers: requests sent"],
     "credits": ["npl-agi: credits", "floor: distinct numbers per TTL window"],
+    "sip": [
+        "5/s, hits, no lookup: post-dial delay",
+        "5/s, hits, bare Python AGI (floor): post-dial delay",
+        "5/s, hits, npl-agi, process script: failed calls",
+        "5/s, hits, minimal FastAGI server (floor): post-dial delay",
+        "5/s, hits, npl-agi serve, FastAGI: Asterisk CPU per call",
+        "5/s, 10 % misses, npl-agi, process script: post-dial delay",
+        "5/s, 10 % misses, npl-agi serve, FastAGI: lookup CPU per call",
+    ],
 }
+SIP_TARGETS = [
+    "0 failed calls at every rate the no-lookup run sustains",
+    "FastAGI cache hits p99 within 5 ms of the minimal FastAGI server's",
+    "process script p99 <= 2 x the bare Python AGI's, below its capacity",
+    "process script capacity (highest rate with p99 < 500 ms) >= 0.7 x the bare AGI's",
+    "process script above its capacity: p99 <= timeout + 1 s = 3 s",
+    "10 % misses: p99 <= timeout + 0.1 s = 2.1 s",
+]
 
 
 def test_quick_run_prints_every_sections_rows(tmp_path):
@@ -58,10 +76,14 @@ def test_quick_run_prints_every_sections_rows(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     figures = json.loads(raw.read_text())
-    have_asterisk = find_asterisk()[0] is not None
+    build = find_asterisk()[0]
+    have_sip = build is not None and find_sip(build) is None
     for section, rows in SECTIONS.items():
-        if section == "asterisk" and not have_asterisk:
+        if section == "asterisk" and build is None:
             assert "5. Real Asterisk 22" in out and "skipped, no Asterisk found" in out
+            continue
+        if section == "sip" and not have_sip:
+            assert "8. SIP calls at fixed rates" in out and "skipped, " in out
             continue
         for row in rows:
             assert row in out, (section, row, out)
@@ -79,6 +101,7 @@ def test_quick_run_prints_every_sections_rows(tmp_path):
         ">= 95 % of the simulator-limited rate",
         "flat memory (peak within 1.2 x from the smallest file to the largest)",
         "credits <= 1.05 x the floor",
+        *(SIP_TARGETS if have_sip else []),
     ]
     fastagi = {f["figure"]: f for f in figures["figures"] if f["section"] == "fastagi"}
     for c in ("1 connection", "10 connections", "100 connections"):  # each against the minimal server of the run
