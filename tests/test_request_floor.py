@@ -2,7 +2,8 @@
 
 ``[api] min_request_time`` is the least time a request needs. With less left when the account
 lock is had, nothing goes to the service, through every way a request is made: the client, the
-lookup chain the CLI runs, and the detached child the process script asks through. Each case is
+lookup chain the CLI runs, the detached child the process script asks through, and the process
+script as Asterisk runs it, its deadline counted from the dialplan's ``t=`` argument. Each case is
 shown on both sides of the floor against the simulator, counting what it charged.
 """
 
@@ -13,10 +14,11 @@ import os
 import time
 
 import pytest
-from conftest import write_config
+from conftest import AGI_SCRIPT, write_config
 
 from npl_agi.client import Client
 from npl_agi.config import ApiConfig, load_config
+from npl_agi.emulator import AgiEmulator
 from npl_agi.errors import TIMEOUT, LookupTimeout
 from npl_agi.lookup import Lookup
 
@@ -74,6 +76,21 @@ def test_the_detached_request_sends_nothing_with_less_than_the_floor_left(sim, t
     _wait_for(_children() - before)
     assert (answer.error, answer.mccmnc) == ("", "23415")
     assert sim.stats()["charged"] == [NUMBER]
+
+
+def test_the_process_script_sends_nothing_with_less_than_the_floor_left(sim, tmp_path, subprocess_env):
+    """The dialplan's ``t=`` is the call's clock: it says how much of a 10 s deadline is left."""
+    conf = write_config(tmp_path / "npl-agi.conf", sim.url, api={"timeout": 10.0, "min_request_time": FLOOR})
+    agi = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(conf)})
+
+    def asked(left: float) -> str:
+        return f"t={time.time() - (10.0 - left):.3f}"
+
+    under = agi.run(["07788450450", asked(UNDER)]).variables
+    assert (under["NPL_ERR"], under["NPL_MCCMNC"]) == (TIMEOUT, "")
+    over = agi.run(["07788450450", asked(OVER + 3.0)]).variables  # more room: a whole process starts first
+    assert (over["NPL_ERR"], over["NPL_SOURCE"], over["NPL_MCCMNC"]) == ("", "api", "23415")
+    assert sim.stats()["charged"] == [NUMBER]  # the call under the floor charged nothing, then or later
 
 
 def _children() -> set[int]:
