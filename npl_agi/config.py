@@ -112,8 +112,6 @@ class FastagiConfig(
         "FastagiConfig",
         listen="127.0.0.1:4573",
         batch_window=0.02,
-        breaker_failures=5,
-        breaker_cooldown=30.0,
         metrics_listen="127.0.0.1:9573",
         log_numbers="masked",
     )
@@ -121,6 +119,16 @@ class FastagiConfig(
     """``npl-agi serve``: where it listens, how it batches, when it stops asking a failing service."""
 
     __slots__ = ()
+
+
+class BreakerConfig(record("BreakerConfig", failures=5, cooldown=30.0)):
+    """When both doors stop asking a failing service (``failures`` in a row), and for how long."""
+
+    __slots__ = ()
+
+
+# [fastagi]'s names of the [breaker] keys, before both doors had a breaker: still read, with a warning.
+_OLD_BREAKER_KEYS = {"breaker_failures": "failures", "breaker_cooldown": "cooldown"}
 
 
 class Config(
@@ -132,6 +140,7 @@ class Config(
         networks={},
         path="",
         fastagi=FastagiConfig(),
+        breaker=BreakerConfig(),
     )
 ):
     """The whole configuration; ``networks`` maps MCCMNC to the ``[networks]`` override text."""
@@ -161,6 +170,7 @@ def locate_config(explicit: str | None = None) -> tuple[str, str]:
 
 
 _warned_readable: set[str] = set()
+_warned_old_keys: set[str] = set()
 
 
 def load_config(path: str | None = None) -> Config:
@@ -188,21 +198,49 @@ def load_config(path: str | None = None) -> Config:
 
 def parse_config(parser: configparser.ConfigParser, path: str = "<config>") -> Config:
     """Build a ``Config`` from parsed INI sections, checking every key and value."""
-    known = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig, "fastagi": FastagiConfig}
+    known = {
+        "api": ApiConfig,
+        "number": NumberConfig,
+        "cache": CacheConfig,
+        "fastagi": FastagiConfig,
+        "breaker": BreakerConfig,
+    }
     for section in parser.sections():
         if section not in known and section != "networks":
             raise ConfigError(f"{path}: unknown section [{section}]")
-    parts = {}
-    for section, cls in known.items():
-        values = dict(parser.items(section)) if parser.has_section(section) else {}
-        parts[section] = _build(cls, values, path, section)
+    sections = {s: dict(parser.items(s)) if parser.has_section(s) else {} for s in known}
+    _move_old_breaker_keys(sections, path)
+    parts = {section: _build(cls, sections[section], path, section) for section, cls in known.items()}
     networks = {k: _uncomment(v) for k, v in parser.items("networks")} if parser.has_section("networks") else {}
     for key in networks:
         if not (_digits(key) and len(key) in (5, 6)):
             raise ConfigError(f"{path}: [networks] {key}: key must be an MCCMNC of 5 or 6 digits")
     _check(parts["api"], parts["number"], parts["cache"], path)
     _check_fastagi(parts["fastagi"], path)
-    return Config(parts["api"], parts["number"], parts["cache"], networks, path, fastagi=parts["fastagi"])
+    return Config(
+        parts["api"],
+        parts["number"],
+        parts["cache"],
+        networks,
+        path,
+        fastagi=parts["fastagi"],
+        breaker=parts["breaker"],
+    )
+
+
+def _move_old_breaker_keys(sections: dict[str, dict[str, str]], path: str) -> None:
+    """``[fastagi] breaker_failures/breaker_cooldown`` become ``[breaker]`` keys (which win), with
+    one warning naming the new keys."""
+    old = [k for k in _OLD_BREAKER_KEYS if k in sections["fastagi"]]
+    for key in old:
+        where = f"{path}: [fastagi] {key}"
+        raw = sections["fastagi"].pop(key)
+        _convert(getattr(BreakerConfig(), _OLD_BREAKER_KEYS[key]), _uncomment(raw), where)  # its own error
+        sections["breaker"].setdefault(_OLD_BREAKER_KEYS[key], raw)
+    if old and path not in _warned_old_keys:
+        _warned_old_keys.add(path)  # once per process, as for the password's mode
+        new = ", ".join(_OLD_BREAKER_KEYS[k] for k in old)
+        log.warning("%s: [fastagi] %s: deprecated, use [breaker] %s", path, ", ".join(old), new)
 
 
 def _build(cls: type, values: dict[str, str], path: str, section: str):

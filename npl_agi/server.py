@@ -34,11 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from . import log, protocol
 from .agi import dialled_number, outcome_line, variables_for
 from .aioclient import AsyncClient
-from .breaker import Breaker
+from .breaker import SERVICE_FAILURES, Breaker
 from .broker import Broker
 from .cache import SqliteCache
 from .config import Config, load_config, parse_listen, require_credentials
-from .errors import TIMEOUT, TRUNCATED, UNAVAILABLE, ConfigError, Disabled, LookupTimeout, NplError
+from .errors import TIMEOUT, ConfigError, Disabled, LookupTimeout, NplError
 from .fastagi import MAX_LINE, Session, SessionEnded
 from .lookup import Lookup, Resolved
 from .metrics import Metrics
@@ -58,8 +58,6 @@ REFUSED_LOG_EVERY = 60.0  # seconds between the log lines about refused connecti
 # What a refused connection is told before it is closed: Asterisk's word for an AGI that could not
 # run, so AGISTATUS is FAILURE and the dialplan runs the process script (a bare close is SUCCESS).
 REFUSAL = b"FAILURE\n"
-# Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
-SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 
 logger = logging.getLogger("npl_agi.server")
 # The unique id of the call at hand, which masking leaves as it is (see ``Server.mask_record``).
@@ -110,7 +108,7 @@ class _State:
         except ConfigError as e:  # cache hits are still served, as by the AGI script
             self.refused = e
         fastagi = config.fastagi
-        self.breaker = Breaker(fastagi.breaker_failures, fastagi.breaker_cooldown, server.clock)
+        self.breaker = Breaker(config.breaker.failures, config.breaker.cooldown, server.clock)
         self.breaker.on_change = server.metrics.breaker.state
         server.metrics.breaker.state(self.breaker.state)
         self.broker = Broker(

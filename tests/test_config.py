@@ -17,6 +17,7 @@ from npl_agi.config import (
     ENV_VAR,
     NUMBER_TYPES,
     ApiConfig,
+    BreakerConfig,
     CacheConfig,
     Config,
     FastagiConfig,
@@ -31,7 +32,13 @@ from npl_agi.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "npl-agi.conf.sample"
-SECTIONS = {"api": ApiConfig, "number": NumberConfig, "cache": CacheConfig, "fastagi": FastagiConfig}
+SECTIONS = {
+    "api": ApiConfig,
+    "number": NumberConfig,
+    "cache": CacheConfig,
+    "fastagi": FastagiConfig,
+    "breaker": BreakerConfig,
+}
 SECRET = "Pw-7f3Q-zK9-never-shown"
 
 
@@ -110,6 +117,7 @@ def test_empty_file_gives_defaults(tmp_path) -> None:
     assert config.number == NumberConfig()
     assert config.cache == CacheConfig()
     assert config.fastagi == FastagiConfig()
+    assert config.breaker == BreakerConfig()
     assert config.networks == {}
 
 
@@ -183,7 +191,7 @@ def test_sample_documents_every_key(section: str) -> None:
 
 
 def test_sample_has_exactly_the_known_sections() -> None:
-    assert set(sample_parser().sections()) == {"api", "number", "cache", "fastagi", "networks"}
+    assert set(sample_parser().sections()) == {"api", "number", "cache", "fastagi", "breaker", "networks"}
 
 
 def test_sample_shows_the_defaults() -> None:
@@ -193,6 +201,7 @@ def test_sample_shows_the_defaults() -> None:
     assert config.number == NumberConfig()._replace(country_code="44")
     assert config.cache == CacheConfig()
     assert config.fastagi == FastagiConfig()
+    assert config.breaker == BreakerConfig()
     assert config.networks == {}
 
 
@@ -262,6 +271,9 @@ BAD = [
     ("bad-metrics-listen", "[fastagi]\nmetrics_listen = :x\n", "[fastagi] metrics_listen"),
     ("bad-log-numbers", "[fastagi]\nlog_numbers = some\n", "[fastagi] log_numbers"),
     ("bad-breaker-failures", "[fastagi]\nbreaker_failures = 0\n", "[fastagi] breaker_failures"),
+    ("bad-breaker-section-failures", "[breaker]\nfailures = 0\n", "[breaker] failures"),
+    ("bad-breaker-cooldown", "[breaker]\ncooldown = soon\n", "[breaker] cooldown"),
+    ("bad-breaker-key", "[breaker]\nbreaker_failures = 3\n", "[breaker] unknown key"),
     ("bad-stale-ttl", "[cache]\nstale_ttl = soon\n", "[cache] stale_ttl"),
     ("ca-file-missing", "[api]\nca_file = /nonexistent\n", "[api] ca_file"),
     ("ca-file-a-directory", "[api]\nca_file = /\n", "[api] ca_file"),
@@ -452,3 +464,20 @@ def test_no_warning_for_a_private_file_or_one_without_a_password(tmp_path, mode:
     path = write(tmp_path, text, f"quiet-{mode:o}.conf")
     path.chmod(mode)
     assert warnings_of(path) == []
+
+
+def test_the_breaker_section_is_read_by_both_doors(tmp_path) -> None:
+    config = load_config(str(write(tmp_path, "[breaker]\nfailures = 3\ncooldown = 12.5\n", "breaker.conf")))
+    assert config.breaker == BreakerConfig(failures=3, cooldown=12.5)
+
+
+def test_the_old_fastagi_breaker_keys_still_work_with_one_deprecation_warning(tmp_path) -> None:
+    path = write(tmp_path, "[fastagi]\nbreaker_failures = 3\nbreaker_cooldown = 12\n", "old-breaker.conf")
+    (warning,) = warnings_of(path)  # once per process, however often it is read
+    assert str(path) in warning and "deprecated" in warning and "[breaker] failures, cooldown" in warning
+    assert load_config(str(path)).breaker == BreakerConfig(failures=3, cooldown=12.0)
+
+
+def test_the_breaker_section_wins_over_the_old_keys(tmp_path) -> None:
+    path = write(tmp_path, "[fastagi]\nbreaker_failures = 3\n[breaker]\nfailures = 7\n", "both-breaker.conf")
+    assert load_config(str(path)).breaker.failures == 7
