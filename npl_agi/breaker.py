@@ -216,6 +216,24 @@ class Breaker:
         return result
 
 
+def gate(breaker: Breaker, misses: list[str]) -> tuple[dict, list[str]]:
+    """Before the misses are asked: while the breaker is open they are ``UNAVAILABLE`` at once
+    (and none is asked); otherwise all are asked. Returns the answers given and what to ask."""
+    if breaker.allow():
+        return {}, misses
+    from . import protocol
+
+    why = "the service keeps failing: not asked until the breaker's cool-down ends"
+    return {m: protocol.failed(m, UNAVAILABLE, reason=why) for m in misses}, []
+
+
+def stale_answers(cache, fresh: dict) -> dict:
+    """After asking: stale cache entries for the numbers the service failed to answer (never for
+    a refused account: its own ``NPL_ERR`` stands)."""
+    failing = [m for m, a in fresh.items() if a.error in SERVICE_FAILURES]
+    return cache.get_stale_many(failing) if failing else {}
+
+
 def shared_breaker(config, cache) -> Breaker:
     """The account's breaker as every process sees it: in Redis with ``backend = redis``, else
     in a file beside the account lock (in the temp dir when the lock directory is unusable)."""

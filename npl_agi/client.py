@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 from . import log, protocol
 from .config import ApiConfig
-from .errors import TIMEOUT, TRUNCATED, LookupTimeout, ProtocolError, RequestRejected, Unreachable
+from .errors import TIMEOUT, TRUNCATED, LookupTimeout, NotSent, ProtocolError, RequestRejected, Unreachable
 from .locks import FileLock
 from .protocol import Answer
 
@@ -117,7 +117,7 @@ class Client:
         self.lock.acquire(start_by, hold_until=deadline)
         try:
             if time.monotonic() > start_by:  # the answer could not arrive in time: spend nothing
-                raise LookupTimeout("too little time left before the deadline to send a request")
+                raise NotSent("too little time left before the deadline to send a request")
             return self._post(form, deadline, reader, on_answer)
         finally:
             self.lock.release()
@@ -128,7 +128,7 @@ class Client:
 
         left = deadline - time.monotonic()
         if left <= 0:
-            raise LookupTimeout("deadline passed before the request could be sent")
+            raise NotSent("deadline passed before the request could be sent")
         self._tls_warning()
         watchdog = _Watchdog(left)
         lines = _Lines(reader, on_answer)

@@ -85,6 +85,11 @@ class LookupTimeout(TransportError):
     npl_err = "TIMEOUT"
 
 
+class NotSent(LookupTimeout):
+    """The deadline passed before a request was sent (waiting for the lock, too little time
+    left): it says nothing of the service, so the breaker does not count it."""
+
+
 class Unreachable(TransportError):
     """No connection to the service (refused, DNS, TLS)."""
 

@@ -8,6 +8,14 @@ a pipe the moment its line arrives, caches everything it was charged for, and on
 the lock and exits. The parent reads the pipe until its deadline. The child runs in a session of
 its own with its standard streams on /dev/null, so Asterisk sees the script end when the parent
 exits, and the call's hangup never reaches the child.
+
+The account's breaker (``breaker.shared_breaker``) hears of the service on both sides, by the
+FastAGI server's rules. The child counts its request: an answer that ended, or a refusal of the
+account, is a success; a request cut off or failed in transport is a failure; a request never
+sent (the lock or the time ran out first, ``NotSent``) says nothing. The parent, at its
+deadline, counts a call left without a line as a failure when no request of the account has
+had a line from the service since the call began: its own request was hanging, or the one it
+queued behind for the lock. A full answer closes it at once, before the child has finished.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import time
 from collections.abc import Iterator
 
 from . import log, protocol
-from .errors import TIMEOUT, NplError, ProtocolError, error_for
+from .errors import TIMEOUT, TRUNCATED, NotSent, NplError, ProtocolError, error_for
 from .protocol import Answer
 
 _FIELDS = len(Answer._fields)
@@ -33,6 +41,7 @@ def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[st
     it. When the child's request failed as a whole, the answers that did arrive are yielded
     first, then its ``NplError`` is raised.
     """
+    since = time.time()  # the breaker's clock, shared with other processes
     lookup.cache.close()  # the child opens its own: an SQLite connection must not cross a fork
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -45,6 +54,7 @@ def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[st
     finally:
         os.close(read_end)
         _reap(pid)
+    _heard(lookup.breaker, got, failure, since)
     if got:
         yield got
     if failure is not None:
@@ -82,6 +92,23 @@ def _collect(fd: int, misses: list[str], deadline: float) -> tuple[dict[str, Ans
             why = "no answer before the call's deadline (the request goes on, to cache its answer)"
             got.update({m: protocol.failed(m, TIMEOUT, source="api", reason=why) for m in misses if m not in got})
     return got, failure
+
+
+def _heard(breaker, got: dict[str, Answer], failure: NplError | None, since: float) -> None:
+    """What the call tells the breaker (see the module's docstring). Another failure of the
+    child's (unreachable, refused, garbled) is counted by the child."""
+    errors = {a.error for a in got.values()}
+    if failure is None and got and not errors & {TIMEOUT, TRUNCATED}:
+        breaker.success()
+        return
+    waited = (failure.npl_err == TIMEOUT and not got) if failure is not None else errors == {TIMEOUT}
+    if waited and breaker.silent_since(since):
+        breaker.failure()
+
+
+def _request_outcome(batch: dict[str, Answer]) -> str:
+    """A request's outcome for the breaker: did its answer end?"""
+    return next((a.error for a in batch.values() if a.error in (TIMEOUT, TRUNCATED)), "")
 
 
 def _reap(pid: int) -> None:
@@ -132,21 +159,29 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
         from .lookup import Lookup
 
         # A cache connection and a client of its own: nothing opened before the fork is used.
-        lookup = Lookup(config)
+        lookup = Lookup(config, detached=True)
         lookup.cache.background = True
-        api = config.api
+        api, breaker = config.api, lookup.breaker
+
+        def on_answer(answer: Answer) -> None:
+            pipe.answer(answer)
+            breaker.line()
+
         try:
             for batch in lookup.client.batches(
                 misses,
                 api.finish_timeout,
                 lock_deadline=call_deadline - api.request_floor,
-                on_answer=pipe.answer,
+                on_answer=on_answer,
             ):
                 lookup.store(batch.values())
                 for answer in batch.values():
                     pipe.answer(answer)
+                breaker.outcome(_request_outcome(batch))
         except NplError as e:
             pipe.failure(e)
+            if not isinstance(e, NotSent):
+                breaker.outcome(e.npl_err)
         status = 0
     finally:
         os._exit(status)

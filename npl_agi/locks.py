@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from . import log
-from .errors import ConfigError, LockUnavailable, LookupTimeout
+from .errors import ConfigError, LockUnavailable, NotSent
 
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # an O_RDWR open refused, an O_RDONLY one may not be
@@ -55,7 +55,7 @@ def wait_for(attempt: Callable[[], bool], deadline: float, holder: str) -> None:
     while not attempt():
         left = deadline - time.monotonic()
         if left <= 0:
-            raise LookupTimeout(f"deadline passed while waiting for the account lock ({holder})")
+            raise NotSent(f"deadline passed while waiting for the account lock ({holder})")
         time.sleep(min(pause, left))
         pause = min(pause * 2, _POLL_MAX)
 

@@ -33,6 +33,7 @@ class Lookup:
         self._cache = cache
         self._client = client
         self._directory = directory
+        self._breaker = None
 
     @property
     def cache(self):
@@ -50,6 +51,16 @@ class Lookup:
             require_credentials(self.config)
             self._client = Client(self.config.api, lock=self.cache.account_lock(self.config.api))
         return self._client
+
+    @property
+    def breaker(self):
+        """The account's breaker that every process shares (the detached script's); else None:
+        the FastAGI server keeps its own, the CLI asks whatever the state."""
+        if self._breaker is None and self.detached:
+            from .breaker import shared_breaker
+
+            self._breaker = shared_breaker(self.config, self.cache)
+        return self._breaker
 
     @property
     def directory(self):
@@ -96,6 +107,11 @@ class Lookup:
             progress(done, len(resolved.wanted))
         fresh: dict[str, Answer] = {}
         failure = None
+        breaker = self.breaker
+        if misses and breaker is not None:  # the gate: an open breaker answers at once
+            from .breaker import gate
+
+            fresh, misses = gate(breaker, misses)
         try:
             for batch in self._ask(misses, timeout, deadline) if misses else ():
                 if self.memory is not None:
@@ -107,6 +123,10 @@ class Lookup:
             failure = e
             for m in misses:
                 fresh.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
+        if breaker is not None:  # the stale stage: a known number keeps its route
+            from .breaker import stale_answers
+
+            fresh.update(stale_answers(self.cache, fresh))
         out = self.finish(resolved, {**remembered, **fresh})
         if failure is not None and strict:
             failure.answers = out
