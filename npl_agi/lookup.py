@@ -107,8 +107,8 @@ class Lookup:
             progress(done, len(resolved.wanted))
         fresh: dict[str, Answer] = {}
         failure = None
-        breaker = self.breaker
-        if misses and breaker is not None:  # the gate: an open breaker answers at once
+        breaker = self.breaker if misses else None  # a cache hit imports nothing of it
+        if breaker is not None:  # the gate: an open breaker answers at once
             from .breaker import gate
 
             fresh, misses = gate(breaker, misses)

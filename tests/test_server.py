@@ -382,6 +382,24 @@ def test_a_refused_account_keeps_its_npl_err_and_does_not_open_the_breaker(tmp_p
     assert state == "closed"
 
 
+def test_a_refused_account_is_never_answered_from_a_stale_entry(tmp_path, sim):
+    """AUTH, CREDIT and LOCKED say the account is refused, not that the service failed."""
+    config = config_for(tmp_path, sim, api={"password": "wrong"}, breaker={"failures": "1"})
+    SqliteCache(config.cache, clock=lambda: time.time() - 2 * 86400).put_many(
+        [Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")]
+    )
+
+    async def main():
+        server = await serving(config)
+        try:
+            return await calls(server, ["07788450450"]) + await calls(server, ["07788450450"])
+        finally:
+            await server.drain()
+
+    for r in run(main()):
+        assert (r.variables["NPL_ERR"], r.variables["NPL_SOURCE"], r.variables["NPL_MCCMNC"]) == ("AUTH", "", "")
+
+
 async def misbehave(host: str, port: int, kind: str) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     if kind == "garbage":
