@@ -186,3 +186,19 @@ def test_the_redis_store_is_shared_and_takes_the_probe_once(tmp_path, redis_serv
     assert [one.allow(), two.allow(), one.allow()] == [True, False, False]
     two.success()
     assert one.state == "closed" and one.allow()
+
+
+def test_a_known_number_whose_request_hangs_is_answered_stale_at_the_deadline(tmp_path, subprocess_env):
+    with Simulator("127.0.0.1", 0, hang_seconds=60) as sim:
+        config, agi = setup(tmp_path, sim, subprocess_env, breaker={"failures": "5"})
+        seed_stale(config)
+        sim.fault = "hang"
+        run = agi.run([KNOWN])
+        end_hanging_queries(sim)
+    assert_clean(run)
+    assert msisdn(KNOWN) in asked(sim)  # asked, and the service kept it waiting
+    assert (run.variables["NPL_ERR"], run.variables["NPL_SOURCE"], run.variables["NPL_MCCMNC"]) == (
+        "",
+        "stale",
+        "23415",
+    )
