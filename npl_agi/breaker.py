@@ -227,11 +227,10 @@ def gate(breaker: Breaker, misses: list[str]) -> tuple[dict, list[str]]:
     return {m: protocol.failed(m, UNAVAILABLE, reason=why) for m in misses}, []
 
 
-def stale_answers(cache, fresh: dict) -> dict:
-    """After asking: stale cache entries for the numbers the service failed to answer (never for
-    a refused account: its own ``NPL_ERR`` stands)."""
-    failing = [m for m, a in fresh.items() if a.error in SERVICE_FAILURES]
-    return cache.get_stale_many(failing) if failing else {}
+def stale_answers(stale: dict, fresh: dict) -> dict:
+    """After asking: of the ``stale`` cache entries (``Cache.get_stale_many``), those of the
+    numbers the service failed to answer (never a refused account's: its ``NPL_ERR`` stands)."""
+    return {m: stale[m] for m, a in fresh.items() if a.error in SERVICE_FAILURES and m in stale}
 
 
 def shared_breaker(config, cache) -> Breaker:

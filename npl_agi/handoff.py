@@ -9,13 +9,13 @@ the lock and exits. The parent reads the pipe until its deadline. The child runs
 its own with its standard streams on /dev/null, so Asterisk sees the script end when the parent
 exits, and the call's hangup never reaches the child.
 
-The account's breaker (``breaker.shared_breaker``) hears of the service on both sides, by the
-FastAGI server's rules. The child counts its request: an answer that ended, or a refusal of the
-account, is a success; a request cut off or failed in transport is a failure; a request never
-sent (the lock or the time ran out first, ``NotSent``) says nothing. The parent, at its
-deadline, counts a call left without a line as a failure when no request of the account has
-had a line from the service since the call began: its own request was hanging, or the one it
-queued behind for the lock. A full answer closes it at once, before the child has finished.
+The account's breaker (``breaker.shared_breaker``) hears of the service from the child, by the
+FastAGI server's rules, so the call itself does nothing past its deadline. Its request: an
+answer that ended, or a refusal of the account, is a success (told before the answer is
+stored, so the next call sees it); a request cut off or failed in transport is a failure. The
+call: when it is left without a line of answer (its deadline passed, or the lock wait gave up,
+``NotSent``) and no request of the account has had a line since the call began, that is one
+failure more: its own request was hanging, or the one it queued behind for the lock.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextlib
 import os
 import select
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -41,7 +42,6 @@ def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[st
     it. When the child's request failed as a whole, the answers that did arrive are yielded
     first, then its ``NplError`` is raised.
     """
-    since = time.time()  # the breaker's clock, shared with other processes
     lookup.cache.close()  # the child opens its own: an SQLite connection must not cross a fork
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -54,7 +54,6 @@ def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[st
     finally:
         os.close(read_end)
         _reap(pid)
-    _heard(lookup.breaker, got, failure, since)
     if got:
         yield got
     if failure is not None:
@@ -92,18 +91,6 @@ def _collect(fd: int, misses: list[str], deadline: float) -> tuple[dict[str, Ans
             why = "no answer before the call's deadline (the request goes on, to cache its answer)"
             got.update({m: protocol.failed(m, TIMEOUT, source="api", reason=why) for m in misses if m not in got})
     return got, failure
-
-
-def _heard(breaker, got: dict[str, Answer], failure: NplError | None, since: float) -> None:
-    """What the call tells the breaker (see the module's docstring). Another failure of the
-    child's (unreachable, refused, garbled) is counted by the child."""
-    errors = {a.error for a in got.values()}
-    if failure is None and got and not errors & {TIMEOUT, TRUNCATED}:
-        breaker.success()
-        return
-    waited = (failure.npl_err == TIMEOUT and not got) if failure is not None else errors == {TIMEOUT}
-    if waited and breaker.silent_since(since):
-        breaker.failure()
 
 
 def _request_outcome(batch: dict[str, Answer]) -> str:
@@ -162,11 +149,21 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
         lookup = Lookup(config, detached=True)
         lookup.cache.background = True
         api, breaker = config.api, lookup.breaker
+        since = time.time()  # the breaker's clock, shared with other processes
 
         def on_answer(answer: Answer) -> None:
             pipe.answer(answer)
             breaker.line()
 
+        once = threading.Lock()
+
+        def call_left_waiting() -> None:  # at the call's deadline, or when the lock wait gave up
+            if once.acquire(blocking=False) and not pipe.sent and breaker.silent_since(since):
+                breaker.failure()
+
+        at_deadline = threading.Timer(max(0.0, call_deadline - time.monotonic()), call_left_waiting)
+        at_deadline.daemon = True
+        at_deadline.start()
         try:
             for batch in lookup.client.batches(
                 misses,
@@ -174,14 +171,18 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
                 lock_deadline=call_deadline - api.request_floor,
                 on_answer=on_answer,
             ):
+                breaker.outcome(_request_outcome(batch))
                 lookup.store(batch.values())
                 for answer in batch.values():
                     pipe.answer(answer)
-                breaker.outcome(_request_outcome(batch))
         except NplError as e:
             pipe.failure(e)
-            if not isinstance(e, NotSent):
+            if isinstance(e, NotSent):
+                call_left_waiting()
+            else:
                 breaker.outcome(e.npl_err)
+        finally:
+            at_deadline.cancel()
         status = 0
     finally:
         os._exit(status)

@@ -111,6 +111,10 @@ class Lookup:
         if breaker is not None:  # the gate: an open breaker answers at once
             from .breaker import gate
 
+            # Read now, and the names of their networks: past the deadline there is no time left.
+            stale = self.cache.get_stale_many(misses)
+            if stale:
+                self.directory  # noqa: B018 - loaded for finish()
             fresh, misses = gate(breaker, misses)
         try:
             for batch in self._ask(misses, timeout, deadline) if misses else ():
@@ -126,7 +130,7 @@ class Lookup:
         if breaker is not None:  # the stale stage: a known number keeps its route
             from .breaker import stale_answers
 
-            fresh.update(stale_answers(self.cache, fresh))
+            fresh.update(stale_answers(stale, fresh))
         out = self.finish(resolved, {**remembered, **fresh})
         if failure is not None and strict:
             failure.answers = out

@@ -49,7 +49,8 @@ def asked(sim: Simulator) -> set[str]:
 
 
 def setup(tmp_path: Path, sim: Simulator, subprocess_env, **sections):
-    sections.setdefault("api", {}).update(timeout="1", finish_timeout="30")
+    # Room for a slow machine: a script that starts too late to ask answers TIMEOUT unasked.
+    sections.setdefault("api", {}).update(timeout="4", finish_timeout="60")
     sections.setdefault("breaker", {}).update(failures="3", cooldown="30")
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, **sections)
     config = load_config(str(conf))
@@ -97,7 +98,7 @@ def test_a_hanging_service_opens_the_shared_breaker_stale_answers_keep_known_num
         known = agi.run([KNOWN])
         for run in [*rejected, known]:
             assert_clean(run)
-            assert int(run.variables["NPL_LOOKUP_MS"]) < 1000  # loose: none waited out its deadline
+            assert int(run.variables["NPL_LOOKUP_MS"]) < 3000  # loose: none waited out its 4 s deadline
         assert [r.variables["NPL_ERR"] for r in rejected] == ["UNAVAILABLE"] * 3
         assert asked(sim) == before  # not one request for them
         assert msisdn(uk(3)) not in asked(sim)
@@ -112,6 +113,7 @@ def test_a_hanging_service_opens_the_shared_breaker_stale_answers_keep_known_num
         until(lambda: store.load()["failed"] >= 4)
         cool_down(store)
         probe = agi.run([uk(50)])
+        until(lambda: store.load()["state"] == "closed")  # told by the probe's request as it ends
         after = agi.run([uk(51)])
     assert (probe.variables["NPL_ERR"], probe.variables["NPL_SOURCE"]) == ("", "api")
     assert (after.variables["NPL_ERR"], after.variables["NPL_SOURCE"]) == ("", "api")
