@@ -26,6 +26,9 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 # Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 STORE_WAIT = 0.05  # seconds a change waits for another process's change, then gives up: closed
+# Seconds before its deadline that a call holding a stale answer stops waiting for the service:
+# what comes after the wait must not meet the deadline's alarm.
+STALE_RESERVE = 0.1
 LINE_EVERY = 1.0  # seconds between the notes that the service sent a line (see ``Breaker.line``)
 
 State = dict  # {"state", "failed", "opened_at", "line_at"}

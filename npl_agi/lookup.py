@@ -109,12 +109,14 @@ class Lookup:
         failure = None
         breaker = self.breaker if misses else None  # a cache hit imports nothing of it
         if breaker is not None:  # the gate: an open breaker answers at once
-            from .breaker import gate
+            from .breaker import STALE_RESERVE, gate
 
             # Read now, and the names of their networks: past the deadline there is no time left.
             stale = self.cache.get_stale_many(misses)
             if stale:
                 self.directory  # noqa: B018 - loaded for finish()
+            if stale and deadline is not None:  # leave the stale answer time to be given
+                deadline -= STALE_RESERVE
             fresh, misses = gate(breaker, misses)
         try:
             for batch in self._ask(misses, timeout, deadline) if misses else ():
