@@ -35,3 +35,30 @@ def test_opens_after_consecutive_failures_then_probes_after_the_cooldown() -> No
     b.success()
     assert b.state == CLOSED and not b.rejecting()
     assert seen == [OPEN, HALF_OPEN, OPEN, HALF_OPEN, CLOSED]
+
+
+def test_while_the_probe_runs_no_other_request_is_allowed_until_a_cool_down_passes() -> None:
+    """One probe at a time; a probe that never reports (its process died) is replaced later."""
+    clock = Clock()
+    b = Breaker(1, 30, clock)
+    b.failure()
+    clock.now = 30.0
+    assert b.allow() and b.state == HALF_OPEN  # the probe
+    assert not b.allow()  # another caller, while it runs
+    clock.now = 60.0
+    assert b.allow()  # it never reported: the next one probes
+
+
+def test_the_same_machine_over_a_shared_file(tmp_path) -> None:
+    from npl_agi.breaker import FileStore
+
+    clock = Clock()
+    path = str(tmp_path / "account.breaker")
+    one, two = Breaker(2, 30, clock, FileStore(path)), Breaker(2, 30, clock, FileStore(path))
+    one.failure()
+    two.failure()  # two processes' failures add up
+    assert one.state == OPEN and two.rejecting() and not one.allow()
+    clock.now = 30.0
+    assert two.allow() and not one.allow()
+    one.success()
+    assert two.state == CLOSED and two.allow()
