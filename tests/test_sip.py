@@ -39,7 +39,7 @@ include => npl-outbound
 #include {dialplan}/npl-routes.conf
 """
 SLOW = "07400999902"  # the simulator holds this query (hang_seconds): the lookup runs to its deadline
-HANG = 8  # seconds the simulator holds SLOW, longer than the calls' 5 s deadline
+HANG = 12  # seconds the simulator holds SLOW, longer than the calls' 8 s deadline
 
 
 @dataclass
@@ -98,10 +98,10 @@ def pbx(tmp_path_factory) -> Iterator[SipPbx]:
     script = agi_dir / "npl-lookup.agi"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{AGI_SCRIPT}" "$@"\n')
     script.chmod(0o755)
-    # Calls get 5 s: the interpreter of a call's script starts on a machine that may be busy. A
+    # Calls get 8 s: the interpreter of a call's script starts on a machine that may be busy. A
     # hanging number still times out (the simulator hangs HANG seconds).
     with Simulator("127.0.0.1", 0, hang_seconds=HANG) as sim, contextlib.ExitStack() as stack:
-        config = write_config(root / "npl-agi.conf", sim.url, api={"timeout": 5}, fastagi={"metrics_listen": ""})
+        config = write_config(root / "npl-agi.conf", sim.url, api={"timeout": 8}, fastagi={"metrics_listen": ""})
         env = {**os.environ, "PYTHONPATH": str(ROOT), "NPL_AGI_CONFIG": str(config)}
         trunks = {name: Trunk(name, root).start() for name in trunk_names(PJSIP_SAMPLE.read_text())}
         for trunk in trunks.values():
