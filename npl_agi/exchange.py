@@ -177,7 +177,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def _reason(chain: list[BaseException]) -> str:
     """The innermost cause, short: an OS error by its errno's text, the same whichever library."""
     exc = chain[-1]
-    if isinstance(exc, OSError) and exc.errno:
+    if isinstance(exc, OSError) and exc.errno and type(exc).__module__ == "builtins":  # not ssl's codes
         import os
 
         text = os.strerror(exc.errno)
