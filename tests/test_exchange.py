@@ -89,3 +89,11 @@ def caused(outer: BaseException, inner: BaseException) -> BaseException:
 def test_one_table_maps_foreign_errors_to_ours(exc, error, message):
     got = exchange.translate(exc)
     assert isinstance(got, error) and str(got).startswith(message)
+
+
+def test_the_core_imports_no_http_library():
+    import subprocess
+    import sys
+
+    code = "import sys, npl_agi.exchange; print(sorted({'requests', 'urllib3', 'httpx'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
