@@ -1,38 +1,51 @@
-"""The one lookup path: normalise, then the cache, then the service for what the cache misses.
+"""The one lookup chain, the same for every door: normalise, then the cache, then the service for
+what the cache misses, then stale entries for the numbers the service failed to answer.
 
 The AGI script, the CLI and the FastAGI server all call ``Lookup``; none of them talks to the
-client or the cache on its own.
+client or the cache on its own. How the misses are asked is the door's: it hands the chain an
+asker (see ``askers``), so this module imports no door and no mechanism of one.
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from . import protocol
+from .askers import failed_all
 from .config import Config, require_credentials
-from .errors import NplError
+from .errors import SERVICE_FAILURES, LookupTimeout, NplError
 from .protocol import Answer
 
 Progress = Callable[[int, int], None]
+STALE_READ_GRACE = 0.05  # seconds the async chain waits for the stale entries it read meanwhile
 
 
 class Lookup:
-    """Looks numbers up for one configuration. Build it once; it opens what it needs lazily."""
+    """Looks numbers up for one configuration. Build it once; it opens what it needs lazily.
 
-    def __init__(
-        self, config: Config, *, cache=None, client=None, directory=None, detached: bool = False, memory=None
-    ) -> None:
-        """``detached``: requests run in a detached child process that outlives a call's deadline
-        to cache what it paid for (the AGI script); otherwise in this process (the CLI).
-        ``memory``: a ``RunMemory`` that keeps every answer of a run (the CLI), so no number is
-        asked twice in it, cached or not."""
+    Per-call values (a deadline) are arguments of each call, never attributes: the FastAGI
+    server shares one ``Lookup`` between concurrent calls.
+    """
+
+    def __init__(self, config: Config, *, asker=None, cache=None, client=None, directory=None, memory=None) -> None:
+        """``asker``: how the misses are asked (see ``askers``); by default in this process, with
+        ``client``. ``memory``: a ``RunMemory`` that keeps every answer of a run (the CLI), so no
+        number is asked twice in it, cached or not."""
         self.config = config
-        self.detached = detached
         self.memory = memory
+        self._asker = asker
         self._cache = cache
         self._client = client
         self._directory = directory
+
+    @property
+    def asker(self):
+        if self._asker is None:
+            from .askers import InProcess
+
+            self._asker = InProcess(lambda: self.client, self.store)
+        return self._asker
 
     @property
     def cache(self):
@@ -44,6 +57,7 @@ class Lookup:
 
     @property
     def client(self):
+        """The service's client in this process (the CLI's ``check``, the default asker)."""
         if self._client is None:
             from .client import Client
 
@@ -83,51 +97,93 @@ class Lookup:
         asked once each, each request within ``timeout`` and all of them before ``deadline``
         (``time.monotonic()`` seconds). When a request fails as a whole (refused, unreachable,
         timed out), its numbers get that failure as their error and no later request is sent;
-        with ``strict`` the failure is then raised, carrying every answer in its ``answers``
-        attribute (what was already paid for is not lost).
+        a number the service failed (``SERVICE_FAILURES``) whose entry expired lately gets that
+        entry instead (``source = "stale"``). With ``strict`` a failure is then raised, carrying
+        every answer in its ``answers`` attribute (what was already paid for is not lost).
         """
         if deadline is not None:
             self.cache.deadline = deadline
+        # 1. normalise, then the cache (and the run's memory)
         resolved = self.resolve(dialled)
         remembered = self.memory.get_many(resolved.misses) if self.memory is not None else {}
         misses = [m for m in resolved.misses if m not in remembered]
-        done = len(resolved.wanted) - len(misses)
+        # Read before asking: a failure's stand-ins must not wait for a cache read past the deadline.
+        stale = self.cache.get_stale_many(misses) if misses else {}
+        total, done = len(resolved.wanted), len(resolved.wanted) - len(misses)
         if progress:
-            progress(done, len(resolved.wanted))
-        fresh: dict[str, Answer] = {}
-        failure = None
-        try:
-            for batch in self._ask(misses, timeout, deadline) if misses else ():
-                if self.memory is not None:
-                    self.memory.put_many(batch.values())
-                fresh.update(batch)
-                if progress:
-                    progress(done + len(fresh), len(resolved.wanted))
-        except NplError as e:
-            failure = e
-            for m in misses:
-                fresh.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
+            progress(done, total)
+        # 2. the service, for the misses
+        fresh, failure = self._ask(misses, timeout, deadline, progress and (lambda n: progress(done + n, total)))
+        # 3. stale entries, for the numbers the service failed
+        fresh.update(stale_standins(fresh, stale))
         out = self.finish(resolved, {**remembered, **fresh})
         if failure is not None and strict:
             failure.answers = out
             raise failure
         return out
 
-    def _ask(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict[str, Answer]]:
-        """Each request's answers (``source = "api"``), in the cache before they are yielded."""
-        if self.detached:
-            from .handoff import ask_detached
+    def _ask(
+        self, misses: list[str], timeout: float | None, deadline: float | None, progress: Callable[[int], None] | None
+    ) -> tuple[dict[str, Answer], NplError | None]:
+        """An answer for each miss from the asker (each request's answers stored by it), and the
+        failure of the request that failed as a whole, if one did: its numbers and those never
+        sent then have that failure as their answer."""
+        fresh: dict[str, Answer] = {}
+        if not misses:
+            return fresh, None
+        try:
+            for batch in self.asker.ask(misses, timeout, deadline):
+                if self.memory is not None:
+                    self.memory.put_many(batch.values())
+                fresh.update(batch)
+                if progress:
+                    progress(len(fresh))
+        except NplError as e:
+            return {**failed_all(misses, e), **fresh}, e
+        return fresh, None
 
-            yield from ask_detached(self, misses, deadline if deadline is not None else self._deadline(timeout))
-            return
-        for batch in self.client.batches(misses, timeout, deadline=deadline):
-            self.store(batch.values())
-            yield batch
+    async def many_async(
+        self,
+        dialled: list[str],
+        deadline: float,
+        *,
+        asker,
+        run,
+        cached: Callable[[list[str]], Resolved | None] | None = None,
+        seen: Callable[[Resolved], None] | None = None,
+    ) -> list[Answer]:
+        """``many``'s stages on an event loop, for the FastAGI server; raises ``NplError``.
 
-    def _deadline(self, timeout: float | None) -> float:
-        import time
+        ``asker.ask(misses, deadline)`` is awaited (see ``askers.Brokered``). Every step that may
+        block (cache reads and writes, validating a number the cache misses) goes through
+        ``run`` (``await run(work, *args)``: the server's cache thread), while ``cached`` may
+        resolve the numbers first without leaving the loop (a ``Lookup.cached``). ``seen`` is
+        told what the cache made of them (the server's metrics).
+        """
+        import asyncio
 
-        return time.monotonic() + (self.config.api.timeout if timeout is None else timeout)
+        resolved = cached(dialled) if cached is not None else None
+        if resolved is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    resolved = await run(self.resolve, dialled)
+            except TimeoutError:
+                raise LookupTimeout("deadline passed while reading the cache") from None
+        if seen is not None:
+            seen(resolved)
+        fresh: dict[str, Answer] = {}
+        if resolved.misses:
+            stale = asyncio.ensure_future(run(self.cache.get_stale_many, resolved.misses))  # read meanwhile
+            fresh = await asker.ask(resolved.misses, deadline)
+            if any(a.error in SERVICE_FAILURES for a in fresh.values()):
+                try:
+                    async with asyncio.timeout(STALE_READ_GRACE):
+                        fresh.update(stale_standins(fresh, await stale))
+                except TimeoutError:
+                    pass
+            else:
+                stale.cancel()
+        return self.finish(resolved, fresh)
 
     def store(self, answers: Iterable[Answer]) -> None:
         """Cache what the service answered and deserves keeping (see ``cache.ttl_for``)."""
@@ -210,6 +266,15 @@ class Lookup:
         readings = set().union(*readings_of.values())
         found = self.cache.get_many(sorted(readings)) if readings else {}
         return readings_of, local, found
+
+
+def stale_standins(fresh: dict[str, Answer], stale: dict[str, Answer]) -> dict[str, Answer]:
+    """The stale entries that stand in for the numbers the service failed to answer.
+
+    Only for a service that failed (``SERVICE_FAILURES``): a refusal of the account (``AUTH``,
+    ``CREDIT``, ``LOCKED``) or a local failure keeps its own ``NPL_ERR``, so the admin sees it.
+    """
+    return {m: stale[m] for m, a in fresh.items() if a.error in SERVICE_FAILURES and m in stale}
 
 
 class Resolved(namedtuple("Resolved", "dialled msisdn_of found local")):
