@@ -183,9 +183,8 @@ def _shed(config, dialled: str, deadline: float):
         from .lookup import Lookup
 
         lookup = Lookup(config)
-        lookup.cache.deadline = deadline
         with _alarm_at(deadline + ALARM_GRACE):
-            resolved = lookup.cached([dialled])
+            resolved = lookup.cached([dialled], deadline=deadline)
             if resolved is not None:
                 return lookup.finish(resolved, {})[0]
         why += ", and it is not cached"

@@ -39,14 +39,15 @@ Batches = Iterator[dict[str, Answer]]
 class InProcess:
     """The service asked from this process: each request's answers stored, then yielded."""
 
-    def __init__(self, client: Callable[[], Client], store: Callable[[list[Answer]], None]) -> None:
-        """``client`` gives the client when the first miss needs it (a hit makes none)."""
+    def __init__(self, client: Callable[[], Client], store: Callable[..., None]) -> None:
+        """``client`` gives the client when the first miss needs it (a hit makes none);
+        ``store(answers, deadline=...)`` keeps them (``Lookup.store``)."""
         self.client = client
         self.store = store
 
     def ask(self, misses: list[str], timeout: float | None, deadline: float | None) -> Batches:
         for batch in self.client().batches(misses, timeout, deadline=deadline):
-            self.store(list(batch.values()))
+            self.store(list(batch.values()), deadline=deadline)
             yield batch
 
 
@@ -77,10 +78,9 @@ def child_parts(config: Config) -> tuple[Client, Callable[[Iterable[Answer]], No
     from .config import require_credentials
 
     cache = open_cache(config)
-    cache.background = True
     require_credentials(config)
     client = Client(config.api, lock=cache.account_lock(config.api))
-    return client, lambda answers: cache.put_many(list(answers))
+    return client, lambda answers: cache.put_many(list(answers), background=True)
 
 
 class Brokered:

@@ -101,14 +101,12 @@ class Lookup:
         entry instead (``source = "stale"``). With ``strict`` a failure is then raised, carrying
         every answer in its ``answers`` attribute (what was already paid for is not lost).
         """
-        if deadline is not None:
-            self.cache.deadline = deadline
         # 1. normalise, then the cache (and the run's memory)
-        resolved = self.resolve(dialled)
+        resolved = self.resolve(dialled, deadline=deadline)
         remembered = self.memory.get_many(resolved.misses) if self.memory is not None else {}
         misses = [m for m in resolved.misses if m not in remembered]
         # Read before asking: a failure's stand-ins must not wait for a cache read past the deadline.
-        stale = self.cache.get_stale_many(misses) if misses else {}
+        stale = self.cache.get_stale_many(misses, deadline=deadline) if misses else {}
         total, done = len(resolved.wanted), len(resolved.wanted) - len(misses)
         if progress:
             progress(done, total)
@@ -166,15 +164,17 @@ class Lookup:
         if resolved is None:
             try:
                 async with asyncio.timeout_at(deadline):
-                    resolved = await run(self.resolve, dialled)
+                    resolved = await run(lambda: self.resolve(dialled, deadline=deadline))
             except TimeoutError:
                 raise LookupTimeout("deadline passed while reading the cache") from None
         if seen is not None:
             seen(resolved)
         fresh: dict[str, Answer] = {}
-        if resolved.misses:
-            stale = asyncio.ensure_future(run(self.cache.get_stale_many, resolved.misses))  # read meanwhile
-            fresh = await asker.ask(resolved.misses, deadline)
+        misses = resolved.misses
+        if misses:
+            # Read while the service is asked, so a failure's stand-ins are at hand by the deadline.
+            stale = asyncio.ensure_future(run(lambda: self.cache.get_stale_many(misses, deadline=deadline)))
+            fresh = await asker.ask(misses, deadline)
             if any(a.error in SERVICE_FAILURES for a in fresh.values()):
                 try:
                     async with asyncio.timeout(STALE_READ_GRACE):
@@ -185,9 +185,10 @@ class Lookup:
                 stale.cancel()
         return self.finish(resolved, fresh)
 
-    def store(self, answers: Iterable[Answer]) -> None:
-        """Cache what the service answered and deserves keeping (see ``cache.ttl_for``)."""
-        self.cache.put_many(list(answers))
+    def store(self, answers: Iterable[Answer], *, deadline: float | None = None) -> None:
+        """Cache what the service answered and deserves keeping (see ``cache.ttl_for``), waiting
+        for a busy cache at most until ``deadline``."""
+        self.cache.put_many(list(answers), deadline=deadline)
 
     def finish(self, resolved: Resolved, fresh: dict[str, Answer]) -> list[Answer]:
         """The answers in the order dialled, with the network directory's names filled in.
@@ -205,7 +206,7 @@ class Lookup:
             out.append(answer)
         return out
 
-    def resolve(self, dialled: list[str]) -> Resolved:
+    def resolve(self, dialled: list[str], *, deadline: float | None = None) -> Resolved:
         """Dialled numbers -> msisdns, their cached answers, and the numbers refused locally.
 
         The cache is read with the plain string readings of each number first; only numbers it
@@ -214,7 +215,7 @@ class Lookup:
         """
         from .number import validate
 
-        readings_of, local, found = self._read(dialled)
+        readings_of, local, found = self._read(dialled, deadline)
         cfg = self.config.number
         msisdn_of: dict[str, str] = {}
         for d, rs in readings_of.items():
@@ -229,19 +230,20 @@ class Lookup:
         readings = set().union(*readings_of.values())
         unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
         if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be cached already
-            found.update(self.cache.get_many(sorted(unread)))
+            found.update(self.cache.get_many(sorted(unread), deadline=deadline))
         resolved = Resolved(list(dialled), msisdn_of, found, local)
-        self.cache.record(hits=len(resolved.wanted) - len(resolved.misses), misses=len(resolved.misses))
+        misses = len(resolved.misses)
+        self.cache.record(len(resolved.wanted) - misses, misses, deadline=deadline)
         return resolved
 
-    def cached(self, dialled: list[str]) -> Resolved | None:
+    def cached(self, dialled: list[str], *, deadline: float | None = None) -> Resolved | None:
         """What ``resolve`` gives when the cache holds every number under a plain reading (or the
         number is refused by its form alone); None when any would need validation or a request.
 
         Reads the cache once and does nothing else: no phonenumbers, no counting (the caller
         counts the hits). The FastAGI server serves such calls without leaving its event loop.
         """
-        readings_of, local, found = self._read(dialled)
+        readings_of, local, found = self._read(dialled, deadline)
         msisdn_of: dict[str, str] = {}
         for d, rs in readings_of.items():
             hit = next((r for r in rs if r in found), None)
@@ -250,7 +252,9 @@ class Lookup:
             msisdn_of[d] = hit
         return Resolved(list(dialled), msisdn_of, found, local)
 
-    def _read(self, dialled: list[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, Answer], dict[str, Answer]]:
+    def _read(
+        self, dialled: list[str], deadline: float | None
+    ) -> tuple[dict[str, tuple[str, ...]], dict[str, Answer], dict[str, Answer]]:
         """Each distinct dialled number's plain readings, the numbers refused by their form, and
         the cached answers of all the readings."""
         from .number import normalise
@@ -264,7 +268,7 @@ class Lookup:
             except NplError as e:
                 local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
         readings = set().union(*readings_of.values())
-        found = self.cache.get_many(sorted(readings)) if readings else {}
+        found = self.cache.get_many(sorted(readings), deadline=deadline) if readings else {}
         return readings_of, local, found
 
 

@@ -78,11 +78,9 @@ class _LoopCache(SqliteCache):
 
     announce_replaced = False  # the worker thread's connection says it
 
-    def _busy_timeout(self) -> float:
-        return 0.0
-
-    def get_many(self, msisdns: list[str]) -> dict:
-        return self._with_recent(msisdns, self._get_many)  # a failure is the caller's: on to the worker thread
+    def get_many(self, msisdns: list[str], *, deadline: float | None = None) -> dict:
+        # Never waits; a failure is the caller's: on to the worker thread.
+        return self._with_recent(msisdns, lambda rest: self._get_many(rest, 0.0))
 
 
 class _State:

@@ -17,7 +17,7 @@ import pytest
 from conftest import AGI_SCRIPT, write_config
 
 from npl_agi import protocol
-from npl_agi.cache import SqliteCache
+from npl_agi.cache import SQLITE_BUSY_TIMEOUT, SqliteCache
 from npl_agi.config import load_config
 from npl_agi.emulator import AgiEmulator
 from npl_agi.errors import (
@@ -203,3 +203,15 @@ def test_the_process_script_answers_stale_only_for_a_failing_service(
     assert (v["NPL_ERR"], v["NPL_SOURCE"]) == (npl_err, source)
     assert v["NPL_MCCMNC"] == ("23415" if source == "stale" else "")
     assert agi.run([UNKNOWN]).variables["NPL_ERR"] == unknown_err
+
+
+def test_a_call_s_deadline_stays_with_that_call(tmp_path):
+    """A lookup shared by calls (the FastAGI server's) carries no call's deadline into the next:
+    a store made after a call whose deadline has passed may still wait for a busy file."""
+    config = load_config(str(write_config(tmp_path / "npl-agi.conf", "http://127.0.0.1:9/")))
+    cache = SqliteCache(config.cache)
+    cache.put_many([Answer(msisdn(FRESH), mccmnc="23420", source="api")])
+    lookup = Lookup(config, cache=cache)
+    assert lookup.one(FRESH, deadline=time.monotonic() - 1).source == "cache"  # past its deadline: no waiting
+    lookup.store([Answer(msisdn(KNOWN), mccmnc="23415", source="api")])  # no call waits for this one
+    assert cache._conn().execute("PRAGMA busy_timeout").fetchone()[0] == SQLITE_BUSY_TIMEOUT * 1000
