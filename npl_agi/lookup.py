@@ -111,7 +111,8 @@ class Lookup:
         if progress:
             progress(done, total)
         # 2. the service, for the misses
-        fresh, failure = self._ask(misses, timeout, deadline, progress and (lambda n: progress(done + n, total)))
+        asked = (lambda n: progress(done + n, total)) if progress else None
+        fresh, failure = self._ask(misses, timeout, deadline, asked)
         # 3. stale entries, for the numbers the service failed
         fresh.update(stale_standins(fresh, stale))
         out = self.finish(resolved, {**remembered, **fresh})
