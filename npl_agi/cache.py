@@ -76,15 +76,22 @@ class Cache:
         self.timer = clock  # times cool-downs and file checks: the server gives its monotonic clock
         self._failures = 0  # failures since the last success
         self.broken = False
-        self.deadline: float | None = None  # time.monotonic() by which a call needs its answer
         self.recent: Recent | None = None  # the server's first-level cache, read before the backend
-        self.background = False  # no call waits: store what was paid for even if that takes a while
 
-    def _within(self, longest: float) -> float:
-        """How long one cache operation may wait: ``longest``, or less as the deadline nears."""
-        if self.deadline is None:
-            return longest
-        return max(0.0, min(longest, self.deadline - time.monotonic()))
+    # Seconds one operation may wait for a busy backend, and when no call waits for it.
+    longest_wait = 0.0
+    background_wait = 0.0
+
+    def _wait(self, deadline: float | None, background: bool = False) -> float:
+        """How long one operation may wait: ``longest_wait``, less as the call's ``deadline``
+        (``time.monotonic()``) nears; ``background_wait`` when no call waits (a detached request
+        storing what it paid for). Arguments of each operation, never attributes: one cache may
+        serve concurrent calls."""
+        if background:
+            return self.background_wait
+        if deadline is None:
+            return self.longest_wait
+        return max(0.0, min(self.longest_wait, deadline - time.monotonic()))
 
     @property
     def broken(self) -> bool:
@@ -101,9 +108,10 @@ class Cache:
         self._broken_until = self.timer() + cooldown
         self.close()  # the probe opens a new connection: the old one may be stuck (read-only, dead socket)
 
-    def get_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def get_many(self, msisdns: list[str], *, deadline: float | None = None) -> dict[str, Answer]:
         """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
-        return self._with_recent(msisdns, lambda rest: self._safely("read", self._get_many, {}, rest))
+        wait = self._wait(deadline)
+        return self._with_recent(msisdns, lambda rest: self._safely("read", self._get_many, {}, rest, wait))
 
     def _with_recent(self, msisdns: list[str], read: Callable[[list[str]], dict]) -> dict[str, Answer]:
         """The answers in ``recent``, then what ``read`` finds of the rest, kept in ``recent``."""
@@ -117,7 +125,7 @@ class Cache:
             found.update((m, answer) for m, (answer, _) in hits.items())
         return found
 
-    def record(self, hits: int, misses: int) -> None:
+    def record(self, hits: int, misses: int, *, deadline: float | None = None) -> None:
         """Count hits and misses (for ``npl-agi cache stats``).
 
         Best effort and quiet: during a burst the file is busy with other calls' writes, and a
@@ -125,28 +133,28 @@ class Cache:
         """
         if (hits or misses) and not self.broken:
             try:
-                self._record(hits, misses)
+                self._record(hits, misses, self._wait(deadline))
             except Exception:
                 self._record_failed()
 
     def _record_failed(self) -> None:
         """A counter that could not be written (a busy file): nothing to say or do."""
 
-    def get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def get_stale_many(self, msisdns: list[str], *, deadline: float | None = None) -> dict[str, Answer]:
         """Network answers among ``msisdns`` whose entry expired less than ``stale_ttl`` ago.
 
         For a service that is failing: a known number keeps its route (``source = "stale"``).
         """
-        return self._safely("read", self._get_stale_many, {}, msisdns)
+        return self._safely("read", self._get_stale_many, {}, msisdns, self._wait(deadline))
 
-    def put_many(self, answers: list[Answer]) -> None:
+    def put_many(self, answers: list[Answer], *, deadline: float | None = None, background: bool = False) -> None:
         """Keep what deserves keeping (see ``ttl_for``); the rest is dropped silently."""
         now = self.clock()
         rows = [(a, now, now + ttl) for a in answers if (ttl := ttl_for(a, self.cfg)) > 0]
         if rows and self.recent is not None:
             self.recent.put_many((_answer(a.msisdn, *_record(a)), expires) for a, _, expires in rows)
         if rows:
-            self._safely("write", self._put_many, None, rows)
+            self._safely("write", self._put_many, None, rows, self._wait(deadline, background))
 
     def account_lock(self, api: ApiConfig) -> AccountLock | RedisLock:
         """The lock that keeps the account to one connection across this cache's scope."""
@@ -171,18 +179,18 @@ class Cache:
         """Let go of the backend's connection. Before a fork: an SQLite connection must never be
         carried into a child process, where its locks and WAL index would be shared unknowingly."""
 
-    # -- overridden by the backends --
-    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
+    # -- overridden by the backends; ``wait`` is the operation's (see ``_wait``) --
+    def _get_many(self, msisdns: list[str], wait: float) -> dict[str, tuple[Answer, float]]:
         """The live answers with when each expires (``clock`` seconds)."""
         return {}
 
-    def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
         return {}
 
-    def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
+    def _put_many(self, rows: list[tuple[Answer, float, float]], wait: float) -> None:
         pass
 
-    def _record(self, hits: int, misses: int) -> None:
+    def _record(self, hits: int, misses: int, wait: float) -> None:
         pass
 
     def stats(self) -> dict:
@@ -228,6 +236,8 @@ class SqliteCache(Cache):
     """
 
     announce_replaced = True  # warn when the file under the path is not the one open
+    longest_wait = SQLITE_BUSY_TIMEOUT
+    background_wait = SQLITE_BACKGROUND_BUSY_TIMEOUT
 
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
@@ -243,8 +253,9 @@ class SqliteCache(Cache):
             with contextlib.suppress(Exception):
                 db.close()
 
-    def _conn(self, create: bool = True):
-        """The open database; ``None`` if it does not exist and ``create`` is false.
+    def _conn(self, create: bool = True, wait: float = SQLITE_BUSY_TIMEOUT):
+        """The open database, waiting at most ``wait`` seconds for another writer; ``None`` if
+        it does not exist and ``create`` is false.
 
         Admin commands do not create it. When a lookup as root does, the file still belongs to
         the directory's owner and group (see ``create_shared_file``), so Asterisk can write it.
@@ -260,7 +271,7 @@ class SqliteCache(Cache):
             shared_directory(os.path.dirname(path) or ".")
             if not os.path.exists(path):
                 create_shared_file(path)
-            db = sqlite3.connect(path, timeout=self._busy_timeout(), isolation_level=None)
+            db = sqlite3.connect(path, timeout=wait, isolation_level=None)
             try:
                 if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     db.execute("PRAGMA journal_mode = WAL")
@@ -274,7 +285,7 @@ class SqliteCache(Cache):
             self._opened = _identity(path)
             self._next_check = self.timer() + SQLITE_FILE_CHECK_EVERY
         # Another process's write makes us wait, but never past the call's deadline.
-        busy_ms = int(self._busy_timeout() * 1000)
+        busy_ms = int(wait * 1000)
         if busy_ms != self._busy_ms:
             self._db.execute(f"PRAGMA busy_timeout = {busy_ms}")
             self._busy_ms = busy_ms
@@ -294,13 +305,10 @@ class SqliteCache(Cache):
             log.warning("cache file %s was deleted or replaced while open, opening it again", self.cfg.path)
         return True
 
-    def _busy_timeout(self) -> float:
-        return SQLITE_BACKGROUND_BUSY_TIMEOUT if self.background else self._within(SQLITE_BUSY_TIMEOUT)
-
     @contextmanager
-    def _writing(self) -> Iterator:
+    def _writing(self, wait: float = SQLITE_BUSY_TIMEOUT) -> Iterator:
         """One write transaction: others see all of it or none, and it takes the lock once."""
-        db = self._conn()
+        db = self._conn(wait=wait)
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -310,12 +318,13 @@ class SqliteCache(Cache):
                 db.execute("ROLLBACK")
             raise
 
-    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
-        return {row[0]: (_answer(*row[:5]), row[5]) for row in self._select("expires > ?", [self.clock()], msisdns)}
+    def _get_many(self, msisdns: list[str], wait: float) -> dict[str, tuple[Answer, float]]:
+        rows = self._select("expires > ?", [self.clock()], msisdns, wait)
+        return {row[0]: (_answer(*row[:5]), row[5]) for row in rows}
 
-    def _select(self, where: str, params: list, msisdns: list[str]) -> Iterator[tuple]:
+    def _select(self, where: str, params: list, msisdns: list[str], wait: float) -> Iterator[tuple]:
         """The answer rows of ``msisdns`` that match ``where`` (500 placeholders a query)."""
-        db = self._conn()
+        db = self._conn(wait=wait)
         for start in range(0, len(msisdns), 500):
             part = msisdns[start : start + 500]
             marks = ",".join("?" * len(part))
@@ -324,12 +333,12 @@ class SqliteCache(Cache):
                 [*params, *part],
             )
 
-    def _record(self, hits: int, misses: int) -> None:
-        with self._writing() as db:
+    def _record(self, hits: int, misses: int, wait: float) -> None:
+        with self._writing(wait) as db:
             db.executemany("UPDATE counters SET value = value + ? WHERE name = ?", [(hits, "hits"), (misses, "misses")])
 
-    def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
-        with self._writing() as db:
+    def _put_many(self, rows: list[tuple[Answer, float, float]], wait: float) -> None:
+        with self._writing(wait) as db:
             db.executemany(
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(a.msisdn, *_record(a), stored, expires) for a, stored, expires in rows],
@@ -337,10 +346,10 @@ class SqliteCache(Cache):
             # Expired entries stay for stale_ttl: get_stale_many serves them while the service fails.
             db.execute("DELETE FROM answers WHERE expires <= ?", (self.clock() - self.cfg.stale_ttl,))
 
-    def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
+    def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
         now = self.clock()
         where = "expires <= ? AND expires > ? AND error = '' AND mccmnc != ''"
-        rows = self._select(where, [now, now - self.cfg.stale_ttl], msisdns)
+        rows = self._select(where, [now, now - self.cfg.stale_ttl], msisdns, wait)
         return {row[0]: _answer(*row[:5])._replace(source="stale") for row in rows}
 
     def stats(self) -> dict:
@@ -532,6 +541,7 @@ class RedisCache(Cache):
     """A cache shared by several PBXs through one Redis, with native expiry per key."""
 
     name = "redis"
+    longest_wait = background_wait = REDIS_TIMEOUT
 
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
         super().__init__(cfg, clock)
@@ -542,12 +552,13 @@ class RedisCache(Cache):
         account lock taken through it goes on renewing its lease on its connection."""
         self._redis = None
 
-    def client(self):
-        """The redis-py client, made on first use; every operation gives up after ``REDIS_TIMEOUT``."""
+    def client(self, wait: float = REDIS_TIMEOUT):
+        """The redis-py client, made on first use; every operation gives up after ``wait``
+        (``REDIS_TIMEOUT``, or what was left of the first call's deadline)."""
         if self._redis is None:
             import redis
 
-            wait = max(self._within(REDIS_TIMEOUT), 0.01)
+            wait = max(wait, 0.01)
             self._redis = redis.Redis.from_url(
                 self.cfg.redis_url, socket_timeout=wait, socket_connect_timeout=wait, decode_responses=True
             )
@@ -563,8 +574,8 @@ class RedisCache(Cache):
         """A network answer's second copy, kept ``stale_ttl`` longer for ``get_stale_many``."""
         return f"{REDIS_PREFIX}stale:{msisdn}"
 
-    def _get_stale_many(self, msisdns: list[str]) -> dict[str, Answer]:
-        r = self.client()
+    def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
+        r = self.client(wait)
         found = {}
         for m, value in zip(msisdns, r.mget([self.stale_key(m) for m in msisdns]), strict=True):
             fields = _fields(value)
@@ -572,8 +583,8 @@ class RedisCache(Cache):
                 found[m] = _answer(m, *fields[:4])._replace(source="stale")
         return found
 
-    def _get_many(self, msisdns: list[str]) -> dict[str, tuple[Answer, float]]:
-        r = self.client()
+    def _get_many(self, msisdns: list[str], wait: float) -> dict[str, tuple[Answer, float]]:
+        r = self.client(wait)
         found = {}
         for m, value in zip(msisdns, r.mget([self.key(m) for m in msisdns]), strict=True):
             fields = _fields(value)
@@ -587,15 +598,15 @@ class RedisCache(Cache):
         waiting ``REDIS_TIMEOUT`` for it in every call that the first-level cache answers."""
         self.broken = True
 
-    def _record(self, hits: int, misses: int) -> None:
-        pipe = self.client().pipeline(transaction=False)
+    def _record(self, hits: int, misses: int, wait: float) -> None:
+        pipe = self.client(wait).pipeline(transaction=False)
         pipe.hsetnx(f"{REDIS_PREFIX}counters", "created", int(self.clock()))
         pipe.hincrby(f"{REDIS_PREFIX}counters", "hits", hits)
         pipe.hincrby(f"{REDIS_PREFIX}counters", "misses", misses)
         pipe.execute()
 
-    def _put_many(self, rows: list[tuple[Answer, float, float]]) -> None:
-        pipe = self.client().pipeline(transaction=False)
+    def _put_many(self, rows: list[tuple[Answer, float, float]], wait: float) -> None:
+        pipe = self.client(wait).pipeline(transaction=False)
         for a, stored, expires in rows:
             value = ",".join((*_record(a), f"{stored:.0f}"))
             pipe.set(self.key(a.msisdn), value, px=max(1, int((expires - stored) * 1000)))

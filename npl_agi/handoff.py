@@ -17,28 +17,30 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from . import log, protocol
 from .errors import TIMEOUT, NplError, ProtocolError, error_for
 from .protocol import Answer
 
 _FIELDS = len(Answer._fields)
+# What the child asks with, made in the child: a client (it takes the account lock) and a store.
+Parts = Callable[[object], tuple[object, Callable[[Iterable[Answer]], None]]]
 
 
-def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[str, Answer]]:
+def ask_detached(config, misses: list[str], deadline: float, parts: Parts) -> Iterator[dict[str, Answer]]:
     """Answers for ``misses`` from a detached child, as ``Lookup`` takes a request's answers.
 
-    What has not arrived by ``deadline`` is ``TIMEOUT`` here, while the child goes on to cache
-    it. When the child's request failed as a whole, the answers that did arrive are yielded
-    first, then its ``NplError`` is raised.
+    ``parts(config)`` is called in the child: nothing opened before the fork (an SQLite
+    connection above all) may be used there. What has not arrived by ``deadline`` is
+    ``TIMEOUT`` here, while the child goes on to cache it. When the child's request failed as a
+    whole, the answers that did arrive are yielded first, then its ``NplError`` is raised.
     """
-    lookup.cache.close()  # the child opens its own: an SQLite connection must not cross a fork
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child never returns from here
         os.close(read_end)
-        _child(lookup.config, misses, deadline, write_end)
+        _child(config, misses, deadline, write_end, parts)
     os.close(write_end)
     try:
         got, failure = _collect(read_end, misses, deadline)
@@ -119,7 +121,7 @@ class _Pipe:
         self._send("F", error.npl_err, str(error))
 
 
-def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
+def _child(config, misses: list[str], call_deadline: float, fd: int, parts: Parts) -> None:
     status = 1
     try:
         os.setsid()
@@ -129,20 +131,17 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         pipe = _Pipe(fd)
         log.set_sink(pipe.warning)
-        from .lookup import Lookup
-
-        # A cache connection and a client of its own: nothing opened before the fork is used.
-        lookup = Lookup(config)
-        lookup.cache.background = True
+        log.call_sink.set(None)  # the parent's call and its console are not this process's
         api = config.api
         try:
-            for batch in lookup.client.batches(
+            client, store = parts(config)
+            for batch in client.batches(
                 misses,
                 api.finish_timeout,
                 lock_deadline=call_deadline - api.request_floor,
                 on_answer=pipe.answer,
             ):
-                lookup.store(batch.values())
+                store(batch.values())
                 for answer in batch.values():
                     pipe.answer(answer)
         except NplError as e:

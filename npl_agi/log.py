@@ -1,7 +1,8 @@
 """The library's warnings (a cache that failed, a lock that fell back), without importing
 ``logging`` on the call path.
 
-The AGI door points them at the Asterisk console with ``set_sink``; everywhere else they go to
+A door points a call's warnings at the call's console or log line (``call_sink``, set by
+``call.Call``); the detached child at its parent with ``set_sink``; everywhere else they go to
 the standard ``logging`` logger ``npl_agi``. ``mask_numbers`` is what the FastAGI server passes
 every log line through.
 """
