@@ -4,6 +4,7 @@ nothing that imports them back, and an installed package holds every module of t
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -93,9 +94,13 @@ def test_every_module_imports_alone_in_a_fresh_interpreter(name: str) -> None:
 
 
 def test_the_built_package_holds_every_module(tmp_path: Path) -> None:
-    """What ``pip install`` (install.sh) puts in place, not the editable checkout the tests run."""
+    """What ``pip install`` (install.sh) puts in place, not the editable checkout the tests run.
+
+    Built from a copy: a build in the checkout leaves a ``build/`` that the next build reuses."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
         timeout=600,
