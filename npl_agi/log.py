@@ -34,6 +34,11 @@ def warning(message: str, *args: object) -> None:
     logging.getLogger("npl_agi").warning(message, *args)
 
 
+def short(e: BaseException) -> str:
+    """An exception as one short line for a warning: its class and the start of its message."""
+    return f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
+
+
 _NUMBER = re.compile(r"\d{7,}")  # long enough to be a phone number (or an IMSI); ports, counts and ms are shorter
 
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import AGI_SCRIPT, write_config
 
 from npl_agi import protocol
-from npl_agi.cache import SQLITE_BUSY_TIMEOUT, SqliteCache
+from npl_agi.cache import SqliteCache
+from npl_agi.cache.sqlite import SQLITE_BUSY_TIMEOUT
 from npl_agi.config import load_config
 from npl_agi.emulator import AgiEmulator
 from npl_agi.errors import (
