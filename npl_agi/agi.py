@@ -17,22 +17,15 @@ import time
 from collections.abc import Iterator
 
 from . import log
-from .errors import Disabled, LookupTimeout, NplError, npl_err
+from .call import VARIABLES as VARIABLES
+from .call import Call, check_enabled, dialled_number
+from .errors import LookupTimeout
 
-VARIABLES = (
-    "NPL_NUMBER",
-    "NPL_MCCMNC",
-    "NPL_MCC",
-    "NPL_MNC",
-    "NPL_MSC",
-    "NPL_IMSI",
-    "NPL_NETWORK",
-    "NPL_COUNTRY",
-    "NPL_ERR",
-    "NPL_SOURCE",
-    "NPL_LOOKUP_MS",
-)
-SPECIAL_EXTENSIONS = frozenset({"s", "h", "i", "t", "e", "o", "a", "T", "failed"})
+# typing.TYPE_CHECKING would import typing, which a cache hit does not use.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .lookup import Lookup
+
 MAX_VERBOSE = 300
 # Seconds kept back from the call's deadline for telling Asterisk the outcome (a dozen commands),
 # so that the call has its variables by the deadline even on a busy machine.
@@ -105,22 +98,6 @@ class Channel:
         return result
 
 
-def dialled_number(args: list[str], env: dict[str, str]) -> str:
-    """The number to look up: the AGI's first argument, else the extension, else the DNID.
-
-    The argument is the explicit choice and the only one that works from a Gosub (where the
-    extension is ``s``). ``agi_extension`` is what was dialled in a plain outbound context, and
-    keeps characters Asterisk strips from arguments. ``agi_dnid`` is the last resort.
-    """
-    if args and args[0].strip():
-        return args[0]
-    extension = env.get("agi_extension", "")
-    if extension and extension not in SPECIAL_EXTENSIONS:
-        return extension
-    dnid = env.get("agi_dnid", "")
-    return "" if dnid == "unknown" else dnid
-
-
 def asked_at(args: list[str], wall: float, mono: float) -> float | None:
     """When the dialplan called ``AGI()``, in ``time.monotonic()`` seconds; None if it did not say.
 
@@ -141,28 +118,6 @@ def asked_at(args: list[str], wall: float, mono: float) -> float | None:
     return mono - max(wall - epoch, 0.0)
 
 
-def variables_for(answer=None, failure: NplError | None = None, ms: int = 0) -> dict[str, str]:
-    """Every variable the script sets, so stale values from an earlier lookup never linger."""
-    values = dict.fromkeys(VARIABLES, "")
-    if answer is not None:
-        values.update(
-            NPL_NUMBER=answer.msisdn,
-            NPL_MCCMNC=answer.mccmnc,
-            NPL_MCC=answer.mcc,
-            NPL_MNC=answer.mnc,
-            NPL_MSC=answer.msc,
-            NPL_IMSI=answer.imsi,
-            NPL_NETWORK=answer.network,
-            NPL_COUNTRY=answer.country,
-            NPL_ERR=npl_err(answer.error),
-            NPL_SOURCE=answer.source,
-        )
-    if failure is not None:
-        values["NPL_ERR"] = npl_err(failure)
-    values["NPL_LOOKUP_MS"] = str(ms)
-    return values
-
-
 def _verbose_quietly(channel: Channel, message: str) -> None:
     """A library warning (cache skipped, lock fell back) on the Asterisk console, if it is still there."""
     with contextlib.suppress(ChannelGone):
@@ -179,43 +134,51 @@ def run(
     from ``started`` (``time.monotonic()`` seconds, default now: ``main`` passes the process's
     start). A script that starts too late to send a request answers at once (see ``_shed``).
     """
-    log.set_sink(lambda message: _verbose_quietly(channel, f"npl-agi: {message}"))
-    dialled = dialled_number(args, channel.env)
+    call = Call(dialled_number(args, channel.env), lambda message: _verbose_quietly(channel, f"npl-agi: {message}"))
     now, asked = time.monotonic(), None
     try:
         asked = asked_at(args, time.time(), now)
     except ValueError as e:
         log.warning("%s; the deadline counts from the script's start", e)
     started = asked if asked is not None else now if started is None else started
-    answer, failure = None, None
-    try:  # Lookup.one() turns service and network failures into the answer's error
+    with call.answering():  # Lookup.one() turns service and network failures into the answer's error
         from .config import load_config
 
         config = load_config(config_path)
-        if not config.api.enabled:
-            raise Disabled("lookups are switched off (enabled = no)")
+        check_enabled(config)
         deadline = started + config.api.timeout - REPLY_RESERVE
         try:  # the lookup keeps to its deadline; the alarm is for what cannot (imports, a busy cache)
             if deadline - time.monotonic() < config.api.request_floor:
-                answer = _shed(config, dialled, deadline)
+                call.answer = _shed(config, call.dialled, deadline)
             else:
-                from .lookup import Lookup
-
                 with _alarm_at(deadline + ALARM_GRACE):
-                    answer = Lookup(config, detached=True).one(dialled, deadline=deadline)
+                    call.answer = process_lookup(config).one(call.dialled, deadline=deadline)
         except _DeadlinePassed:
-            if answer is None:  # else the alarm rang just as the answer came: keep the answer
+            if call.answer is None:  # else the alarm rang just as the answer came: keep the answer
                 raise LookupTimeout(f"no answer within the call's {config.api.timeout:g} s") from None
-    except NplError as e:
-        failure = e
-    except Exception as e:
-        failure = NplError(f"internal error: {e.__class__.__name__}")
-    ms = round((time.monotonic() - started) * 1000)
-    values = variables_for(answer, failure, ms)
+    values = call.variables(started)
     for name, value in values.items():
         channel.set_variable(name, value)
-    channel.verbose(*outcome_line(f"'{dialled[:40]}'", values, answer, failure))
+    channel.verbose(*call.outcome_line(f"'{call.dialled[:40]}'", values))
     return values
+
+
+def process_lookup(config) -> Lookup:
+    """The chain as the process script runs it: its misses asked by a detached child that keeps
+    what it paid for after the call (``askers.Detached``), behind the breaker every process of
+    the account shares (``breaker.shared_breaker``, imported only on a miss)."""
+    from .askers import Detached
+    from .cache import open_cache
+    from .lookup import Lookup
+
+    cache = open_cache(config)
+    return Lookup(config, cache=cache, asker=Detached(config, cache), breaker=_shared_breaker)
+
+
+def _shared_breaker(config, cache):
+    from .breaker import shared_breaker
+
+    return shared_breaker(config, cache)
 
 
 def _shed(config, dialled: str, deadline: float):
@@ -227,25 +190,12 @@ def _shed(config, dialled: str, deadline: float):
         from .lookup import Lookup
 
         lookup = Lookup(config)
-        lookup.cache.deadline = deadline
         with _alarm_at(deadline + ALARM_GRACE):
-            resolved = lookup.cached([dialled])
+            resolved = lookup.cached([dialled], deadline=deadline)
             if resolved is not None:
                 return lookup.finish(resolved, {})[0]
         why += ", and it is not cached"
     raise LookupTimeout(why)
-
-
-def outcome_line(shown: str, values: dict[str, str], answer=None, failure: NplError | None = None) -> tuple[str, int]:
-    """The one line that says how a lookup ended, and its VERBOSE level (1 failed, 3 done).
-
-    ``shown`` is how the number may appear; the caller makes it safe for where it goes.
-    """
-    ms = values["NPL_LOOKUP_MS"]
-    if values["NPL_ERR"]:
-        reason = str(failure) if failure else (answer.error_name if answer else "")
-        return f"npl-agi: {shown} NPL_ERR={values['NPL_ERR']} ({reason}) in {ms} ms", 1
-    return f"npl-agi: {shown} -> {values['NPL_MCCMNC']} {values['NPL_NETWORK']} ({values['NPL_SOURCE']}, {ms} ms)", 3
 
 
 class _DeadlinePassed(BaseException):

@@ -14,10 +14,9 @@ import time
 
 import httpx
 
-from . import protocol
-from .client import _Lines
+from . import exchange
 from .config import ApiConfig
-from .errors import ConfigError, LookupTimeout, ProtocolError, Unreachable
+from .errors import ConfigError, LookupTimeout
 
 
 class AsyncClient:
@@ -33,12 +32,12 @@ class AsyncClient:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            verify: object = self.api.verify_tls
-            if self.api.ca_file:
+            verify: object = exchange.tls_verify(self.api)
+            if isinstance(verify, str):  # httpx takes a CA file as a context
                 import ssl
 
                 try:
-                    verify = ssl.create_default_context(cafile=self.api.ca_file)
+                    verify = ssl.create_default_context(cafile=verify)
                 except (OSError, ssl.SSLError) as e:
                     why = e.__class__.__name__
                     raise ConfigError(f"[api] ca_file: cannot load {self.api.ca_file}: {why}") from None
@@ -49,7 +48,7 @@ class AsyncClient:
                 timeout=httpx.Timeout(None),  # the whole exchange has one deadline, set around it
                 # Closed after each request: an idle kept-alive connection would be a second
                 # connection while an AGI script holds the account lock.
-                headers={"User-Agent": "npl-agi", "Connection": "close"},
+                headers=exchange.HEADERS,
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=0),
             )
         return self._http
@@ -65,48 +64,33 @@ class AsyncClient:
         ``reader`` is a ``protocol.AnswerReader``; ``on_answer`` gets each answer it yields
         (``source = "api"``). The account lock must be had by ``start_by`` and the whole answer
         by ``deadline`` (both ``time.monotonic()``). Returns True when the deadline cut the
-        answer short. Raises ``LookupTimeout`` when not even a first line came in time,
-        ``Unreachable`` or ``ProtocolError`` when nothing usable came, and what the reader
-        raises for a refused query.
+        answer short; raises as ``exchange.Exchange.end`` does, and what the reader raises for
+        a refused query.
         """
-        form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
+        form = exchange.request_form(self.api, msisdns)
         await self._acquire(start_by, deadline)
-        lines = _Lines(reader, on_answer)
+        ex = exchange.Exchange(reader, deadline, self.api.password, on_answer)
         try:
-            if time.monotonic() > start_by:  # the answer could not arrive in time: spend nothing
-                raise LookupTimeout("too little time left before the deadline to send a request")
+            exchange.check_time(start_by)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._post(form, lines)
-                cut = False
-            except TimeoutError:
-                cut = True
-            except (Unreachable, ProtocolError):
-                if not lines.received:
-                    raise
-                cut = False  # cut off mid-answer: the lines that arrived are kept
+                    await self._post(form, ex)
+            except TimeoutError as e:
+                ex.timer_fired = True
+                return ex.end(e)
+            except (httpx.HTTPError, OSError) as e:
+                return ex.end(e)
+            return ex.end()
         finally:
             await asyncio.shield(asyncio.to_thread(self.lock.release))
-        lines.close(cut)
-        if lines.overflow and not lines.status:
-            raise ProtocolError(lines.overflow)
-        if cut and not lines.status:
-            raise LookupTimeout("no answer from the service before the deadline")
-        return cut
 
-    async def _post(self, form: dict[str, str], lines: _Lines) -> None:
-        try:
-            async with self._client().stream("POST", self.api.url, data=form) as resp:
-                if resp.status_code != 200:
-                    raise ProtocolError(f"the service answered HTTP {resp.status_code}")
-                async for chunk in resp.aiter_raw():
-                    lines.add(chunk)
-                    if lines.complete or lines.overflow:
-                        return  # complete, even if the server keeps the connection open
-        except httpx.ConnectError as e:
-            raise Unreachable(f"cannot connect to the service: {_reason(e)}") from None
-        except httpx.HTTPError as e:
-            raise ProtocolError(f"bad HTTP answer from the service: {_reason(e)}") from None
+    async def _post(self, form: dict[str, str], ex: exchange.Exchange) -> None:
+        async with self._client().stream("POST", self.api.url, data=form) as resp:
+            ex.http_status(resp.status_code, resp.reason_phrase)
+            async for chunk in resp.aiter_raw():
+                ex.add(chunk)
+                if ex.done:
+                    return  # complete, even if the server keeps the connection open
 
     async def _acquire(self, start_by: float, deadline: float) -> None:
         """Wait for the account lock without blocking the loop (its wait runs in a thread); a
@@ -120,8 +104,3 @@ class AsyncClient:
             # The thread may still get the lock after we stopped waiting: give it back then.
             attempt.add_done_callback(lambda done: done.exception() is None and self.lock.release())
             raise
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).split("\n")[0][:160]
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__

@@ -20,15 +20,10 @@ import os
 import time
 from collections.abc import Callable
 
-from .errors import TIMEOUT, TRUNCATED, UNAVAILABLE
+from .errors import SERVICE_FAILURES, UNAVAILABLE
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
-# Per-number outcomes that mean the service failed (not the number): a stale answer may stand in.
-SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", "PROTOCOL"})
 STORE_WAIT = 0.05  # seconds a change waits for another process's change, then gives up: closed
-# Seconds before its deadline that a call holding a stale answer stops waiting for the service:
-# what comes after the wait must not meet the deadline's alarm.
-STALE_RESERVE = 0.1
 LINE_EVERY = 1.0  # seconds between the notes that the service sent a line (see ``Breaker.line``)
 
 State = dict  # {"state", "failed", "opened_at", "line_at"}
@@ -230,17 +225,11 @@ def gate(breaker: Breaker, misses: list[str]) -> tuple[dict, list[str]]:
     return {m: protocol.failed(m, UNAVAILABLE, reason=why) for m in misses}, []
 
 
-def stale_answers(stale: dict, fresh: dict) -> dict:
-    """After asking: of the ``stale`` cache entries (``Cache.get_stale_many``), those of the
-    numbers the service failed to answer (never a refused account's: its ``NPL_ERR`` stands)."""
-    return {m: stale[m] for m, a in fresh.items() if a.error in SERVICE_FAILURES and m in stale}
-
-
 def shared_breaker(config, cache) -> Breaker:
     """The account's breaker as every process sees it: in Redis with ``backend = redis``, else
     in a file beside the account lock (in the temp dir when the lock directory is unusable)."""
-    from .cache import REDIS_PREFIX, RedisCache, lock_directory
-    from .locks import lock_name
+    from .cache.redis import REDIS_PREFIX, RedisCache
+    from .locks import lock_directory, lock_name
 
     api, cfg = config.api, config.breaker
     name = lock_name(api.url, api.user).removesuffix(".lock")

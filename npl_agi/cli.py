@@ -406,8 +406,7 @@ def cmd_cache(args) -> int:
 
             stats = cache.stats()
             if cache.name == "redis":
-                from .cache import lock_directory
-                from .locks import FallbackRecord
+                from .locks import FallbackRecord, lock_directory
 
                 count, last = FallbackRecord(lock_directory(config.api, config.cache)).read()
                 stats.update(lock_fallbacks=count, last_lock_fallback=last)

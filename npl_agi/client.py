@@ -13,21 +13,18 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from . import log, protocol
+from . import exchange, log, protocol
 from .config import ApiConfig
-from .errors import TIMEOUT, TRUNCATED, LookupTimeout, NotSent, ProtocolError, RequestRejected, Unreachable
+from .errors import TIMEOUT, TRUNCATED, NotSent, RequestRejected
 from .locks import FileLock
 from .protocol import Answer
 
-MAX_BODY = 4 * 1024 * 1024  # far above 1000 answer lines; stops a runaway server
-MAX_LINE = 4096  # far above any answer line
-DEADLINE_SLACK = 0.001  # seconds: a socket timeout may end this much before the deadline it was given
 _local = threading.local()
 _warned_tls = False
 
-OnAnswer = Callable[[Answer], None]
+OnAnswer = exchange.OnAnswer
 
 
 class Client:
@@ -110,28 +107,24 @@ class Client:
         """Lock, send, read every line into ``reader``; True when our deadline cut the answer."""
         import requests  # noqa: F401 - imported before the lock is taken: the holder must not wait for it
 
-        form = protocol.request_form(self.api.user, self.api.password, self.api.apiver, msisdns)
-        start_by = deadline - self.api.request_floor
-        if lock_deadline is not None:
-            start_by = min(start_by, lock_deadline)
+        form = exchange.request_form(self.api, msisdns)
+        start_by = exchange.start_by(self.api, deadline, lock_deadline)
         self.lock.acquire(start_by, hold_until=deadline)
         try:
-            if time.monotonic() > start_by:  # the answer could not arrive in time: spend nothing
-                raise NotSent("too little time left before the deadline to send a request")
-            return self._post(form, deadline, reader, on_answer)
+            exchange.check_time(start_by)
+            return self._post(form, exchange.Exchange(reader, deadline, self.api.password, on_answer))
         finally:
             self.lock.release()
 
-    def _post(self, form: dict[str, str], deadline: float, reader, on_answer: OnAnswer | None) -> bool:
+    def _post(self, form: dict[str, str], ex: exchange.Exchange) -> bool:
         import requests
         from urllib3.exceptions import HTTPError
 
-        left = deadline - time.monotonic()
+        left = ex.deadline - time.monotonic()
         if left <= 0:
             raise NotSent("deadline passed before the request could be sent")
         self._tls_warning()
-        watchdog = _Watchdog(left)
-        lines = _Lines(reader, on_answer)
+        watchdog = _Watchdog(left, ex)
         try:
             with (
                 watchdog,
@@ -141,36 +134,15 @@ class Client:
                     timeout=(left, left),
                     stream=True,
                     allow_redirects=False,
-                    verify=self.api.ca_file or self.api.verify_tls,
+                    verify=exchange.tls_verify(self.api),
                 ) as resp,
             ):
-                if resp.status_code != 200:
-                    reason = protocol.shown(resp.reason or "", self.api.password)[1:-1]
-                    raise ProtocolError(f"the service answered HTTP {resp.status_code} {reason}".rstrip())
-                while not lines.complete and not lines.overflow and not _past(deadline, watchdog):
-                    chunk = resp.raw.read1(65536)
-                    if not chunk:
-                        break
-                    lines.add(chunk)
+                ex.http_status(resp.status_code, resp.reason)
+                while not ex.done and (chunk := resp.raw.read1(65536)):
+                    ex.add(chunk)
         except (requests.exceptions.RequestException, HTTPError, OSError) as e:
-            # Decided by the clock: the watchdog, requests' timeout or urllib3's may notice first.
-            cut_by_deadline = not lines.complete and _past(deadline, watchdog)
-            if not lines.received and not cut_by_deadline:
-                if isinstance(e, requests.exceptions.SSLError):
-                    raise Unreachable(f"TLS failure talking to the service: {_reason(e)}") from None
-                if isinstance(e, requests.exceptions.ConnectionError):
-                    raise Unreachable(f"cannot connect to the service: {_reason(e)}") from None
-                raise ProtocolError(f"bad HTTP answer from the service: {_reason(e)}") from None
-            # Cut off mid-answer (reset, short body, bad chunk, deadline): the lines that
-            # arrived are kept, the parser marks the numbers left without one.
-        else:
-            cut_by_deadline = not lines.complete and _past(deadline, watchdog)
-        lines.close(cut_by_deadline)
-        if lines.overflow and not lines.status:
-            raise ProtocolError(lines.overflow)
-        if cut_by_deadline and not lines.status:
-            raise LookupTimeout(f"no answer from the service within {left:.1f} s")
-        return cut_by_deadline
+            return ex.end(e)
+        return ex.end()
 
     def _tls_warning(self) -> None:
         """One warning line per process instead of urllib3's two on every request."""
@@ -192,53 +164,6 @@ class Client:
         return self._session
 
 
-class _Lines:
-    """Cuts the body into lines as bytes arrive and hands each to the parser at once."""
-
-    def __init__(self, reader, on_answer: OnAnswer | None) -> None:
-        self.reader = reader
-        self.on_answer = on_answer
-        self.received = 0
-        self.status = False  # a whole first line arrived
-        self.overflow = ""  # why reading stopped early: more than any answer could be
-        self._partial = b""
-
-    @property
-    def complete(self) -> bool:
-        return self.reader.ended
-
-    def add(self, chunk: bytes) -> None:
-        """Take a chunk; past ``MAX_BODY`` or ``MAX_LINE`` stop (the lines before it are kept)."""
-        self.received += len(chunk)
-        *whole, self._partial = (self._partial + chunk).split(b"\n")
-        for raw in whole:
-            if len(raw) > MAX_LINE:
-                self.overflow = "the service sent a line longer than any lookup answer"
-                return
-            self._line(raw)
-        if len(self._partial) > MAX_LINE:
-            self.overflow = "the service sent a line longer than any lookup answer"
-        elif self.received > MAX_BODY:
-            self.overflow = "the service's answer is larger than any lookup answer"
-
-    def _line(self, raw: bytes) -> None:
-        self.status = True
-        answer = self.reader.feed(raw.decode("utf-8", "replace"))
-        if answer is not None and self.on_answer is not None:
-            self.on_answer(answer._replace(source="api"))
-
-    def close(self, cut: bool) -> None:
-        """The body ended; a last line without its newline counts only if it is ``ENDBATCH``
-        (or the only line: a status line some servers send without one)."""
-        tail, self._partial = self._partial, b""
-        if self.overflow:
-            return
-        if tail.strip() == protocol.ENDBATCH.encode() or (tail.strip() and not self.status and not cut):
-            self._line(tail)
-        if not self.status and not cut:
-            self._line(b"")  # nothing at all: the parser's "empty answer"
-
-
 class _FirstLine:
     """A reader for ``check``: keeps the first line, whatever it says."""
 
@@ -252,26 +177,11 @@ class _FirstLine:
             self.line, self.ended = protocol.redact(line.strip(), self.secret), True
 
 
-def _past(deadline: float, watchdog: _Watchdog) -> bool:
-    """Has our deadline passed? The socket's read timeout can fire a hair before the watchdog's
-    timer thread runs (a busy machine), so the clock decides, with a millisecond's slack for the
-    rounding of socket timeouts."""
-    return watchdog.fired or time.monotonic() >= deadline - DEADLINE_SLACK
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost cause's class and message, short: urllib3 nests its errors deeply."""
-    while exc.__context__ is not None and exc.__context__ is not exc:
-        exc = exc.__context__
-    text = str(exc).split("\n")[0][:160]
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
-
-
 class _Watchdog:
     """Shuts down the sockets of the running request when its deadline passes."""
 
-    def __init__(self, seconds: float) -> None:
-        self.fired = False
+    def __init__(self, seconds: float, ex: exchange.Exchange) -> None:
+        self.ex = ex
         self._socks: list[socket.socket] = []
         self._mutex = threading.Lock()
         self._timer = threading.Timer(seconds, self._fire)
@@ -289,12 +199,12 @@ class _Watchdog:
     def watch(self, sock: socket.socket) -> None:
         with self._mutex:
             self._socks.append(sock)
-            if self.fired:
+            if self.ex.timer_fired:
                 _shutdown(sock)
 
     def _fire(self) -> None:
         with self._mutex:
-            self.fired = True
+            self.ex.timer_fired = True
             for sock in self._socks:
                 _shutdown(sock)
 
@@ -328,7 +238,7 @@ def _new_session():
 
     session = requests.Session()
     session.trust_env = False  # no .netrc credentials or proxy surprises on a PBX
-    session.headers.update({"User-Agent": "npl-agi", "Connection": "close"})
+    session.headers.update(exchange.HEADERS)
     adapter = requests.adapters.HTTPAdapter(max_retries=0)
     adapter.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
     session.mount("http://", adapter)

@@ -125,6 +125,10 @@ TRUNCATED = "TRUNCATED"
 PROTOCOL = "PROTOCOL"
 UNAVAILABLE = "UNAVAILABLE"
 
+# Per-number outcomes that mean the service failed (not the number, not the account): a stale
+# cache entry may stand in. Refusals of the account (AUTH, CREDIT, LOCKED) are not among them.
+SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", PROTOCOL})
+
 _LOCAL_ERROR_NAMES = {
     BADNUMBER: "Not a valid international number",
     NOTMOBILE: "Not a mobile number (skipped, no credit spent)",

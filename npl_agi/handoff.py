@@ -26,28 +26,31 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from . import log, protocol
 from .errors import TIMEOUT, TRUNCATED, NotSent, NplError, ProtocolError, error_for
 from .protocol import Answer
 
 _FIELDS = len(Answer._fields)
+# What the child asks with, made in the child: a client (it takes the account lock), a store and
+# the account's breaker.
+Parts = Callable[[object], tuple[object, Callable[[Iterable[Answer]], None], object]]
 
 
-def ask_detached(lookup, misses: list[str], deadline: float) -> Iterator[dict[str, Answer]]:
+def ask_detached(config, misses: list[str], deadline: float, parts: Parts) -> Iterator[dict[str, Answer]]:
     """Answers for ``misses`` from a detached child, as ``Lookup`` takes a request's answers.
 
-    What has not arrived by ``deadline`` is ``TIMEOUT`` here, while the child goes on to cache
-    it. When the child's request failed as a whole, the answers that did arrive are yielded
-    first, then its ``NplError`` is raised.
+    ``parts(config)`` is called in the child: nothing opened before the fork (an SQLite
+    connection above all) may be used there. What has not arrived by ``deadline`` is
+    ``TIMEOUT`` here, while the child goes on to cache it. When the child's request failed as a
+    whole, the answers that did arrive are yielded first, then its ``NplError`` is raised.
     """
-    lookup.cache.close()  # the child opens its own: an SQLite connection must not cross a fork
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child never returns from here
         os.close(read_end)
-        _child(lookup.config, misses, deadline, write_end)
+        _child(config, misses, deadline, write_end, parts)
     os.close(write_end)
     try:
         got, failure = _collect(read_end, misses, deadline)
@@ -133,7 +136,7 @@ class _Pipe:
         self._send("F", error.npl_err, str(error))
 
 
-def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
+def _child(config, misses: list[str], call_deadline: float, fd: int, parts: Parts) -> None:
     status = 1
     try:
         os.setsid()
@@ -143,46 +146,46 @@ def _child(config, misses: list[str], call_deadline: float, fd: int) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         pipe = _Pipe(fd)
         log.set_sink(pipe.warning)
-        from .lookup import Lookup
-
-        # A cache connection and a client of its own: nothing opened before the fork is used.
-        lookup = Lookup(config, detached=True)
-        lookup.cache.background = True
-        api, breaker = config.api, lookup.breaker
+        log.call_sink.set(None)  # the parent's call and its console are not this process's
+        api = config.api
         since = time.time()  # the breaker's clock, shared with other processes
+        breaker, at_deadline = None, None
+        once = threading.Lock()
 
         def on_answer(answer: Answer) -> None:
             pipe.answer(answer)
             breaker.line()
 
-        once = threading.Lock()
-
         def call_left_waiting() -> None:  # at the call's deadline, or when the lock wait gave up
             if once.acquire(blocking=False) and not pipe.sent and breaker.silent_since(since):
                 breaker.failure()
 
-        at_deadline = threading.Timer(max(0.0, call_deadline - time.monotonic()), call_left_waiting)
-        at_deadline.daemon = True
-        at_deadline.start()
         try:
-            for batch in lookup.client.batches(
+            client, store, breaker = parts(config)
+            at_deadline = threading.Timer(max(0.0, call_deadline - time.monotonic()), call_left_waiting)
+            at_deadline.daemon = True
+            at_deadline.start()
+            for batch in client.batches(
                 misses,
                 api.finish_timeout,
                 lock_deadline=call_deadline - api.request_floor,
                 on_answer=on_answer,
             ):
                 breaker.outcome(_request_outcome(batch))
-                lookup.store(batch.values())
+                store(batch.values())
                 for answer in batch.values():
                     pipe.answer(answer)
         except NplError as e:
             pipe.failure(e)
-            if isinstance(e, NotSent):
+            if breaker is None:  # the parts could not be made (no credentials): nothing of the service
+                pass
+            elif isinstance(e, NotSent):
                 call_left_waiting()
             else:
                 breaker.outcome(e.npl_err)
         finally:
-            at_deadline.cancel()
+            if at_deadline is not None:
+                at_deadline.cancel()
         status = 0
     finally:
         os._exit(status)

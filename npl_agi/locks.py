@@ -1,13 +1,16 @@
-"""The account lock: the service allows one connection per account at a time.
+"""The account locks: the service allows one connection per account at a time.
 
 A ``flock`` on a per-account file serialises every process on the machine (AGI scripts, the
 CLI, the FastAGI server). It is a few lines of standard library: a lock package would add tens
 of milliseconds of imports to every call that goes to the network. The kernel drops the lock
-when its holder dies, so a killed AGI never blocks the next call.
+when its holder dies, so a killed AGI never blocks the next call. PBXs sharing an account
+through one Redis take ``RedisLock`` instead, with the file lock as its fallback. The cache
+backend in use hands out the lock of its scope (``Cache.account_lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -15,7 +18,13 @@ import time
 from collections.abc import Callable
 
 from . import log
-from .errors import ConfigError, LockUnavailable, NotSent
+from .config import ApiConfig, CacheConfig
+from .errors import ConfigError, LockUnavailable, LookupTimeout, NotSent
+from .permissions import open_shared, shared_directory
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .cache.redis import RedisCache
 
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # an O_RDWR open refused, an O_RDONLY one may not be
@@ -28,21 +37,6 @@ def lock_name(url: str, user: str) -> str:
 
     digest = hashlib.sha256(f"{url}\0{user}".encode()).hexdigest()[:16]
     return f"npl-agi-{digest}.lock"
-
-
-def open_shared(path: str, flags: int) -> int:
-    """Open ``path``, creating it mode 0666 whatever the umask: every user of the account needs it.
-
-    An existing file is opened without O_CREAT: in a sticky directory such as /tmp the kernel
-    (fs.protected_regular) refuses O_CREAT on another user's file, and the asterisk user and an
-    admin running npl-agi as root share this one.
-    """
-    try:
-        return os.open(path, flags)
-    except FileNotFoundError:
-        fd = os.open(path, flags | os.O_CREAT, 0o666)
-        os.fchmod(fd, 0o666)
-        return fd
 
 
 def wait_for(attempt: Callable[[], bool], deadline: float, holder: str) -> None:
@@ -220,3 +214,116 @@ class AccountLock:
         held, self._held = self._held, None
         if held is not None:
             held.release()
+
+
+def lock_directory(api: ApiConfig, cfg: CacheConfig) -> str:
+    """``[api] lock_dir``, else the cache's directory; made (like the cache's) when missing.
+
+    A directory of npl-agi's own that Asterisk and the admin share, not the system's /tmp.
+    A directory that cannot be made is left to the lock, which falls back to the temp dir.
+    """
+    path = api.lock_dir or os.path.dirname(os.path.abspath(cfg.path))
+    with contextlib.suppress(OSError):
+        shared_directory(path)
+    return path
+
+
+class RedisLock:
+    """The account lock held in Redis, so PBXs sharing an account never hold two connections.
+
+    A token-checked lock (redis-py's ``Lock``): only its holder releases it. It is taken for a
+    short lease that the holder renews while its request runs (a bulk request may run for
+    minutes), so a holder that dies blocks the account for at most ``LEASE`` seconds. Waiters
+    back off between tries. If Redis cannot be reached, the lock falls back to the local file
+    lock (``[cache] lock_fallback = file``: calls go on, counted, with a warning a minute) or
+    the lookup fails with ``NOLOCK`` (``lock_fallback = none``: never two connections).
+    """
+
+    LEASE = 1.0  # seconds a lock outlives its last renewal: how long a dead holder blocks the account
+    RENEW_EVERY = LEASE / 4  # leaves room for a few slow Redis answers before the lease runs out
+
+    def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
+        self.cache = cache
+        self.name = cache.lock_key(lock_name(api.url, api.user))
+        self.fallback = AccountLock(api.lock_dir, api.url, api.user)
+        self.fallbacks = FallbackRecord(api.lock_dir)
+        self._held = None
+        self._stop_renewing = None  # a threading.Event while the lease is renewed
+        self._renewer = None  # the threading.Thread renewing it
+
+    def acquire(self, deadline: float, hold_until: float | None = None) -> None:
+        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``.
+
+        The lease is renewed until ``release``, or at the latest until ``hold_until`` (default
+        ``deadline``), when the request that holds it has been cut off.
+        """
+        if not self.cache.broken:
+            try:
+                # thread_local=False: the renewing thread must see the token this thread got
+                lock = self.cache.client().lock(self.name, timeout=self.LEASE, thread_local=False)
+                wait_for(lambda: lock.acquire(blocking=False), deadline, "held in Redis by another lookup")
+            except LookupTimeout:
+                raise
+            except Exception as e:  # Redis down, slow or misconfigured
+                self.cache.broken = True
+                self._fall_back(log.short(e))
+            else:
+                self._held = lock
+                self._start_renewing(lock, deadline if hold_until is None else hold_until)
+                return
+        else:
+            self._fall_back("the redis cache failed earlier in this lookup")
+        self.fallback.acquire(deadline, hold_until)
+        self._held = self.fallback
+
+    def _fall_back(self, reason: str) -> None:
+        """Go on with the local file lock, counted and warned about, unless that is forbidden."""
+        if self.cache.cfg.lock_fallback == "none":
+            raise LockUnavailable(f"cannot take the account lock in Redis (lock_fallback = none): {reason}")
+        if self.fallbacks.add():
+            log.warning(
+                "Redis lock failed, falling back to the local file lock (other PBXs on this account may "
+                "query at the same time; lock_fallback = none forbids it): %s",
+                reason,
+            )
+
+    def _start_renewing(self, lock, deadline: float) -> None:
+        import threading  # only lookups that go to the network take the lock
+
+        stop = threading.Event()
+
+        def renew() -> None:
+            # Past the deadline the client has closed its connection: the lease may run out.
+            while not stop.wait(self.RENEW_EVERY) and time.monotonic() < deadline:
+                try:
+                    lock.reacquire()
+                except Exception:  # expired or Redis gone: release() tells
+                    return
+
+        self._stop_renewing = stop
+        self._renewer = threading.Thread(target=renew, name="npl-agi-lock-lease", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        """Free the lock if this object holds it; never raises."""
+        held, self._held = self._held, None
+        if held is self.fallback:
+            held.release()
+            return
+        if held is None:
+            return
+        from redis.exceptions import LockError
+
+        if self._stop_renewing is not None and self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join(2 * self.cache.timeout)
+        try:
+            held.release()
+        except LockError as e:  # its lease ran out: another PBX may have connected meanwhile
+            log.warning("Redis lock had expired before its release: %s", log.short(e))
+        except Exception as e:  # Redis gone: one line for it, and no more Redis in this process
+            if not self.cache.broken:
+                self.cache.broken = True
+                log.warning(
+                    "Redis lost while holding the account lock, continuing without the redis cache: %s", log.short(e)
+                )

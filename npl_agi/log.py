@@ -1,7 +1,8 @@
 """The library's warnings (a cache that failed, a lock that fell back), without importing
 ``logging`` on the call path.
 
-The AGI door points them at the Asterisk console with ``set_sink``; everywhere else they go to
+A door points a call's warnings at the call's console or log line (``call_sink``, set by
+``call.Call``); the detached child at its parent with ``set_sink``; everywhere else they go to
 the standard ``logging`` logger ``npl_agi``. ``mask_numbers`` is what the FastAGI server passes
 every log line through.
 """
@@ -31,6 +32,11 @@ def warning(message: str, *args: object) -> None:
     import logging
 
     logging.getLogger("npl_agi").warning(message, *args)
+
+
+def short(e: BaseException) -> str:
+    """An exception as one short line for a warning: its class and the start of its message."""
+    return f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
 
 
 _NUMBER = re.compile(r"\d{7,}")  # long enough to be a phone number (or an IMSI); ports, counts and ms are shorter

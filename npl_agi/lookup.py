@@ -1,39 +1,62 @@
-"""The one lookup path: normalise, then the cache, then the service for what the cache misses.
+"""The one lookup chain, the same for every door: normalise, then the cache, then the service for
+what the cache misses, then stale entries for the numbers the service failed to answer.
 
 The AGI script, the CLI and the FastAGI server all call ``Lookup``; none of them talks to the
-client or the cache on its own.
+client or the cache on its own. How the misses are asked is the door's: it hands the chain an
+asker (see ``askers``), so this module imports no door and no mechanism of one.
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from . import protocol
+from .askers import failed_all
 from .config import Config, require_credentials
-from .errors import NplError
+from .errors import SERVICE_FAILURES, LookupTimeout, NplError
 from .protocol import Answer
 
 Progress = Callable[[int, int], None]
+STALE_READ_GRACE = 0.05  # seconds the async chain waits for the stale entries it read meanwhile
+# Seconds before its deadline that a call holding a stale answer stops waiting for the service:
+# what comes after the wait must not meet the deadline's alarm.
+STALE_RESERVE = 0.1
 
 
 class Lookup:
-    """Looks numbers up for one configuration. Build it once; it opens what it needs lazily."""
+    """Looks numbers up for one configuration. Build it once; it opens what it needs lazily.
+
+    Per-call values (a deadline) are arguments of each call, never attributes: the FastAGI
+    server shares one ``Lookup`` between concurrent calls.
+    """
 
     def __init__(
-        self, config: Config, *, cache=None, client=None, directory=None, detached: bool = False, memory=None
+        self, config: Config, *, asker=None, breaker=None, cache=None, client=None, directory=None, memory=None
     ) -> None:
-        """``detached``: requests run in a detached child process that outlives a call's deadline
-        to cache what it paid for (the AGI script); otherwise in this process (the CLI).
-        ``memory``: a ``RunMemory`` that keeps every answer of a run (the CLI), so no number is
-        asked twice in it, cached or not."""
+        """``asker``: how the misses are asked (see ``askers``); by default in this process, with
+        ``client``. ``breaker``: a gate before the asker, made from the configuration and the
+        cache when the first miss needs it (``breaker.shared_breaker``: the process script's,
+        which every process of the account shares); none by default (the CLI asks whatever the
+        state, the FastAGI server keeps its own in its broker). ``memory``: a ``RunMemory``
+        that keeps every answer of a run (the CLI), so no number is asked twice in it, cached
+        or not."""
         self.config = config
-        self.detached = detached
         self.memory = memory
+        self._asker = asker
+        self._make_breaker = breaker
+        self._breaker = None
         self._cache = cache
         self._client = client
         self._directory = directory
-        self._breaker = None
+
+    @property
+    def asker(self):
+        if self._asker is None:
+            from .askers import InProcess
+
+            self._asker = InProcess(lambda: self.client, self.store)
+        return self._asker
 
     @property
     def cache(self):
@@ -45,6 +68,7 @@ class Lookup:
 
     @property
     def client(self):
+        """The service's client in this process (the CLI's ``check``, the default asker)."""
         if self._client is None:
             from .client import Client
 
@@ -54,12 +78,9 @@ class Lookup:
 
     @property
     def breaker(self):
-        """The account's breaker that every process shares (the detached script's); else None:
-        the FastAGI server keeps its own, the CLI asks whatever the state."""
-        if self._breaker is None and self.detached:
-            from .breaker import shared_breaker
-
-            self._breaker = shared_breaker(self.config, self.cache)
+        """The gate before the asker, if this chain has one (see ``__init__``)."""
+        if self._breaker is None and self._make_breaker is not None:
+            self._breaker = self._make_breaker(self.config, self.cache)
         return self._breaker
 
     @property
@@ -94,70 +115,110 @@ class Lookup:
         asked once each, each request within ``timeout`` and all of them before ``deadline``
         (``time.monotonic()`` seconds). When a request fails as a whole (refused, unreachable,
         timed out), its numbers get that failure as their error and no later request is sent;
-        with ``strict`` the failure is then raised, carrying every answer in its ``answers``
-        attribute (what was already paid for is not lost).
+        a number the service failed (``SERVICE_FAILURES``) whose entry expired lately gets that
+        entry instead (``source = "stale"``). With ``strict`` a failure is then raised, carrying
+        every answer in its ``answers`` attribute (what was already paid for is not lost).
         """
-        if deadline is not None:
-            self.cache.deadline = deadline
-        resolved = self.resolve(dialled)
+        # 1. normalise, then the cache (and the run's memory)
+        resolved = self.resolve(dialled, deadline=deadline)
         remembered = self.memory.get_many(resolved.misses) if self.memory is not None else {}
         misses = [m for m in resolved.misses if m not in remembered]
-        done = len(resolved.wanted) - len(misses)
+        # Read before asking: a failure's stand-ins must not wait for a cache read past the deadline.
+        stale = self.cache.get_stale_many(misses, deadline=deadline) if misses else {}
+        total, done = len(resolved.wanted), len(resolved.wanted) - len(misses)
         if progress:
-            progress(done, len(resolved.wanted))
-        fresh: dict[str, Answer] = {}
-        failure = None
-        breaker = self.breaker if misses else None  # a cache hit imports nothing of it
-        if breaker is not None:  # the gate: an open breaker answers at once
-            from .breaker import STALE_RESERVE, gate
-
-            # Read now, and the names of their networks: past the deadline there is no time left.
-            stale = self.cache.get_stale_many(misses)
-            if stale:
-                self.directory  # noqa: B018 - loaded for finish()
-            if stale and deadline is not None:  # leave the stale answer time to be given
+            progress(done, total)
+        if stale:  # a stand-in is given at the deadline: its network's name is loaded now
+            self.directory  # noqa: B018
+            if deadline is not None:
                 deadline -= STALE_RESERVE
-            fresh, misses = gate(breaker, misses)
-        try:
-            for batch in self._ask(misses, timeout, deadline) if misses else ():
-                if self.memory is not None:
-                    self.memory.put_many(batch.values())
-                fresh.update(batch)
-                if progress:
-                    progress(done + len(fresh), len(resolved.wanted))
-        except NplError as e:
-            failure = e
-            for m in misses:
-                fresh.setdefault(m, protocol.failed(m, e.npl_err, reason=str(e)))
-        if breaker is not None:  # the stale stage: a known number keeps its route
-            from .breaker import stale_answers
+        # 2. the breaker's gate: while it is open the misses are UNAVAILABLE at once, none asked
+        gated: dict[str, Answer] = {}
+        if misses and self.breaker is not None:
+            from .breaker import gate  # a cache hit imports nothing of it
 
-            fresh.update(stale_answers(stale, fresh))
+            gated, misses = gate(self.breaker, misses)
+        # 3. the service, for the misses
+        asked = (lambda n: progress(done + len(gated) + n, total)) if progress else None
+        fresh, failure = self._ask(misses, timeout, deadline, asked)
+        fresh.update(gated)
+        # 4. stale entries, for the numbers the service failed
+        fresh.update(stale_standins(fresh, stale))
         out = self.finish(resolved, {**remembered, **fresh})
         if failure is not None and strict:
             failure.answers = out
             raise failure
         return out
 
-    def _ask(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict[str, Answer]]:
-        """Each request's answers (``source = "api"``), in the cache before they are yielded."""
-        if self.detached:
-            from .handoff import ask_detached
+    def _ask(
+        self, misses: list[str], timeout: float | None, deadline: float | None, progress: Callable[[int], None] | None
+    ) -> tuple[dict[str, Answer], NplError | None]:
+        """An answer for each miss from the asker (each request's answers stored by it), and the
+        failure of the request that failed as a whole, if one did: its numbers and those never
+        sent then have that failure as their answer."""
+        fresh: dict[str, Answer] = {}
+        if not misses:
+            return fresh, None
+        try:
+            for batch in self.asker.ask(misses, timeout, deadline):
+                if self.memory is not None:
+                    self.memory.put_many(batch.values())
+                fresh.update(batch)
+                if progress:
+                    progress(len(fresh))
+        except NplError as e:
+            return {**failed_all(misses, e), **fresh}, e
+        return fresh, None
 
-            yield from ask_detached(self, misses, deadline if deadline is not None else self._deadline(timeout))
-            return
-        for batch in self.client.batches(misses, timeout, deadline=deadline):
-            self.store(batch.values())
-            yield batch
+    async def many_async(
+        self,
+        dialled: list[str],
+        deadline: float,
+        *,
+        asker,
+        run,
+        cached: Callable[[list[str]], Resolved | None] | None = None,
+        seen: Callable[[Resolved], None] | None = None,
+    ) -> list[Answer]:
+        """``many``'s stages on an event loop, for the FastAGI server; raises ``NplError``.
 
-    def _deadline(self, timeout: float | None) -> float:
-        import time
+        ``asker.ask(misses, deadline)`` is awaited (see ``askers.Brokered``). Every step that may
+        block (cache reads and writes, validating a number the cache misses) goes through
+        ``run`` (``await run(work, *args)``: the server's cache thread), while ``cached`` may
+        resolve the numbers first without leaving the loop (a ``Lookup.cached``). ``seen`` is
+        told what the cache made of them (the server's metrics).
+        """
+        import asyncio
 
-        return time.monotonic() + (self.config.api.timeout if timeout is None else timeout)
+        resolved = cached(dialled) if cached is not None else None
+        if resolved is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    resolved = await run(lambda: self.resolve(dialled, deadline=deadline))
+            except TimeoutError:
+                raise LookupTimeout("deadline passed while reading the cache") from None
+        if seen is not None:
+            seen(resolved)
+        fresh: dict[str, Answer] = {}
+        misses = resolved.misses
+        if misses:
+            # Read while the service is asked, so a failure's stand-ins are at hand by the deadline.
+            stale = asyncio.ensure_future(run(lambda: self.cache.get_stale_many(misses, deadline=deadline)))
+            fresh = await asker.ask(misses, deadline)
+            if any(a.error in SERVICE_FAILURES for a in fresh.values()):
+                try:
+                    async with asyncio.timeout(STALE_READ_GRACE):
+                        fresh.update(stale_standins(fresh, await stale))
+                except TimeoutError:
+                    pass
+            else:
+                stale.cancel()
+        return self.finish(resolved, fresh)
 
-    def store(self, answers: Iterable[Answer]) -> None:
-        """Cache what the service answered and deserves keeping (see ``cache.ttl_for``)."""
-        self.cache.put_many(list(answers))
+    def store(self, answers: Iterable[Answer], *, deadline: float | None = None) -> None:
+        """Cache what the service answered and deserves keeping (see ``cache.ttl_for``), waiting
+        for a busy cache at most until ``deadline``."""
+        self.cache.put_many(list(answers), deadline=deadline)
 
     def finish(self, resolved: Resolved, fresh: dict[str, Answer]) -> list[Answer]:
         """The answers in the order dialled, with the network directory's names filled in.
@@ -175,7 +236,7 @@ class Lookup:
             out.append(answer)
         return out
 
-    def resolve(self, dialled: list[str]) -> Resolved:
+    def resolve(self, dialled: list[str], *, deadline: float | None = None) -> Resolved:
         """Dialled numbers -> msisdns, their cached answers, and the numbers refused locally.
 
         The cache is read with the plain string readings of each number first; only numbers it
@@ -184,7 +245,7 @@ class Lookup:
         """
         from .number import validate
 
-        readings_of, local, found = self._read(dialled)
+        readings_of, local, found = self._read(dialled, deadline)
         cfg = self.config.number
         msisdn_of: dict[str, str] = {}
         for d, rs in readings_of.items():
@@ -199,19 +260,20 @@ class Lookup:
         readings = set().union(*readings_of.values())
         unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
         if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be cached already
-            found.update(self.cache.get_many(sorted(unread)))
+            found.update(self.cache.get_many(sorted(unread), deadline=deadline))
         resolved = Resolved(list(dialled), msisdn_of, found, local)
-        self.cache.record(hits=len(resolved.wanted) - len(resolved.misses), misses=len(resolved.misses))
+        misses = len(resolved.misses)
+        self.cache.record(len(resolved.wanted) - misses, misses, deadline=deadline)
         return resolved
 
-    def cached(self, dialled: list[str]) -> Resolved | None:
+    def cached(self, dialled: list[str], *, deadline: float | None = None) -> Resolved | None:
         """What ``resolve`` gives when the cache holds every number under a plain reading (or the
         number is refused by its form alone); None when any would need validation or a request.
 
         Reads the cache once and does nothing else: no phonenumbers, no counting (the caller
         counts the hits). The FastAGI server serves such calls without leaving its event loop.
         """
-        readings_of, local, found = self._read(dialled)
+        readings_of, local, found = self._read(dialled, deadline)
         msisdn_of: dict[str, str] = {}
         for d, rs in readings_of.items():
             hit = next((r for r in rs if r in found), None)
@@ -220,7 +282,9 @@ class Lookup:
             msisdn_of[d] = hit
         return Resolved(list(dialled), msisdn_of, found, local)
 
-    def _read(self, dialled: list[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, Answer], dict[str, Answer]]:
+    def _read(
+        self, dialled: list[str], deadline: float | None
+    ) -> tuple[dict[str, tuple[str, ...]], dict[str, Answer], dict[str, Answer]]:
         """Each distinct dialled number's plain readings, the numbers refused by their form, and
         the cached answers of all the readings."""
         from .number import normalise
@@ -234,8 +298,17 @@ class Lookup:
             except NplError as e:
                 local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
         readings = set().union(*readings_of.values())
-        found = self.cache.get_many(sorted(readings)) if readings else {}
+        found = self.cache.get_many(sorted(readings), deadline=deadline) if readings else {}
         return readings_of, local, found
+
+
+def stale_standins(fresh: dict[str, Answer], stale: dict[str, Answer]) -> dict[str, Answer]:
+    """The stale entries that stand in for the numbers the service failed to answer.
+
+    Only for a service that failed (``SERVICE_FAILURES``): a refusal of the account (``AUTH``,
+    ``CREDIT``, ``LOCKED``) or a local failure keeps its own ``NPL_ERR``, so the admin sees it.
+    """
+    return {m: stale[m] for m, a in fresh.items() if a.error in SERVICE_FAILURES and m in stale}
 
 
 class Resolved(namedtuple("Resolved", "dialled msisdn_of found local")):

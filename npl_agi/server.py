@@ -1,10 +1,10 @@
 """``npl-agi serve``: the FastAGI door onto the lookup path, for PBXs with many calls.
 
 Each call is a FastAGI session (``fastagi.Session``) whose deadline starts when its connection
-is accepted. Its number goes through the same steps as the AGI script's (``Lookup.resolve``,
-then the service for the misses, ``Lookup.store``, ``Lookup.finish``) and gets the same
-variables from the same code (``agi.variables_for``); only the transport differs: the misses of
-concurrent calls go to the broker, which asks for them in one request. Cache steps that may wait
+is accepted. It is run as the AGI script runs one (``call.Call``), through the same chain's
+stages (``Lookup.many_async``), and gets the same variables from the same code; only the
+transport differs: the misses of concurrent calls go to the broker (``askers.Brokered``), which
+asks for them in one request. Cache steps that may wait
 (writes, Redis, validation of a number the cache misses) run in one worker thread (SQLite
 connections belong to one thread), so nothing blocks the event loop; a call whose number is an
 SQLite cache hit is served from the loop itself (see ``_LoopCache``). In front of either backend
@@ -32,13 +32,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import log, protocol
-from .agi import dialled_number, outcome_line, variables_for
 from .aioclient import AsyncClient
-from .breaker import SERVICE_FAILURES, Breaker
+from .askers import Brokered
+from .breaker import Breaker
 from .broker import Broker
 from .cache import SqliteCache
+from .call import Call, check_enabled, dialled_number
 from .config import Config, load_config, parse_listen, require_credentials
-from .errors import TIMEOUT, ConfigError, Disabled, LookupTimeout, NplError
+from .errors import TIMEOUT, ConfigError
 from .fastagi import MAX_LINE, Session, SessionEnded
 from .lookup import Lookup, Resolved
 from .metrics import Metrics
@@ -77,11 +78,9 @@ class _LoopCache(SqliteCache):
 
     announce_replaced = False  # the worker thread's connection says it
 
-    def _busy_timeout(self) -> float:
-        return 0.0
-
-    def get_many(self, msisdns: list[str]) -> dict:
-        return self._with_recent(msisdns, self._get_many)  # a failure is the caller's: on to the worker thread
+    def get_many(self, msisdns: list[str], *, deadline: float | None = None) -> dict:
+        # Never waits; a failure is the caller's: on to the worker thread.
+        return self._with_recent(msisdns, lambda rest: self._get_many(rest, 0.0))
 
 
 class _State:
@@ -104,9 +103,9 @@ class _State:
             self.on_loop = Lookup(config, cache=on_loop)
         try:
             require_credentials(config)
-            self.refused: ConfigError | None = None
+            refused: ConfigError | None = None
         except ConfigError as e:  # cache hits are still served, as by the AGI script
-            self.refused = e
+            refused = e
         fastagi = config.fastagi
         self.breaker = Breaker(config.breaker.failures, config.breaker.cooldown, server.clock)
         self.breaker.on_change = server.metrics.breaker.state
@@ -119,6 +118,7 @@ class _State:
             store=functools.partial(server.in_cache_thread, self.lookup.store),
             metrics=server.metrics,
         )
+        self.asker = Brokered(self.broker, refused)
 
 
 class Server:
@@ -324,71 +324,62 @@ class Server:
             self.metrics.in_flight.dec()
 
     async def _call(self, state: _State, session: Session, accepted: float, deadline: float) -> None:
-        call = session.env.get("agi_uniqueid", "-")[:40]
+        call_id = session.env.get("agi_uniqueid", "-")[:40]
         script, dialled = session.script, dialled_number(session.args, session.env)
         session.env.clear()  # a session waiting for its answer holds a few short strings, not its block
-        _call_id.set(call)
+        _call_id.set(call_id)
         full = self._full_numbers(state)
-        log.call_sink.set(lambda message: logger.warning("npl-agi: [%s] %s", call, message))
+        call = Call(
+            dialled,
+            lambda message: logger.warning("npl-agi: [%s] %s", call_id, message),
+            lambda e: logger.error("npl-agi: lookup failed", exc_info=e),
+        )
         if script != SCRIPT:
-            logger.warning("npl-agi: [%s] unknown FastAGI script %s", call, protocol.shown(script))
+            logger.warning("npl-agi: [%s] unknown FastAGI script %s", call_id, protocol.shown(script))
             message = f"npl-agi: unknown FastAGI script {script[:40]!r}; use agi://…/{SCRIPT}"
             await session.verbose(message if full else log.mask_numbers(message))
             return
-        answer, failure = await self._lookup(state, dialled, deadline)
-        values = variables_for(answer, failure, round((time.monotonic() - accepted) * 1000))
+        with call.answering():
+            check_enabled(state.config)
+            answers = await state.lookup.many_async(
+                [dialled],
+                deadline,
+                asker=state.asker,
+                run=self.in_cache_thread,
+                cached=functools.partial(self._cached, state),
+                seen=self._seen,
+            )
+            call.answer = answers[0]
+        values = call.variables(accepted)
         shown = dialled if full else log.masked(dialled)
-        self._account(call, protocol.shown(shown), values, answer, failure)
+        self._account(call_id, protocol.shown(shown), values, call)
         for name, value in values.items():
             await session.set_variable(name, value)
         if values["NPL_ERR"]:  # Asterisk's console is a log too
-            line, level = outcome_line(f"'{shown[:40]}'", values, answer, failure)
+            line, level = call.outcome_line(f"'{shown[:40]}'", values)
             await session.verbose(line if full else log.mask_numbers(line), level)
 
-    def _account(self, call: str, shown: str, values: dict, answer, failure) -> None:
+    def _account(self, call_id: str, shown: str, values: dict, call: Call) -> None:
         """One log line (its number as ``shown``) and the metrics of a lookup."""
-        logger.info("[%s] %s", call, outcome_line(shown, values, answer, failure)[0])
+        logger.info("[%s] %s", call_id, call.outcome_line(shown, values)[0])
         self.metrics.lookups.labels(values["NPL_ERR"], values["NPL_SOURCE"]).inc()
         if values["NPL_ERR"] == TIMEOUT:
             self.metrics.deadline_misses.inc()
 
-    async def _lookup(self, state: _State, dialled: str, deadline: float):
-        """The call's answer, or the failure that stands for it; never raises."""
-        if not state.config.api.enabled:
-            return None, Disabled("lookups are switched off (enabled = no)")
-        lookup = state.lookup
-        try:
-            resolved = self._cached(state, dialled)
-            if resolved is None:
-                async with asyncio.timeout_at(deadline):
-                    resolved = await self.in_cache_thread(lookup.resolve, [dialled])
-            misses = resolved.misses
-            self.metrics.cache_hits.inc(len(resolved.wanted) - len(misses))
-            self.metrics.cache_misses.inc(len(misses))
-            fresh = {}
-            if misses and state.refused is not None:
-                fresh = {m: protocol.failed(m, state.refused.npl_err, reason=str(state.refused)) for m in misses}
-            elif misses:
-                stale = asyncio.ensure_future(self.in_cache_thread(lookup.cache.get_stale_many, misses))
-                fresh = await state.broker.ask(misses, deadline)
-                fresh.update(await self._stale(fresh, stale))
-            return lookup.finish(resolved, fresh)[0], None
-        except TimeoutError:
-            return None, LookupTimeout("deadline passed while reading the cache")
-        except NplError as e:
-            return None, e
-        except Exception as e:  # never a broken call
-            logger.exception("npl-agi: lookup failed")
-            return None, NplError(f"internal error: {e.__class__.__name__}")
+    def _seen(self, resolved: Resolved) -> None:
+        """What the cache made of a call's numbers, in the metrics."""
+        misses = len(resolved.misses)
+        self.metrics.cache_hits.inc(len(resolved.wanted) - misses)
+        self.metrics.cache_misses.inc(misses)
 
-    def _cached(self, state: _State, dialled: str) -> Resolved | None:
+    def _cached(self, state: _State, dialled: list[str]) -> Resolved | None:
         """The call's number resolved from the SQLite cache on the loop, when it is a hit (see
         ``_LoopCache``); None sends it to the worker thread. Its hits are counted in the cache's
         statistics in one write every ``HITS_RECORD_EVERY`` seconds, from the worker thread."""
         if state.on_loop is None:
             return None
         try:
-            resolved = state.on_loop.cached([dialled])
+            resolved = state.on_loop.cached(dialled)
         except Exception:  # busy or failing: the worker thread's path waits, or warns
             return None
         if resolved is not None and resolved.msisdn_of:
@@ -404,20 +395,6 @@ class Server:
         hits, self._hits_to_record = self._hits_to_record, 0
         if hits:
             self._cache_thread.submit(self.state.lookup.cache.record, hits, 0)
-
-    @staticmethod
-    async def _stale(fresh: dict, stale: asyncio.Future) -> dict:
-        """Stale cache entries for the numbers the service failed to answer (read meanwhile)."""
-        failing = [m for m, a in fresh.items() if a.error in SERVICE_FAILURES]
-        if not failing:
-            stale.cancel()
-            return {}
-        try:
-            async with asyncio.timeout(0.05):  # it was read while the service was asked
-                old = await stale
-        except TimeoutError:
-            return {}
-        return {m: old[m] for m in failing if m in old}
 
 
 async def _listening_socket(host: str, port: int) -> socket.socket:

@@ -558,3 +558,41 @@ def test_the_script_takes_the_gosubs_time(pbx: Pbx) -> None:
     messages = (pbx.asterisk.log / "messages.log").read_text(errors="replace")
     assert f"npl-agi: '{dialled}' -> 23410" in messages  # the script's own line, at verbose 3
     assert "the deadline counts from the script's start" not in messages
+
+
+def test_scripts_beyond_npl_process_max_are_not_started(pbx: Pbx, tmp_path: Path) -> None:
+    """An overloaded PBX sheds lookups in the dialplan, before a process is started: with
+    NPL_PROCESS_MAX scripts running, the next call returns at once with NPL_ERR=BUSY; a slot
+    is free again when a script ends."""
+    release = tmp_path / "release"
+    real = pbx.agi.read_bytes()
+    script = (
+        "#!/bin/sh\ntoken=\n"
+        'while read -r line && [ -n "$line" ]; do\n'
+        "  case $line in agi_accountcode:*) token=${line#agi_accountcode: } ;; esac\n"
+        "done\n"
+        f'printf "%s|held\\n" "$token" >> {pbx.results}\n'
+        f"while [ ! -e {release} ]; do sleep 0.05; done\n"
+        "echo 'SET VARIABLE NPL_MCCMNC 23415'\nread -r reply\n"
+    )
+    held = []
+    try:
+        pbx.asterisk.cli("dialplan set global NPL_PROCESS_MAX 2")
+        pbx.agi.write_text(script)
+        for _ in range(2):
+            held.append(pbx.token())
+            pbx.asterisk.originate("Local/07788450450@test-gosub", held[-1], wait=30)
+        for token in held:
+            wait_for(lambda token=token: [r for r in pbx.records(token) if r[0] == "held"], 20, "a held script")
+        busy = pbx.lookup("07788450450")
+        release.touch()
+        for token in held:
+            wait_for(lambda token=token: [r for r in pbx.records(token) if r[0] == "lookup"], 20, "a held lookup")
+        after = pbx.lookup("07788450450")
+    finally:
+        release.touch()
+        pbx.agi.write_bytes(real)
+        pbx.asterisk.cli("dialplan set global NPL_PROCESS_MAX 8")
+    assert (busy["AGISTATUS"], busy["NPL_ERR"], busy["NPL_MCCMNC"]) == ("", "BUSY", "")
+    assert [pbx.records(t)[-1][1:4] for t in held] == [["SUCCESS", "", "23415"]] * 2
+    assert (after["AGISTATUS"], after["NPL_ERR"], after["NPL_MCCMNC"]) == ("SUCCESS", "", "23415")

@@ -26,10 +26,10 @@ import redis
 from conftest import write_config
 
 from npl_agi import protocol
-from npl_agi.cache import REDIS_TIMEOUT, RedisLock, SqliteCache, open_cache
+from npl_agi.cache import REDIS_TIMEOUT, SqliteCache, open_cache
 from npl_agi.config import load_config
 from npl_agi.errors import LookupTimeout
-from npl_agi.locks import FallbackRecord, FileLock
+from npl_agi.locks import FallbackRecord, FileLock, RedisLock
 from npl_agi.lookup import Lookup
 from npl_agi.simulator import Simulator, simulated_answer
 

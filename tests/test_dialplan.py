@@ -141,7 +141,14 @@ def test_fastagi_when_npl_fastagi_is_set_and_the_process_script_when_it_fails() 
     fast = lines.index("same => n,AGI(${NPL_FASTAGI}/npl-lookup,${ARG1})")
     assert lines[fast - 1] == 'same => n,GotoIf($["${NPL_FASTAGI}" = ""]?process)'
     assert lines[fast + 1] == 'same => n,GotoIf($["${AGISTATUS}" != "FAILURE"]?done)'
-    assert lines[fast + 2] == f"same => n(process),{PROCESS_AGI}"
+    assert lines[fast + 2].startswith("same => n(process),Set(LOCAL(npl_max)=")
+    # then the limit on running scripts, and the script itself
+    assert lines[fast + 3 : fast + 6] == [
+        "same => n,Set(GROUP(npl-lookup)=process)",
+        "same => n,GotoIf($[${npl_max} > 0 & ${GROUP_COUNT(process@npl-lookup)} > ${npl_max}]?busy)",
+        f"same => n,{PROCESS_AGI}",
+    ]
+    assert lines[fast + 6] == "same => n,Set(GROUP(npl-lookup)=)"  # the slot is given back
 
 
 def test_snippets_leave_globals_to_extensions_conf() -> None:

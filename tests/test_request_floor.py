@@ -16,6 +16,7 @@ import time
 import pytest
 from conftest import AGI_SCRIPT, write_config
 
+from npl_agi.agi import process_lookup
 from npl_agi.client import Client
 from npl_agi.config import ApiConfig, load_config
 from npl_agi.emulator import AgiEmulator
@@ -67,12 +68,12 @@ def test_the_detached_request_sends_nothing_with_less_than_the_floor_left(sim, t
     """The process script's way: its child must not send once the call could no longer get the answer."""
     cfg = config(tmp_path, sim)
     before = _children()
-    answer = Lookup(cfg, detached=True).one("07788450450", deadline=time.monotonic() + UNDER)
+    answer = process_lookup(cfg).one("07788450450", deadline=time.monotonic() + UNDER)
     assert answer.error == TIMEOUT
     _wait_for(_children() - before)  # the child has decided, and ended
     assert sim.stats()["charged"] == []
     before = _children()
-    answer = Lookup(cfg, detached=True).one("07788450450", deadline=time.monotonic() + OVER)
+    answer = process_lookup(cfg).one("07788450450", deadline=time.monotonic() + OVER)
     _wait_for(_children() - before)
     assert (answer.error, answer.mccmnc) == ("", "23415")
     assert sim.stats()["charged"] == [NUMBER]

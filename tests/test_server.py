@@ -567,8 +567,8 @@ def test_sigterm_finishes_the_calls_in_flight_then_exits_0_and_sighup_reloads(tm
 def test_a_request_longer_than_the_redis_lease_keeps_the_cluster_lock(tmp_path, redis_server):
     """The Redis lock is renewed until the request ends, not only until the call's deadline:
     a call gives up at 1.5 s while its request goes on to 3 s, holding the lock all along."""
-    from npl_agi.cache import RedisLock
     from npl_agi.errors import LookupTimeout
+    from npl_agi.locks import RedisLock
 
     with Simulator(line_delay=3.0) as slow:
         cache = {"backend": "redis", "redis_url": redis_server.url}

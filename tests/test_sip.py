@@ -39,6 +39,7 @@ include => npl-outbound
 #include {dialplan}/npl-routes.conf
 """
 SLOW = "07400999902"  # the simulator holds this query (hang_seconds): the lookup runs to its deadline
+HANG = 12  # seconds the simulator holds SLOW, longer than the calls' 8 s deadline
 
 
 @dataclass
@@ -97,8 +98,10 @@ def pbx(tmp_path_factory) -> Iterator[SipPbx]:
     script = agi_dir / "npl-lookup.agi"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{AGI_SCRIPT}" "$@"\n')
     script.chmod(0o755)
-    with Simulator("127.0.0.1", 0, hang_seconds=4) as sim, contextlib.ExitStack() as stack:
-        config = write_config(root / "npl-agi.conf", sim.url, fastagi={"metrics_listen": ""})
+    # Calls get 8 s: the interpreter of a call's script starts on a machine that may be busy. A
+    # hanging number still times out (the simulator hangs HANG seconds).
+    with Simulator("127.0.0.1", 0, hang_seconds=HANG) as sim, contextlib.ExitStack() as stack:
+        config = write_config(root / "npl-agi.conf", sim.url, api={"timeout": 8}, fastagi={"metrics_listen": ""})
         env = {**os.environ, "PYTHONPATH": str(ROOT), "NPL_AGI_CONFIG": str(config)}
         trunks = {name: Trunk(name, root).start() for name in trunk_names(PJSIP_SAMPLE.read_text())}
         for trunk in trunks.values():
@@ -158,7 +161,7 @@ def test_with_the_service_down_calls_arrive_at_the_default_trunk(pbx: SipPbx) ->
     try:
         pbx.call(number)
     finally:
-        pbx.sim = Simulator(host, port, hang_seconds=4).start()
+        pbx.sim = Simulator(host, port, hang_seconds=HANG).start()
     assert pbx.dialled(number) == [("trunk-default", number)]
     assert (pbx.cdr(number)["npl_err"], pbx.cdr(number)["npl_route"]) == ("UNREACHABLE", "fallback")
 
@@ -172,7 +175,7 @@ def test_caller_hanging_up_during_a_slow_lookup_leaves_no_channel_and_no_script(
     assert (pbx.cdr(SLOW)["lastapp"], pbx.cdr(SLOW)["disposition"]) == ("AGI", "NO ANSWER")
     # The request goes on in the background until the service answers or it gives up; the
     # account lock it holds is free again after that, for the next call's lookup.
-    wait_for(lambda: not pbx.sim.stats()["active"], 15, "the slow request to end")
+    wait_for(lambda: not pbx.sim.stats()["active"], HANG + 15, "the slow request to end")
 
 
 def test_through_the_fastagi_server_and_the_process_script_when_it_is_stopped(pbx: SipPbx) -> None:

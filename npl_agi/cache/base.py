@@ -1,0 +1,204 @@
+"""What every cache backend shares: what is kept and for how long, and the rule that a cache
+never fails a call. ``Cache`` itself is ``backend = none``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+from .. import log, protocol
+from ..config import ApiConfig, CacheConfig
+from ..protocol import Answer
+
+# The locks are imported where they are taken: a cache hit takes none. typing.TYPE_CHECKING would
+# import typing, which a hit does not use either.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..locks import AccountLock, RedisLock
+    from ..recent import Recent
+
+PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
+
+
+def ttl_for(answer: Answer, cfg: CacheConfig) -> float:
+    """How long an answer may be served from the cache; 0 means not at all."""
+    if answer.ok and answer.mccmnc:
+        return cfg.ttl
+    if answer.error in PERMANENT_ERRORS:
+        return cfg.error_ttl
+    return 0.0
+
+
+def _record(answer: Answer) -> tuple[str, str, str, str]:
+    return answer.mccmnc, answer.msc, answer.imsi, answer.error
+
+
+def _answer(msisdn: str, mccmnc: str, msc: str, imsi: str, error: str) -> Answer:
+    if error:
+        return protocol.failed(msisdn, error, source="cache")
+    return Answer(msisdn, mccmnc=mccmnc, msc=msc, imsi=imsi, source="cache")
+
+
+class Cache:
+    """No cache at all (``backend = none``); the base of the real backends.
+
+    Public methods never raise: a backend error disables the backend for ``retry_after``
+    seconds after one log line (for the rest of the process by default: an AGI script lives for
+    one call). The FastAGI server sets a short first cool-down that doubles with each failed
+    probe up to ``retry_longest``, timed by ``timer``; a success starts it again.
+    """
+
+    name = "none"
+    retry_after = math.inf  # the first cool-down after a failure
+    retry_longest = math.inf  # the longest, after failed probes
+
+    def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.timer = clock  # times cool-downs and file checks: the server gives its monotonic clock
+        self._failures = 0  # failures since the last success
+        self.broken = False
+        self.recent: Recent | None = None  # the server's first-level cache, read before the backend
+
+    # Seconds one operation may wait for a busy backend, and when no call waits for it.
+    longest_wait = 0.0
+    background_wait = 0.0
+
+    def _wait(self, deadline: float | None, background: bool = False) -> float:
+        """How long one operation may wait: ``longest_wait``, less as the call's ``deadline``
+        (``time.monotonic()``) nears; ``background_wait`` when no call waits (a detached request
+        storing what it paid for). Arguments of each operation, never attributes: one cache may
+        serve concurrent calls."""
+        if background:
+            return self.background_wait
+        if deadline is None:
+            return self.longest_wait
+        return max(0.0, min(self.longest_wait, deadline - time.monotonic()))
+
+    @property
+    def broken(self) -> bool:
+        """True while a failed backend is skipped."""
+        return self.timer() < self._broken_until
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        if not value:
+            self._failures, self._broken_until = 0, -math.inf
+            return
+        self._failures += 1
+        cooldown = min(self.retry_after * 2 ** min(self._failures - 1, 32), self.retry_longest)
+        self._broken_until = self.timer() + cooldown
+        self.close()  # the probe opens a new connection: the old one may be stuck (read-only, dead socket)
+
+    def get_many(self, msisdns: list[str], *, deadline: float | None = None) -> dict[str, Answer]:
+        """The live cached answers among ``msisdns`` (``source = "cache"``); misses are absent."""
+        wait = self._wait(deadline)
+        return self._with_recent(msisdns, lambda rest: self._safely("read", self._get_many, {}, rest, wait))
+
+    def _with_recent(self, msisdns: list[str], read: Callable[[list[str]], dict]) -> dict[str, Answer]:
+        """The answers in ``recent``, then what ``read`` finds of the rest, kept in ``recent``."""
+        if self.recent is None:
+            return {m: answer for m, (answer, _) in read(msisdns).items()}
+        found = self.recent.get_many(msisdns)
+        rest = [m for m in msisdns if m not in found]
+        if rest or not msisdns:  # an empty read still opens the backend (the server's start makes the file)
+            hits = read(rest)
+            self.recent.put_many(hits.values())
+            found.update((m, answer) for m, (answer, _) in hits.items())
+        return found
+
+    def record(self, hits: int, misses: int, *, deadline: float | None = None) -> None:
+        """Count hits and misses (for ``npl-agi cache stats``).
+
+        Best effort and quiet: during a burst the file is busy with other calls' writes, and a
+        counter is not worth a call's time or a warning (answers are; see ``put_many``).
+        """
+        if (hits or misses) and not self.broken:
+            try:
+                self._record(hits, misses, self._wait(deadline))
+            except Exception:
+                self._record_failed()
+
+    def _record_failed(self) -> None:
+        """A counter that could not be written (a busy file): nothing to say or do."""
+
+    def get_stale_many(self, msisdns: list[str], *, deadline: float | None = None) -> dict[str, Answer]:
+        """Network answers among ``msisdns`` whose entry expired less than ``stale_ttl`` ago.
+
+        For a service that is failing: a known number keeps its route (``source = "stale"``).
+        """
+        return self._safely("read", self._get_stale_many, {}, msisdns, self._wait(deadline))
+
+    def put_many(self, answers: list[Answer], *, deadline: float | None = None, background: bool = False) -> None:
+        """Keep what deserves keeping (see ``ttl_for``); the rest is dropped silently."""
+        now = self.clock()
+        rows = [(a, now, now + ttl) for a in answers if (ttl := ttl_for(a, self.cfg)) > 0]
+        if rows and self.recent is not None:
+            self.recent.put_many((_answer(a.msisdn, *_record(a)), expires) for a, _, expires in rows)
+        if rows:
+            self._safely("write", self._put_many, None, rows, self._wait(deadline, background))
+
+    def account_lock(self, api: ApiConfig) -> AccountLock | RedisLock:
+        """The lock that keeps the account to one connection across this cache's scope."""
+        from ..locks import AccountLock, lock_directory
+
+        fallback = self.cfg.lock_fallback != "none"
+        return AccountLock(lock_directory(api, self.cfg), api.url, api.user, fallback=fallback)
+
+    def _safely(self, what: str, work, fallback, *args):
+        if self.broken:
+            return fallback
+        try:
+            done = work(*args)
+        except Exception as e:  # whatever a cache does wrong, the call goes on
+            self.broken = True
+            log.warning("cache %s failed, continuing without the %s cache: %s", what, self.name, log.short(e))
+            return fallback
+        self._failures = 0
+        return done
+
+    def close(self) -> None:
+        """Let go of the backend's connection. Before a fork: an SQLite connection must never be
+        carried into a child process, where its locks and WAL index would be shared unknowingly."""
+
+    # -- overridden by the backends; ``wait`` is the operation's (see ``_wait``) --
+    def _get_many(self, msisdns: list[str], wait: float) -> dict[str, tuple[Answer, float]]:
+        """The live answers with when each expires (``clock`` seconds)."""
+        return {}
+
+    def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
+        return {}
+
+    def _put_many(self, rows: list[tuple[Answer, float, float]], wait: float) -> None:
+        pass
+
+    def _record(self, hits: int, misses: int, wait: float) -> None:
+        pass
+
+    def stats(self) -> dict:
+        """Entries, hits, misses and credits saved (``npl-agi cache stats``); may raise."""
+        return {"backend": self.name}
+
+    def purge(self, msisdns: list[str] | None = None) -> int:
+        """Delete these numbers' entries, or all; the number of live entries deleted. May raise."""
+        return 0
+
+    def export(self) -> Iterator[dict]:
+        """Every live entry as a dict (``npl-agi cache export``); may raise."""
+        return iter(())
+
+
+def _stats(backend: str, where: str, entries: int, oldest: float | None, counters: dict) -> dict:
+    hits, misses = int(counters.get("hits", 0)), int(counters.get("misses", 0))
+    return {
+        "backend": backend,
+        "location": where,
+        "entries": entries,
+        "oldest": oldest,
+        "since": float(counters["created"]) if counters.get("created") else None,
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": hits / (hits + misses) if hits + misses else 0.0,
+        "credits_saved": hits,
+    }

@@ -1,0 +1,170 @@
+"""The Redis backend: one cache, and one account lock, for every PBX of a cluster."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from ..config import ApiConfig, CacheConfig
+from ..protocol import Answer
+from .base import Cache, _answer, _record, _stats, ttl_for
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which a cache hit does not use
+if TYPE_CHECKING:
+    from ..locks import RedisLock
+
+REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
+REDIS_PREFIX = "npl-agi:"
+
+
+def _fields(value: str | None) -> list[str] | None:
+    """The five fields of a stored Redis value, or ``None`` for a value this version cannot read.
+
+    An unreadable value (another version's format, another writer) is a miss, not a broken
+    cache: a broken cache would also give up the cross-machine account lock.
+    """
+    fields = value.split(",") if value else []
+    if len(fields) != 5 or not fields[4].isdigit():
+        return None
+    return fields
+
+
+def _without_password(url: str) -> str:
+    """The Redis URL to show an admin: its password masked."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+class RedisCache(Cache):
+    """A cache shared by several PBXs through one Redis, with native expiry per key."""
+
+    name = "redis"
+    timeout = REDIS_TIMEOUT  # what one operation may take, for the account lock too
+    longest_wait = background_wait = REDIS_TIMEOUT
+
+    def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(cfg, clock)
+        self._redis = None
+
+    def close(self) -> None:
+        """Make the next operation use a new client. The old one is dropped, not closed: an
+        account lock taken through it goes on renewing its lease on its connection."""
+        self._redis = None
+
+    def client(self, wait: float = REDIS_TIMEOUT):
+        """The redis-py client, made on first use; every operation gives up after ``wait``
+        (``REDIS_TIMEOUT``, or what was left of the first call's deadline)."""
+        if self._redis is None:
+            import redis
+
+            wait = max(wait, 0.01)
+            self._redis = redis.Redis.from_url(
+                self.cfg.redis_url, socket_timeout=wait, socket_connect_timeout=wait, decode_responses=True
+            )
+        return self._redis
+
+    @staticmethod
+    def key(msisdn: str) -> str:
+        """The Redis key of a number's answer, under the shared ``npl-agi:`` prefix."""
+        return f"{REDIS_PREFIX}answer:{msisdn}"
+
+    @staticmethod
+    def stale_key(msisdn: str) -> str:
+        """A network answer's second copy, kept ``stale_ttl`` longer for ``get_stale_many``."""
+        return f"{REDIS_PREFIX}stale:{msisdn}"
+
+    @staticmethod
+    def lock_key(name: str) -> str:
+        """The Redis key of the account lock called ``name`` (``locks.lock_name``)."""
+        return f"{REDIS_PREFIX}lock:{name}"
+
+    def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
+        r = self.client(wait)
+        found = {}
+        for m, value in zip(msisdns, r.mget([self.stale_key(m) for m in msisdns]), strict=True):
+            fields = _fields(value)
+            if fields and fields[0] and not fields[3] and float(fields[4]) + self.cfg.ttl <= self.clock():
+                found[m] = _answer(m, *fields[:4])._replace(source="stale")
+        return found
+
+    def _get_many(self, msisdns: list[str], wait: float) -> dict[str, tuple[Answer, float]]:
+        r = self.client(wait)
+        found = {}
+        for m, value in zip(msisdns, r.mget([self.key(m) for m in msisdns]), strict=True):
+            fields = _fields(value)
+            if fields:
+                answer = _answer(m, *fields[:4])
+                found[m] = (answer, float(fields[4]) + ttl_for(answer, self.cfg))  # as put_many set its expiry
+        return found
+
+    def _record_failed(self) -> None:
+        """A Redis that cannot count cannot answer either: skip it for the cool-down instead of
+        waiting ``REDIS_TIMEOUT`` for it in every call that the first-level cache answers."""
+        self.broken = True
+
+    def _record(self, hits: int, misses: int, wait: float) -> None:
+        pipe = self.client(wait).pipeline(transaction=False)
+        pipe.hsetnx(f"{REDIS_PREFIX}counters", "created", int(self.clock()))
+        pipe.hincrby(f"{REDIS_PREFIX}counters", "hits", hits)
+        pipe.hincrby(f"{REDIS_PREFIX}counters", "misses", misses)
+        pipe.execute()
+
+    def _put_many(self, rows: list[tuple[Answer, float, float]], wait: float) -> None:
+        pipe = self.client(wait).pipeline(transaction=False)
+        for a, stored, expires in rows:
+            value = ",".join((*_record(a), f"{stored:.0f}"))
+            pipe.set(self.key(a.msisdn), value, px=max(1, int((expires - stored) * 1000)))
+            if a.mccmnc and not a.error:
+                pipe.set(self.stale_key(a.msisdn), value, px=int((expires - stored + self.cfg.stale_ttl) * 1000))
+        pipe.execute()
+
+    def account_lock(self, api: ApiConfig) -> RedisLock:
+        """The account lock in Redis, shared by every PBX using this Redis."""
+        from ..locks import RedisLock, lock_directory
+
+        return RedisLock(self, api._replace(lock_dir=lock_directory(api, self.cfg)))
+
+    def _scan(self) -> Iterator[str]:
+        return self.client().scan_iter(match=self.key("*"), count=1000)
+
+    def stats(self) -> dict:
+        r = self.client()
+        keys = list(self._scan())
+        stored = [float(f[4]) for v in (r.mget(keys) if keys else []) if (f := _fields(v))]
+        counters = r.hgetall(f"{REDIS_PREFIX}counters")
+        return _stats(
+            self.name, _without_password(self.cfg.redis_url), len(stored), min(stored, default=None), counters
+        )
+
+    def purge(self, msisdns: list[str] | None = None) -> int:
+        r = self.client()
+        if msisdns is None:
+            keys = list(self._scan())
+            stale = list(r.scan_iter(match=self.stale_key("*"), count=1000))
+        else:
+            keys, stale = [self.key(m) for m in msisdns], [self.stale_key(m) for m in msisdns]
+        if stale:
+            r.delete(*stale)
+        return r.delete(*keys) if keys else 0
+
+    def export(self) -> Iterator[dict]:
+        """Live entries by msisdn. The keys are read now, so a Redis that is down fails before any output."""
+        r = self.client()
+        return self._exported(r, sorted(self._scan()))
+
+    def _exported(self, r, keys: list[str]) -> Iterator[dict]:
+        for key in keys:
+            fields, left_ms = _fields(r.get(key)), r.pttl(key)
+            if fields and left_ms > 0:
+                mccmnc, msc, imsi, error, stored = fields
+                msisdn = key.rsplit(":", 1)[1]
+                yield {
+                    **_answer(msisdn, mccmnc, msc, imsi, error).as_dict(),
+                    "stored": float(stored),
+                    "expires": self.clock() + left_ms / 1000,
+                }
