@@ -5,9 +5,11 @@ must not be cut off then: the credit is already spent, and a lock released while
 still answering would let the next caller open a second connection. So the script forks before
 the account lock is taken. The child takes the lock, asks, hands each answer to the parent over
 a pipe the moment its line arrives, caches everything it was charged for, and only then releases
-the lock and exits. The parent reads the pipe until its deadline. The child runs in a session of
-its own with its standard streams on /dev/null, so Asterisk sees the script end when the parent
-exits, and the call's hangup never reaches the child.
+the lock and exits. The parent reads the pipe until its deadline. The child runs in a process group
+of its own, ignoring SIGHUP, with its standard streams on /dev/null, so Asterisk sees the script
+end when the parent exits, and the call's hangup never reaches the child. Not in a session of its
+own: the kernel schedules each session as a group of its own, and a new group on a machine whose
+cores are all busy can wait seconds for its first time slice.
 
 The account's breaker (``breaker.shared_breaker``) hears of the service from the child, by the
 FastAGI server's rules, so the call itself does nothing past its deadline. Its request: an
@@ -139,7 +141,7 @@ class _Pipe:
 def _child(config, misses: list[str], call_deadline: float, fd: int, parts: Parts) -> None:
     status = 1
     try:
-        os.setsid()
+        os.setpgid(0, 0)
         null = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):
             os.dup2(null, std)

@@ -239,3 +239,33 @@ def test_emulator_copes_with_a_script_that_never_reads_its_environment():
     run = AgiEmulator("/bin/true", python=[]).run([], {"agi_padding": "x" * 200_000})
     assert run.returncode == 0
     assert run.commands == []
+
+
+def _processes_with(config) -> list[int]:
+    """The processes whose environment names ``config``: a test's AGI script and its children."""
+    found = []
+    wanted = f"NPL_AGI_CONFIG={config}".encode()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if wanted in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_the_detached_child_stays_in_the_callers_session_in_a_group_of_its_own(tmp_path, subprocess_env, sim):
+    """The child leaves the script's process group (nothing sent to the group reaches it), but
+    not its session: a process that makes a session of its own is, with the kernel's automatic
+    session groups, scheduled as a new group, and a new group on a machine with every core busy
+    was seen to wait seconds for its first time slice, the call's request with it."""
+    sim.hang_seconds = 3
+    agi = agi_with(tmp_path, subprocess_env, sim.url, api={"timeout": "1"})
+    run = agi.run(["07400999902"])
+    assert run.variables["NPL_ERR"] == "TIMEOUT"  # the script is gone; its child waits for the service
+    children = _processes_with(agi.env["NPL_AGI_CONFIG"])
+    assert len(children) == 1, children
+    (child,) = children
+    assert os.getsid(child) == os.getsid(0)
+    assert os.getpgid(child) == child
