@@ -373,6 +373,13 @@ def test_broken_install_is_a_config_failure(pbx: Pbx) -> None:
     assert [(c["npl_err"], c["npl_route"]) for c in cdrs] == [("CONFIG", "fallback")]
 
 
+# A stand-in script's start: the environment block, keeping the call's token (its account code).
+TOKEN_PRELUDE = (
+    "#!/bin/sh\ntoken=\n"
+    'while read -r line && [ -n "$line" ]; do\n'
+    "  case $line in agi_accountcode:*) token=${line#agi_accountcode: } ;; esac\n"
+    "done\n"
+)
 AGI_PRELUDE = '#!/bin/sh\nwhile read -r line && [ -n "$line" ]; do :; done\n'  # the environment block
 
 
@@ -493,11 +500,7 @@ def test_outbound_context_guards_on_npl_err_itself(pbx: Pbx) -> None:
 def test_agi_gets_no_sighup_when_the_caller_hangs_up(pbx: Pbx) -> None:
     """AGISIGHUP=no in the Gosub: a caller hanging up at once does not kill the script by signal."""
     real = pbx.agi.read_bytes()
-    script = (
-        "#!/bin/sh\ntoken=\n"
-        'while read -r line && [ -n "$line" ]; do\n'
-        "  case $line in agi_accountcode:*) token=${line#agi_accountcode: } ;; esac\n"
-        "done\n"
+    script = TOKEN_PRELUDE + (
         f"trap 'echo \"$token|signal|HUP\" >> {pbx.results}' HUP\n"
         "i=0; while [ $i -lt 20 ]; do sleep 0.1; i=$((i + 1)); done\n"
         f'echo "$token|signal|none" >> {pbx.results}\n'
@@ -523,13 +526,7 @@ def test_the_gosub_passes_the_time_it_calls_the_agi(pbx: Pbx) -> None:
     """The call's deadline starts at the dialplan's AGI() call: the Gosub passes that time, to the
     millisecond (EPOCH alone is whole seconds), after the number."""
     real = pbx.agi.read_bytes()
-    script = (
-        "#!/bin/sh\ntoken=\n"
-        'while read -r line && [ -n "$line" ]; do\n'
-        "  case $line in agi_accountcode:*) token=${line#agi_accountcode: } ;; esac\n"
-        "done\n"
-        f'printf "%s|args|%s|%s|%s\\n" "$token" "$#" "$1" "$2" >> {pbx.results}\n'
-    )
+    script = TOKEN_PRELUDE + f'printf "%s|args|%s|%s|%s\\n" "$token" "$#" "$1" "$2" >> {pbx.results}\n'
     seen = []
     try:
         pbx.agi.write_text(script)
@@ -566,11 +563,7 @@ def test_scripts_beyond_npl_process_max_are_not_started(pbx: Pbx, tmp_path: Path
     is free again when a script ends."""
     release = tmp_path / "release"
     real = pbx.agi.read_bytes()
-    script = (
-        "#!/bin/sh\ntoken=\n"
-        'while read -r line && [ -n "$line" ]; do\n'
-        "  case $line in agi_accountcode:*) token=${line#agi_accountcode: } ;; esac\n"
-        "done\n"
+    script = TOKEN_PRELUDE + (
         f'printf "%s|held\\n" "$token" >> {pbx.results}\n'
         f"while [ ! -e {release} ]; do sleep 0.05; done\n"
         "echo 'SET VARIABLE NPL_MCCMNC 23415'\nread -r reply\n"
