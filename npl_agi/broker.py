@@ -17,10 +17,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from . import protocol
+from . import exchange, protocol
 from .breaker import Breaker
 from .config import ApiConfig
-from .errors import TIMEOUT, TRUNCATED, UNAVAILABLE, ConfigError, LockUnavailable, NplError, ServiceRefused
+from .errors import TIMEOUT, UNAVAILABLE, ConfigError, LockUnavailable, NplError, ServiceRefused
 from .protocol import Answer
 
 Store = Callable[[list[Answer]], Awaitable[None]]
@@ -162,7 +162,7 @@ class Broker:
         outcome = "ok"
         try:
             cut = await self.client.exchange(msisdns, start_by, deadline, reader, on_answer)
-            answers = reader.finish(TIMEOUT if cut else TRUNCATED)
+            answers = exchange.answers(reader, cut)
             if reader.ended:
                 self.breaker.success()
             else:

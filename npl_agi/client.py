@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from . import exchange, log, protocol
 from .config import ApiConfig
-from .errors import TIMEOUT, TRUNCATED, NotSent, RequestRejected
+from .errors import NotSent, RequestRejected
 from .locks import FileLock
 from .protocol import Answer
 
@@ -85,7 +85,7 @@ class Client:
         """
         reader = protocol.AnswerReader(msisdns, self.api.password)
         cut = self._exchange(msisdns, deadline, lock_deadline, reader, on_answer)
-        return {m: a._replace(source="api") for m, a in reader.finish(TIMEOUT if cut else TRUNCATED).items()}
+        return exchange.answers(reader, cut)
 
     def check(self, timeout: float | None = None) -> str:
         """Ask with no numbers: costs no credit, and the service still checks the password.

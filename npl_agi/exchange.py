@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from . import protocol
 from .config import ApiConfig
-from .errors import LookupTimeout, NotSent, ProtocolError, TransportError, Unreachable
+from .errors import TIMEOUT, TRUNCATED, LookupTimeout, NotSent, ProtocolError, TransportError, Unreachable
 from .protocol import Answer
 
 MAX_BODY = 4 * 1024 * 1024  # far above 1000 answer lines; stops a runaway server
@@ -39,6 +39,14 @@ def check_time(latest: float, clock: Clock = time.monotonic) -> None:
     """Spend nothing on a request whose answer could not arrive in time."""
     if clock() > latest:
         raise NotSent("too little time left before the deadline to send a request")
+
+
+def answers(reader: protocol.AnswerReader, cut: bool) -> dict[str, Answer]:
+    """Every asked number's answer at the end of a request (``cut``: our deadline ended the read):
+    a line of the service's is ``source = "api"``; a number it left without one (cut short, timed
+    out, not answered) has no source, the same from every door."""
+    finished = reader.finish(TIMEOUT if cut else TRUNCATED)
+    return {m: a._replace(source="api") if m in reader.found else a for m, a in finished.items()}
 
 
 def tls_verify(api: ApiConfig) -> bool | str:

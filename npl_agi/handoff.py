@@ -94,7 +94,7 @@ def _collect(fd: int, misses: list[str], deadline: float) -> tuple[dict[str, Ans
             failure = ProtocolError("the lookup process ended without an answer")
         else:
             why = "no answer before the call's deadline (the request goes on, to cache its answer)"
-            got.update({m: protocol.failed(m, TIMEOUT, source="api", reason=why) for m in misses if m not in got})
+            got.update({m: protocol.failed(m, TIMEOUT, reason=why) for m in misses if m not in got})
     return got, failure
 
 

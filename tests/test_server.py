@@ -90,6 +90,63 @@ def test_a_call_sets_what_the_agi_script_sets(tmp_path, sim, subprocess_env):
     assert any("NPL_ERR=PROTOCOL" in v for v in served[4].verbose)
 
 
+# One call each, in this order, through both doors: an answer, the service's per-number error,
+# numbers refused locally, every fault of the simulator but the hang, a cache hit, then the hang
+# (its request holds the account until the simulator lets go): the sixth service failure in a
+# row opens the breaker, so a new number is answered at once.
+BOTH_DOORS = ["07788450450", '0740"0\\123410', "07973100100", "hello", ""]
+BOTH_DOORS += [f"0740099990{n}" for n in (1, 3, 4, 5, 6, 7)] + ["07788450450", "07400999902", "07788450451"]
+
+
+def test_both_doors_set_the_same_variables_for_every_kind_of_answer(tmp_path, subprocess_env):
+    """Both doors, one truth: the same calls through the FastAGI server and the process script
+    give the same variables, all but NPL_LOOKUP_MS. 4 s for each call: the slow fault answers
+    in 3 s, the hang does not; the script's interpreter counts in it, on a busy machine too."""
+    with Simulator("127.0.0.1", 0, hang_seconds=5) as sim:
+        config = config_for(tmp_path, sim, api={"timeout": 4}, breaker={"failures": 6})
+
+        async def main():
+            server = await serving(config)
+            try:  # one after another: a fault number spoils the whole request it is in
+                return [(await calls(server, [d]))[0] for d in BOTH_DOORS]
+            finally:
+                await server.drain()
+
+        served = run(main())
+        other = write_config(
+            tmp_path / "process.conf",
+            sim.url,
+            api={"timeout": 4},
+            breaker={"failures": 6},
+            cache={"path": str(tmp_path / "process.sqlite")},
+        )
+        script = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(other)})
+        deadline = time.monotonic() + 30
+        while any(sim.active.values()) and time.monotonic() < deadline:  # the server's hung request
+            time.sleep(0.05)
+        processed = [script.run([d]) for d in BOTH_DOORS]
+    differ = {
+        number: (fast.variables, process.variables)
+        for number, fast, process in zip(BOTH_DOORS, served, processed, strict=True)
+        if {**fast.variables, "NPL_LOOKUP_MS": ""} != {**process.variables, "NPL_LOOKUP_MS": ""}
+    }
+    assert differ == {}, "\n".join(f"{n}: {a} {b}" for n, (a, b) in differ.items())
+    errors = [fast.variables["NPL_ERR"] for fast in served]
+    assert errors == [
+        "",
+        "BADNUMBER",
+        "ERR1",
+        "BADNUMBER",
+        "BADNUMBER",
+        "",
+        *["PROTOCOL"] * 5,
+        "",
+        "TIMEOUT",
+        "UNAVAILABLE",
+    ], errors
+    assert [fast.variables["NPL_SOURCE"] for fast in served][-3] == "cache"
+
+
 def test_a_time_argument_after_the_number_changes_nothing_here(tmp_path, sim):
     """The process script's t= (its deadline's start) is no number here; this door's deadline
     starts when it accepts the connection."""
