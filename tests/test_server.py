@@ -147,6 +147,46 @@ def test_both_doors_set_the_same_variables_for_every_kind_of_answer(tmp_path, su
     assert [fast.variables["NPL_SOURCE"] for fast in served][-3] == "cache"
 
 
+@pytest.mark.parametrize(
+    ("password", "fault", "expected"), [("wrong", None, ("AUTH", "")), ("demo", "http500", ("", "stale"))]
+)
+def test_both_doors_answer_stale_for_a_failing_service_and_never_for_a_refused_account(
+    tmp_path, subprocess_env, sim, password, fault, expected
+):
+    """A number whose entry expired a day ago: a service answering HTTP 500 gives its old network
+    (``stale``) through both doors; a refused account keeps its NPL_ERR through both, stale or not."""
+    sim.fault = fault
+    confs = {
+        door: write_config(
+            tmp_path / f"{door}.conf",
+            sim.url,
+            password=password,
+            fastagi={"metrics_listen": ""},
+            cache={"path": str(tmp_path / f"{door}.sqlite")},
+        )
+        for door in ("server", "process")
+    }
+    for conf in confs.values():
+        cfg = load_config(str(conf)).cache
+        SqliteCache(cfg, clock=lambda: time.time() - 2 * 86400).put_many(
+            [Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")]
+        )
+
+    async def main():
+        server = await serving(load_config(str(confs["server"])))
+        try:
+            return (await calls(server, ["07788450450"]))[0]
+        finally:
+            await server.drain()
+
+    fast = run(main())
+    process = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(confs["process"])})
+    slow = process.run(["07788450450"])
+    assert {**fast.variables, "NPL_LOOKUP_MS": ""} == {**slow.variables, "NPL_LOOKUP_MS": ""}
+    assert (fast.variables["NPL_ERR"], fast.variables["NPL_SOURCE"]) == expected
+    assert fast.variables["NPL_MCCMNC"] == ("23415" if expected[1] == "stale" else "")
+
+
 def test_a_time_argument_after_the_number_changes_nothing_here(tmp_path, sim):
     """The process script's t= (its deadline's start) is no number here; this door's deadline
     starts when it accepts the connection."""
