@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -12,6 +14,16 @@ from npl_agi.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 AGI_SCRIPT = ROOT / "agi-bin" / "npl-lookup.agi"
+
+
+def load_tool(name: str) -> ModuleType:
+    """A script of tools/ as a module, to test its functions (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import load_tool, write_config
 
 from npl_agi.config import load_config
 from npl_agi.lookup import Lookup
@@ -136,13 +136,7 @@ def test_lookup_through_the_simulator_fills_network_and_country(tmp_path, sim):
 
 
 def load_builder():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_mccmnc", ROOT / "tools" / "build_mccmnc.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("build_mccmnc")
 
 
 def mnc(mcc: str, code: str, countries: list[str], brand: str, operator: str = "") -> dict:
