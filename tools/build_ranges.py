@@ -360,11 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     recorded = VERSION.search(existing)
     built_from = recorded.group(1) if recorded else "an unknown version"
+    why = (
+        ""
+        if built_from == phonenumbers.__version__
+        else f" (built from phonenumbers {built_from}, this is {phonenumbers.__version__})"
+    )
     old, new = existing.splitlines(), text.splitlines()
     first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
     print(
-        f"{args.output} is not what tools/build_ranges.py builds: it was built from phonenumbers {built_from}, "
-        f"this is {phonenumbers.__version__}; first difference at line {first + 1} "
+        f"{args.output} is not what tools/build_ranges.py builds{why}: first difference at line {first + 1} "
         f"({_line(old, first)!r} in the file, {_line(new, first)!r} built)",
         file=sys.stderr,
     )
