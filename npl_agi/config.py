@@ -13,7 +13,7 @@ import re
 import sys
 from collections import namedtuple
 
-from . import log
+from . import log, protocol
 from .errors import ConfigError
 from .protocol import MAX_NUMBERS
 
@@ -23,6 +23,10 @@ DEFAULT_PATH = "/etc/asterisk/npl-agi.conf"
 INSTALLED_PATH_FILE = os.path.join(sys.prefix, "share", "npl-agi", "config-path")
 _INLINE_COMMENT = re.compile(r"\s[;#]")
 _URL = re.compile(r"(?i)https?://(?:[^/?#@]*@)?(\[[^\]/]+\]|[^/?#:\[\]]*)")
+_FORM_SEPARATORS = re.compile(r"[&\r\n]")
+_FORM_BLANKS = " \t"  # trimmed around names and values; any other odd character is refused
+_FORM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_FORM_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 ENV_VAR = "NPL_AGI_CONFIG"
 
 NUMBER_TYPES = (
@@ -62,6 +66,7 @@ class ApiConfig(
         verify_tls=True,
         ca_file="",
         lock_dir="",
+        extra_form=(),  # (name, value) pairs sent with every query, from parse_extra_form
     )
 ):
     __slots__ = ()
@@ -251,7 +256,8 @@ def _build(cls: type, values: dict[str, str], path: str, section: str):
             raise ConfigError(f"{path}: [{section}] unknown key {key!r}")
         where = f"{path}: [{section}] {key}"
         raw = raw.strip() if key == "password" else _uncomment(raw)  # a password may hold " ;"
-        kwargs[key] = _convert(getattr(defaults, key), raw, where)
+        parse = _PARSERS.get((section, key))
+        kwargs[key] = parse(raw, where) if parse else _convert(getattr(defaults, key), raw, where)
     return cls(**kwargs)
 
 
@@ -274,6 +280,65 @@ def _convert(default, raw: str, where: str):
     if isinstance(default, tuple):
         return tuple(p.strip().lower() for p in raw.replace(",", " ").split() if p.strip())
     return raw
+
+
+def parse_extra_form(text: str, where: str = "[api] extra_form") -> tuple[tuple[str, str], ...]:
+    """The ``name=value`` pairs of ``[api] extra_form``, in order, checked once here so that a
+    mistake is one configuration error instead of a field the service reads otherwise.
+
+    Pairs are separated by ``&`` or line breaks; spaces around a name or a value are ignored,
+    and a value holds no space of its own: ``%XX`` escapes (UTF-8) give one, or any character
+    that would otherwise separate or start a comment; ``+`` is a plus sign. Refused: a field
+    npl-agi fills itself (``user``, ``pass``, ``apiver``, ``msisdn``, in any case), an empty
+    name or one with characters other than letters, digits, ``_``, ``-`` and ``.``, a name
+    given twice, and a value with a control character or line break.
+    """
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in filter(None, (p.strip(_FORM_BLANKS) for p in _FORM_SEPARATORS.split(text))):
+        name, equals, raw = (part.strip(_FORM_BLANKS) for part in item.partition("="))
+        if not equals:
+            raise ConfigError(f"{where}: expected name=value, got {item!r}")
+        if not name:
+            raise ConfigError(f"{where}: a pair without a name: {item!r}")
+        if protocol.own_field(name):
+            raise ConfigError(
+                f"{where}: {name!r} cannot be set here: npl-agi sends user, pass, apiver and msisdn itself"
+                " (from [api] user, password, apiver and the numbers asked)"
+            )
+        if not _FORM_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: {name!r}: a name holds only letters, digits, '_', '-' and '.'")
+        if name.casefold() in seen:
+            raise ConfigError(f"{where}: {name!r} is given twice")
+        seen.add(name.casefold())
+        pairs.append((name, _form_value(raw, f"{where}: {name}")))
+    return tuple(pairs)
+
+
+def _form_value(raw: str, where: str) -> str:
+    """A value of ``extra_form`` with its ``%XX`` escapes decoded, as the service is to get it."""
+    if " " in raw:
+        raise ConfigError(
+            f"{where}: a space inside a value is written %20 (pairs are separated by & or line breaks), got {raw!r}"
+        )
+    if "%" in raw:
+        if _FORM_BAD_ESCAPE.search(raw):
+            raise ConfigError(f"{where}: a % starts an escape of two hex digits (%25 for % itself), got {raw!r}")
+        from urllib.parse import unquote  # only then: most configurations have no escape to decode
+
+        try:
+            value = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: the %-escapes are not UTF-8, got {raw!r}") from None
+    else:
+        value = raw
+    if not value.isprintable():
+        raise ConfigError(f"{where}: a control character or line break cannot be sent, got {raw!r}")
+    return value
+
+
+# Keys with a syntax of their own, by (section, key); the others are converted by their default's type.
+_PARSERS = {("api", "extra_form"): parse_extra_form}
 
 
 def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) -> None:
@@ -323,8 +388,8 @@ def parse_listen(text: str, where: str = "--listen") -> tuple[str, int]:
 
 
 def _uncomment(raw: str) -> str:
-    """A value without its inline comment (`` ;`` or `` #`` and what follows)."""
-    return _INLINE_COMMENT.split(raw, 1)[0].strip()
+    """A value without its inline comments (`` ;`` or `` #`` and the rest of its line)."""
+    return "\n".join(_INLINE_COMMENT.split(line, 1)[0] for line in raw.split("\n")).strip()
 
 
 def _digits(value: str) -> bool:

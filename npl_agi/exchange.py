@@ -26,7 +26,9 @@ Clock = Callable[[], float]
 
 
 def request_form(api: ApiConfig, msisdns: list[str]) -> dict[str, str]:
-    return protocol.request_form(api.user, api.password, api.apiver, msisdns)
+    """The one form both clients POST (their HTTP library encodes it): the account, the API
+    version, the numbers, then ``[api] extra_form``."""
+    return protocol.request_form(api.user, api.password, api.apiver, msisdns, api.extra_form)
 
 
 def start_by(api: ApiConfig, deadline: float, lock_deadline: float | None = None) -> float:

@@ -30,6 +30,8 @@ FAIL_TOO_LONG = "FAIL Request too long"
 ACCOUNT_LOCKED = "ERR ACCOUNT LOCKED - Please arrange payment"
 
 DEFAULT_APIVER = "2.4"
+# The fields of a query that npl-agi fills itself: no configured extra field may replace one.
+OWN_FIELDS = ("user", "pass", "apiver", "msisdn")
 MAX_NUMBERS = 1000
 
 ERROR_NAMES = {
@@ -121,9 +123,23 @@ def redact(text: str, secret: str) -> str:
     return text
 
 
-def request_form(user: str, password: str, apiver: str, msisdns: list[str]) -> dict[str, str]:
-    """The form fields of one query (POSTed, so the password stays out of URLs)."""
-    return {"user": user, "pass": password, "apiver": apiver, "msisdn": ",".join(msisdns)}
+def own_field(name: str) -> bool:
+    """Is ``name`` one of the fields npl-agi fills itself (``OWN_FIELDS``), in any case or padding?
+    A server may read names loosely, so a look-alike must never reach it beside the real one."""
+    return name.strip().casefold() in OWN_FIELDS
+
+
+def request_form(
+    user: str, password: str, apiver: str, msisdns: list[str], extra: Iterable[tuple[str, str]] = ()
+) -> dict[str, str]:
+    """The form fields of one query (POSTed, so the password stays out of URLs), then the
+    ``extra`` pairs, which may add fields but never replace one of ``OWN_FIELDS``."""
+    form = {"user": user, "pass": password, "apiver": apiver, "msisdn": ",".join(msisdns)}
+    for name, value in extra:
+        if own_field(name) or name in form:
+            raise ValueError(f"extra form field {name!r} would replace a field already in the form")
+        form[name] = value
+    return form
 
 
 def check_status(line: str, secret: str = "") -> None:

@@ -2,9 +2,9 @@
 
 It keeps accounts with credit, answers in the 2.4 or legacy form, gives documented test
 numbers their per-number errors, and can misbehave on demand (slow lines, a hang, a cut-short
-or garbage body, HTTP 500, an HTML page). It records every query and the highest number of
-concurrent connections per account, so tests can prove what was charged and that a client
-never opened a second connection.
+or garbage body, HTTP 500, an HTML page). It records every query (with the fields it does not
+know, which it otherwise ignores) and the highest number of concurrent connections per account,
+so tests can prove what was sent and charged and that a client never opened a second connection.
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ class Simulator:
         """Decide the status line, the number lines and the fault its numbers trigger."""
         user, apiver = form.get("user", ""), form.get("apiver", "")
         msisdns = [n.strip() for n in form.get("msisdn", "").split(",") if n.strip()]
-        record = {"user": user, "apiver": apiver, "method": method, "numbers": msisdns, "charged": []}
+        extra = {k: v for k, v in form.items() if k not in protocol.OWN_FIELDS}  # e.g. a v2.5 economy=1
+        record = {"user": user, "apiver": apiver, "method": method, "numbers": msisdns, "extra": extra, "charged": []}
         with self._mutex:
             self.requests.append(record)
             account = self.accounts.get(user)
@@ -216,7 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/_sim/stats":
             return self._send(200, json.dumps(self.server.simulator.stats()), "application/json")
-        self._query(parse_qs(url.query), url.path, "GET")
+        self._query(parse_qs(url.query, keep_blank_values=True), url.path, "GET")  # "economy=" is sent too
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
@@ -231,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(400, f"unknown fault; one of: none, {', '.join(FAULTS)}\n")
             self.server.simulator.fault = None if mode in (None, "none") else mode
             return self._send(200, "fault set\n")
-        self._query(parse_qs(body), url.path, "POST")
+        self._query(parse_qs(body, keep_blank_values=True), url.path, "POST")
 
     def _query(self, params: dict[str, list[str]], path: str, method: str) -> None:
         if path != API_PATH:

@@ -84,11 +84,13 @@ def echo_numbers(sock, form) -> None:
 
 
 class HostileServer:
-    """Serves one behaviour to every query until stopped; records the forms it was sent."""
+    """Serves one behaviour to every query until stopped; records the forms it was sent, and
+    each request as it came (its head and its body), to see what went where."""
 
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.forms: list[dict[str, str]] = []
+        self.raw: list[tuple[bytes, bytes]] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.1)
         self._stop = threading.Event()
@@ -137,6 +139,7 @@ class HostileServer:
                 body += conn.recv(65536)
             form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
             self.forms.append(form)
+            self.raw.append((headers, body))
             self.behaviour(conn, form)
         except OSError:
             pass

@@ -320,6 +320,22 @@ def test_check_ok_spends_no_credit(secret_config, secret_sim, subprocess_env) ->
     assert SECRET not in done.stdout + done.stderr
 
 
+def test_check_and_lookup_send_extra_form(tmp_path, secret_sim, subprocess_env) -> None:
+    """``check`` asks through the lookups' client: the same form, ``[api] extra_form`` included."""
+    extra = {"api": {"apiver": "2.5", "extra_form": "economy=1 & tag=pbx%201"}}
+    cfg = write_config(tmp_path / "extra.conf", secret_sim.url, user="alice", password=SECRET, **extra)
+    checked = run(["check", "--config", str(cfg)], subprocess_env)
+    assert checked.returncode == 0, checked.stderr
+    looked_up = run(["lookup", "--config", str(cfg), PORTED], subprocess_env)
+    assert looked_up.returncode == 0, looked_up.stderr
+    requests = secret_sim.stats()["requests"]
+    assert [(r["numbers"], r["apiver"], r["extra"]) for r in requests] == [
+        ([], "2.5", {"economy": "1", "tag": "pbx 1"}),
+        (["447788450450"], "2.5", {"economy": "1", "tag": "pbx 1"}),
+    ]
+    assert secret_sim.stats()["charged"] == ["447788450450"]  # the password was taken as it is
+
+
 @pytest.mark.parametrize(
     ("user", "password", "reason"),
     [("alice", "wrong-" + SECRET[::-1], "AUTH"), ("nobody", SECRET, "AUTH"), ("carol", SECRET[::-1], "LOCKED")],

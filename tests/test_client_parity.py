@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from urllib.parse import parse_qsl
 
 import hostile_server as hostile
 import pytest
@@ -14,10 +15,11 @@ import pytest
 from npl_agi import protocol
 from npl_agi.aioclient import AsyncClient
 from npl_agi.client import Client
-from npl_agi.config import ApiConfig
+from npl_agi.config import ApiConfig, load_config
 from npl_agi.errors import TIMEOUT, TRUNCATED, NplError, npl_err
 from npl_agi.locks import FileLock
 from npl_agi.simulator import FAULTS, Account, Simulator
+from tests.conftest import write_config
 
 NUMBERS = ["447788450450", "447810701702", "447973100100"]
 DEADLINE = 1.5  # seconds: room for a loaded machine; the hanging cases wait for it once each
@@ -116,3 +118,63 @@ def test_nobody_listening_is_read_alike_by_both_clients(tmp_path):
         url = f"http://127.0.0.1:{s.getsockname()[1]}/npl"
     got = both(api_for(url, tmp_path, "bob", "123"), NUMBERS)
     assert got[1] == "UNREACHABLE"
+
+
+# -- [api] extra_form: the same fields from both clients, beside the account's own --
+
+EXTRA_FORM = "economy=1 & tag=a%20b%26c+d"
+EXTRA_SENT = [("economy", "1"), ("tag", "a b&c+d")]
+# Passwords that look like form data: each must reach the service exactly as written.
+FORM_LIKE_PASSWORDS = ["123", "economy=1", "economy=1&apiver=2.3", "x&msisdn=447400000001", "%65conomy=1", "a+b c ;#"]
+
+
+def api_from_file(tmp_path, url: str, user: str, password: str, **api: str) -> ApiConfig:
+    """The [api] section as the doors read it, from a configuration file."""
+    path = write_config(tmp_path / "npl-agi.conf", url, user=user, password=password, api={"timeout": DEADLINE, **api})
+    return load_config(str(path)).api
+
+
+@pytest.mark.parametrize("password", FORM_LIKE_PASSWORDS)
+def test_both_clients_send_extra_form_beside_the_account_s_own_fields(tmp_path, password):
+    with Simulator("127.0.0.1", 0, accounts={"bob": Account(password)}) as sim:
+        api = api_from_file(tmp_path, sim.url, "bob", password, apiver="2.5", extra_form=EXTRA_FORM)
+        assert (api.password, api.extra_form) == (password, tuple(EXTRA_SENT))
+        got = both(api, NUMBERS)
+        records = sim.stats()["requests"]
+    assert got[0] == "answered"
+    assert {m: a[3] for m, a in got[1].items()} == {NUMBERS[0]: "", NUMBERS[1]: "", NUMBERS[2]: "ERR1"}
+    # Charged: the simulator took the password as the account's, so it arrived unchanged.
+    sent = {"user": "bob", "apiver": "2.5", "method": "POST", "numbers": NUMBERS, "charged": NUMBERS}
+    assert records == [{**sent, "extra": dict(EXTRA_SENT)}] * 2  # the sync client, then the async one
+
+
+def test_a_query_without_extra_form_sends_the_four_fields_only(tmp_path):
+    with Simulator("127.0.0.1", 0, accounts={"bob": Account("123")}) as sim:
+        both(api_from_file(tmp_path, sim.url, "bob", "123"), NUMBERS)
+        assert [r["extra"] for r in sim.stats()["requests"]] == [{}, {}]
+
+
+def whole_answer(sock, form) -> None:
+    body = b"QUERYOK\n" + b"".join(hostile.answer_lines(form)) + b"ENDBATCH\n"
+    sock.sendall(hostile.head("200 OK", f"Content-Length: {len(body)}", "Connection: close") + body)
+
+
+@pytest.mark.parametrize("password", ["economy=1", "a+b c ;#"])
+def test_both_clients_post_one_encoded_body_and_put_nothing_in_the_url(tmp_path, password):
+    """On the wire: the request line holds the path alone; the body, encoded by the HTTP
+    library, decodes to the four fields then the extra ones, each once, in order."""
+    with hostile.HostileServer(whole_answer) as server:
+        both(api_from_file(tmp_path, server.url, "bob", password, extra_form=EXTRA_FORM), NUMBERS)
+        raw = list(server.raw)
+    assert len(raw) == 2
+    for head, body in raw:
+        assert head.split(b"\r\n")[0] == b"POST /npl HTTP/1.1"
+        assert b"application/x-www-form-urlencoded" in head.lower()
+        assert parse_qsl(body.decode("ascii"), keep_blank_values=True, strict_parsing=True) == [
+            ("user", "bob"),
+            ("pass", password),
+            ("apiver", "2.4"),
+            ("msisdn", ",".join(NUMBERS)),
+            *EXTRA_SENT,
+        ]
+        assert b"economy" not in head and password.encode() not in head

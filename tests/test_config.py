@@ -277,6 +277,24 @@ BAD = [
     ("bad-stale-ttl", "[cache]\nstale_ttl = soon\n", "[cache] stale_ttl"),
     ("ca-file-missing", "[api]\nca_file = /nonexistent\n", "[api] ca_file"),
     ("ca-file-a-directory", "[api]\nca_file = /\n", "[api] ca_file"),
+    ("extra-form-no-equals", "[api]\nextra_form = economy\n", "[api] extra_form: expected name=value"),
+    ("extra-form-empty-name", "[api]\nextra_form = =1\n", "[api] extra_form: a pair without a name"),
+    ("extra-form-blank-name", "[api]\nextra_form = economy=1 &  = 2\n", "[api] extra_form: a pair without a name"),
+    ("extra-form-name-chars", "[api]\nextra_form = eco/nomy=1\n", "'eco/nomy': a name holds only"),
+    ("extra-form-name-space", "[api]\nextra_form = eco nomy=1\n", "'eco nomy': a name holds only"),
+    ("extra-form-name-escape", "[api]\nextra_form = %70ass=1\n", "'%70ass': a name holds only"),
+    ("extra-form-name-unicode", "[api]\nextra_form = \u00e9conomy=1\n", "a name holds only"),
+    ("extra-form-own-field", "[api]\nextra_form = economy=1 & Pass=x\n", "'Pass' cannot be set here"),
+    ("extra-form-duplicate", "[api]\nextra_form = economy=1&economy=0\n", "'economy' is given twice"),
+    ("extra-form-duplicate-case", "[api]\nextra_form = economy=1\n  ECONOMY=0\n", "'ECONOMY' is given twice"),
+    ("extra-form-value-space", "[api]\nextra_form = economy=1 tag=2\n", "[api] extra_form: economy: a space"),
+    ("extra-form-value-control", "[api]\nextra_form = tag=a\x01b\n", "tag: a control character"),
+    ("extra-form-value-tab", "[api]\nextra_form = tag=a\tb\n", "tag: a control character"),
+    ("extra-form-value-escaped-newline", "[api]\nextra_form = tag=a%0Ab\n", "tag: a control character"),
+    ("extra-form-value-escaped-nul", "[api]\nextra_form = tag=%00\n", "tag: a control character"),
+    ("extra-form-value-bad-escape", "[api]\nextra_form = tag=100%\n", "tag: a % starts an escape"),
+    ("extra-form-value-bad-escape-hex", "[api]\nextra_form = tag=%zz\n", "tag: a % starts an escape"),
+    ("extra-form-value-not-utf8", "[api]\nextra_form = tag=%ff\n", "tag: the %-escapes are not UTF-8"),
 ]
 
 
@@ -314,6 +332,8 @@ COMMAND_CASES = [
         "bad-backend",
         "bad-networks-key-short",
         "ca-file-missing",
+        "extra-form-own-field",
+        "extra-form-duplicate",
     }
 ]
 
@@ -481,3 +501,70 @@ def test_the_old_fastagi_breaker_keys_still_work_with_one_deprecation_warning(tm
 def test_the_breaker_section_wins_over_the_old_keys(tmp_path) -> None:
     path = write(tmp_path, "[fastagi]\nbreaker_failures = 3\n[breaker]\nfailures = 7\n", "both-breaker.conf")
     assert load_config(str(path)).breaker.failures == 7
+
+
+# -- [api] extra_form --
+
+
+def extra_form(tmp_path: Path, text: str) -> tuple[tuple[str, str], ...]:
+    return load_config(str(write(tmp_path, f"[api]\nextra_form = {text}\n"))).api.extra_form
+
+
+@pytest.mark.parametrize(
+    ("text", "pairs"),
+    [
+        ("economy=1", (("economy", "1"),)),
+        ("economy=1&tag=pbx-1.a_b", (("economy", "1"), ("tag", "pbx-1.a_b"))),
+        ("economy = 1 & tag=x &", (("economy", "1"), ("tag", "x"))),  # spaces around, an empty pair
+        ("tag=a%20b%26c%3Bd%23e%25f", (("tag", "a b&c;d#e%f"),)),  # escapes decoded, once
+        ("tag=%C3%A9t%C3%A9", (("tag", "\u00e9t\u00e9"),)),  # UTF-8
+        ("tag=a+b", (("tag", "a+b"),)),  # a plus sign is a plus sign
+        ("tag=a=b", (("tag", "a=b"),)),  # the first = ends the name
+        ("tag=", (("tag", ""),)),
+        ("", ()),
+        ("tag=1 ; a comment", (("tag", "1"),)),
+    ],
+)
+def test_extra_form_pairs(tmp_path, text: str, pairs: tuple) -> None:
+    assert extra_form(tmp_path, text) == pairs
+
+
+def test_extra_form_over_several_lines_with_comments(tmp_path) -> None:
+    text = "economy=1 ; cached answers\n    tag=pbx1   # which PBX\n    ; a line of comment\n\n    zone=eu\n"
+    assert extra_form(tmp_path, text) == (("economy", "1"), ("tag", "pbx1"), ("zone", "eu"))
+
+
+def test_extra_form_defaults_to_nothing(tmp_path) -> None:
+    assert ApiConfig().extra_form == () == load_config(str(write(tmp_path, "[api]\n"))).api.extra_form
+
+
+OWN = ["user", "pass", "apiver", "msisdn"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [*OWN, *(n.upper() for n in OWN), *(n.capitalize() for n in OWN), "ApiVer", "mSiSdN"],
+)
+@pytest.mark.parametrize("layout", ["{name}=x", " {name} = x ", "economy=1 & {name}=x", "economy=1\n  \t{name}\t=x"])
+def test_extra_form_never_sets_a_field_of_npl_agi_s_own(tmp_path, name: str, layout: str) -> None:
+    path = write(tmp_path, f"[api]\nuser = bob\npassword = 123\nextra_form = {layout.format(name=name)}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert_one_line(str(e.value), path, f"[api] extra_form: {name!r} cannot be set here")
+    assert "user, pass, apiver and msisdn" in str(e.value)
+    assert "123" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["\u00a0pass", "pa\u017fs"])  # no-break space; long s, which casefolds to s
+def test_extra_form_refuses_look_alikes_of_its_own_fields(tmp_path, name: str) -> None:
+    path = write(tmp_path, f"[api]\nextra_form = {name}=x\n")
+    with pytest.raises(ConfigError, match="cannot be set here"):
+        load_config(str(path))
+
+
+def test_a_password_that_looks_like_a_pair_is_the_password(tmp_path) -> None:
+    path = write(tmp_path, "[api]\nuser = bob\npassword = economy=1&apiver=2.3\nextra_form = economy=1\n")
+    api = load_config(str(path)).api
+    assert api.password == "economy=1&apiver=2.3"
+    assert api.extra_form == (("economy", "1"),)
+    assert api.apiver == "2.4"

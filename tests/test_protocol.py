@@ -236,6 +236,25 @@ def test_request_form_and_formatting_round_trip():
     assert got["447973100100"].error == "ERR1"
 
 
+def test_extra_fields_follow_the_query_s_own_fields_in_order():
+    form = protocol.request_form("bob", "economy=1", "2.5", ["447788450450"], [("economy", "1"), ("tag", "a b")])
+    assert list(form.items()) == [
+        ("user", "bob"),
+        ("pass", "economy=1"),
+        ("apiver", "2.5"),
+        ("msisdn", "447788450450"),
+        ("economy", "1"),
+        ("tag", "a b"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["user", "pass", "apiver", "msisdn", "PASS", "Msisdn", " apiver ", "economy"])
+def test_extra_fields_never_replace_a_field_already_in_the_form(name):
+    """Refused by the configuration first; the form refuses too, whoever built the pairs."""
+    with pytest.raises(ValueError, match="would replace"):
+        protocol.request_form("bob", "123", "2.4", ["447788450450"], [("economy", "1"), (name, "x")])
+
+
 @pytest.mark.parametrize(
     ("apiver", "legacy"), [("", True), ("2.3", True), ("2.4", False), ("2.10", False), ("x", True)]
 )

@@ -187,6 +187,40 @@ def test_both_doors_answer_stale_for_a_failing_service_and_never_for_a_refused_a
     assert fast.variables["NPL_MCCMNC"] == ("23415" if expected[1] == "stale" else "")
 
 
+def test_both_doors_send_extra_form_with_every_lookup(tmp_path, subprocess_env, sim):
+    """The FastAGI server (httpx) and the process script's detached child (requests): the same
+    extra fields, beside the account, the API version and the numbers of each request."""
+    api = {"timeout": 10, "apiver": "2.5", "extra_form": "economy=1"}  # room for a busy machine
+    confs = {
+        door: write_config(
+            tmp_path / f"{door}.conf",
+            sim.url,
+            api=api,
+            fastagi={"metrics_listen": ""},
+            cache={"path": str(tmp_path / f"{door}.sqlite")},
+        )
+        for door in ("server", "process")
+    }
+
+    async def main():
+        server = await serving(load_config(str(confs["server"])))
+        try:
+            return (await calls(server, ["07788450450"]))[0]
+        finally:
+            await server.drain()
+
+    fast = run(main())
+    script = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(confs["process"])})
+    slow = script.run(["07810701702"])
+    assert (fast.variables["NPL_SOURCE"], slow.variables["NPL_SOURCE"]) == ("api", "api")
+    got = [(r["user"], r["apiver"], r["numbers"], r["extra"]) for r in sim.stats()["requests"]]
+    assert got == [
+        ("demo", "2.5", ["447788450450"], {"economy": "1"}),
+        ("demo", "2.5", ["447810701702"], {"economy": "1"}),
+    ]
+    assert sim.stats()["charged"] == ["447788450450", "447810701702"]
+
+
 def test_a_time_argument_after_the_number_changes_nothing_here(tmp_path, sim):
     """The process script's t= (its deadline's start) is no number here; this door's deadline
     starts when it accepts the connection."""

@@ -404,14 +404,27 @@ def test_stats_records_queries_without_passwords(make_sim) -> None:
     request(s, "GET", "/npl", {"user": "alice", "pass": "Pw-s3cret-9", "apiver": "2.4", "msisdn": "447788450450"})
     request(s, "POST", "/npl", {"user": "alice", "pass": "wrong", "msisdn": "447810701702"})
     stats = s.stats()
+    first = {"user": "alice", "apiver": "2.4", "method": "GET", "numbers": ["447788450450"], "extra": {}}
     assert stats["requests"] == [
-        {"user": "alice", "apiver": "2.4", "method": "GET", "numbers": ["447788450450"], "charged": ["447788450450"]},
-        {"user": "alice", "apiver": "", "method": "POST", "numbers": ["447810701702"], "charged": []},
+        {**first, "charged": ["447788450450"]},
+        {"user": "alice", "apiver": "", "method": "POST", "numbers": ["447810701702"], "extra": {}, "charged": []},
     ]
     assert stats["charged"] == ["447788450450"]
     assert stats["credit"] == {"alice": 9}
     assert stats["max_concurrent"] == {"alice": 1}
     assert "Pw-s3cret-9" not in json.dumps(stats)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_fields_it_does_not_know_are_accepted_and_recorded(make_sim, method: str) -> None:
+    s = make_sim(accounts={"alice": Account("Pw-s3cret-9")})
+    form = {"user": "alice", "pass": "Pw-s3cret-9", "apiver": "2.5", "msisdn": "447788450450"}
+    reply = request(s, method, "/npl", {**form, "economy": "1", "tag": "a b&c", "empty": ""})
+    assert reply.lines[0] == "QUERYOK" and reply.lines[-2] == "ENDBATCH"
+    (record,) = s.stats()["requests"]
+    assert list(record["extra"].items()) == [("economy", "1"), ("tag", "a b&c"), ("empty", "")]  # blank ones too
+    assert (record["apiver"], record["charged"]) == ("2.5", ["447788450450"])
+    assert "Pw-s3cret-9" not in json.dumps(s.stats())
 
 
 def test_stats_endpoint(sim) -> None:
