@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .emulator import AgiEmulator
@@ -69,7 +70,15 @@ def run_demo(out=None) -> int:
         )
         return 1
     routes = read_routes(find_file("dialplan", "npl-routes.conf"))
-    with tempfile.TemporaryDirectory(prefix="npl-agi-demo-") as tmp, Simulator("127.0.0.1", 0) as sim:
+    tmp = tempfile.mkdtemp(prefix="npl-agi-demo-")
+    try:
+        return _show(out, script, routes, tmp)
+    finally:
+        _remove(tmp)
+
+
+def _show(out, script: Path, routes: dict[str, str], tmp: str) -> int:
+    with Simulator("127.0.0.1", 0) as sim:
         config = Path(tmp) / "npl-agi.conf"
         config.write_text(
             f"[api]\nurl = {sim.url}\nuser = demo\npassword = demo\ntimeout = 2\nlock_dir = {tmp}\n"
@@ -94,6 +103,22 @@ def run_demo(out=None) -> int:
         charged = sim.stats()["charged"]
         print(f"credits spent: {len(charged)} for {len(CASES)} calls", file=out)
     return 0
+
+
+def _remove(path: str, tries: int = 50) -> None:
+    """The demo's directory, once the detached request it left behind (the hung one, ended when
+    the simulator stops) has written its last: it may still be storing into it a moment later."""
+    import shutil
+
+    for _ in range(tries):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _row(dialled, number, mccmnc, network, err, source, ms, route) -> str:
