@@ -9,15 +9,13 @@ number's holder is unknown, not the outer block's.
 The process script runs once per call, so the table is not parsed into a dictionary: its text is
 read once and each candidate prefix is found by a binary search over its lines, a few dozen
 string comparisons per number. Admins add or correct blocks with a CSV of their own
-(``parse_ranges_csv``); those entries are stored elsewhere and handed to ``holder``.
+(``npl-agi ranges import``, read by ``localdata``); the cache backend keeps them, and the
+chain hands those among a number's prefixes to ``holder``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-
-from npl_agi.errors import ConfigError
 
 TABLE = os.path.join(os.path.dirname(__file__), "data", "ranges.tsv")
 
@@ -100,58 +98,3 @@ def holder(msisdn: str, table: RangeTable, admin: dict[str, str] | None = None) 
             if prefix in admin:
                 return admin[prefix]
     return mccmnc
-
-
-_HEADER = ("prefix", "mccmnc")
-
-
-def _digits(value: str, lengths: range) -> bool:
-    """ASCII digits only (``str.isdigit`` alone takes other scripts' digits too), of one of these lengths."""
-    return value.isascii() and value.isdigit() and len(value) in lengths
-
-
-def parse_ranges_csv(lines: Iterable[str]) -> list[tuple[str, str]]:
-    """An admin's ``prefix,mccmnc`` lines as (prefix, mccmnc) pairs, in file order.
-
-    Blank lines and ``#`` comments are skipped, and a first line ``prefix,mccmnc``; a prefix may
-    start with ``+``. Every bad line is reported at once, by its number, in one ``ConfigError``,
-    and nothing is returned then: a file is imported whole or not at all. The same prefix twice
-    with the same MCCMNC is kept once; with another MCCMNC it is an error.
-    """
-    rows: dict[str, tuple[str, int]] = {}
-    errors = []
-    seen_content = False
-    for number, raw in enumerate(lines, 1):
-        line = (raw.removeprefix("\ufeff") if number == 1 else raw).strip()  # a spreadsheet's BOM
-        if not line or line.startswith("#"):
-            continue
-        fields = [f.strip() for f in line.split(",")]
-        is_header = not seen_content and tuple(f.lower() for f in fields) == _HEADER
-        seen_content = True
-        if is_header:
-            continue
-        if len(fields) != 2:
-            errors.append(f"line {number}: {_shown(line)} is not prefix,mccmnc")
-            continue
-        prefix, mccmnc = fields
-        prefix = prefix.removeprefix("+")
-        bad = []
-        if not _digits(prefix, range(1, 16)):
-            bad.append(f"prefix {_shown(fields[0])} is not 1 to 15 digits")
-        if not _digits(mccmnc, range(5, 7)):
-            bad.append(f"mccmnc {_shown(mccmnc)} is not 5 or 6 digits")
-        if not bad and prefix in rows and rows[prefix][0] != mccmnc:
-            first, first_line = rows[prefix]
-            bad.append(f"prefix {prefix} is {first} on line {first_line}, {mccmnc} here")
-        if bad:
-            errors.extend(f"line {number}: {message}" for message in bad)
-        elif prefix not in rows:
-            rows[prefix] = (mccmnc, number)
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return [(prefix, mccmnc) for prefix, (mccmnc, _) in rows.items()]
-
-
-def _shown(value: str, limit: int = 40) -> str:
-    """A value quoted for an error message, cut short: a bad line can be anything."""
-    return repr(value if len(value) <= limit else value[:limit] + "...")

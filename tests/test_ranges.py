@@ -15,7 +15,8 @@ from conftest import ROOT, load_tool
 from phonenumbers.carrierdata import CARRIER_DATA
 
 from npl_agi.errors import ConfigError
-from npl_agi.ranges import TABLE, RangeTable, holder, parse_ranges_csv, prefixes
+from npl_agi.localdata import prefix_key, read_rows, row_of
+from npl_agi.ranges import TABLE, RangeTable, holder, prefixes
 
 TOOL = ROOT / "tools" / "build_ranges.py"
 BUNDLED = Path(TABLE).read_text(encoding="utf-8")
@@ -156,6 +157,10 @@ def test_a_name_with_several_networks_is_left_unmapped():
 # -- the admin's CSV --
 
 
+def prefix_rows(lines):
+    return [(prefix, mccmnc) for prefix, mccmnc, _ in read_rows(lines, row_of(prefix_key), "ranges.csv")]
+
+
 def test_parse_ranges_csv():
     lines = [
         "\ufeffprefix, mccmnc\r\n",
@@ -167,13 +172,13 @@ def test_parse_ranges_csv():
         "447700,23410\n",  # the same again: kept once
         "1,310260\n",
     ]
-    assert parse_ranges_csv(lines) == [("447700", "23410"), ("4477001", "23415"), ("4477", "23415"), ("1", "310260")]
+    assert prefix_rows(lines) == [("447700", "23410"), ("4477001", "23415"), ("4477", "23415"), ("1", "310260")]
 
 
 def test_parse_ranges_csv_without_header_or_rows():
-    assert parse_ranges_csv(["4477,23415"]) == [("4477", "23415")]
-    assert parse_ranges_csv(["prefix,mccmnc", "# nothing yet", ""]) == []
-    assert parse_ranges_csv([]) == []
+    assert prefix_rows(["4477,23415"]) == [("4477", "23415")]
+    assert prefix_rows(["prefix,mccmnc", "# nothing yet", ""]) == []
+    assert prefix_rows([]) == []
 
 
 def test_parse_ranges_csv_names_every_bad_line():
@@ -191,31 +196,31 @@ def test_parse_ranges_csv_names_every_bad_line():
         "prefix,mccmnc",
         "٤٤,23415",  # Arabic-Indic digits are digits to str.isdigit, not here
         "++44,23415",
-        "4481,23415,x",
+        "4481,23415,x\x07",
         "4482,23415",
     ]
     with pytest.raises(ConfigError) as caught:
-        parse_ranges_csv(lines)
+        prefix_rows(lines)
     assert str(caught.value) == (
-        "line 3: prefix '44x' is not 1 to 15 digits; "
-        "line 4: mccmnc '2341' is not 5 or 6 digits; "
-        "line 6: '4479' is not prefix,mccmnc; "
-        "line 7: prefix '1234567890123456' is not 1 to 15 digits; "
-        "line 8: prefix '' is not 1 to 15 digits; "
-        "line 9: mccmnc '1234567' is not 5 or 6 digits; "
-        "line 10: prefix 4477 is 23415 on line 2, 23410 here; "
-        "line 11: prefix 'prefix' is not 1 to 15 digits; "
-        "line 11: mccmnc 'mccmnc' is not 5 or 6 digits; "
-        "line 12: prefix '٤٤' is not 1 to 15 digits; "
-        "line 13: prefix '++44' is not 1 to 15 digits; "
-        "line 14: '4481,23415,x' is not prefix,mccmnc"
+        "ranges.csv: 11 bad line(s), nothing imported:\n"
+        "  line 3: prefix '44x' is not 1 to 15 digits\n"
+        "  line 4: mccmnc '2341' is not 5 or 6 digits\n"
+        "  line 6: 1 field(s); expected 2 or 3: key,mccmnc[,note]\n"
+        "  line 7: prefix '1234567890123456' is not 1 to 15 digits\n"
+        "  line 8: prefix '' is not 1 to 15 digits\n"
+        "  line 9: mccmnc '1234567' is not 5 or 6 digits\n"
+        "  line 10: 4477 is 23415 on line 2 and 23410 here\n"
+        "  line 11: prefix 'prefix' is not 1 to 15 digits\n"
+        "  line 12: prefix '٤٤' is not 1 to 15 digits\n"
+        "  line 13: prefix '++44' is not 1 to 15 digits\n"
+        "  line 14: the note has control characters"
     )
     assert caught.value.npl_err == "CONFIG"
 
 
 def test_parse_ranges_csv_cuts_a_long_bad_value_short():
-    with pytest.raises(ConfigError, match=r"^line 1: prefix '4{40}\.\.\.' is not 1 to 15 digits$"):
-        parse_ranges_csv(["4" * 1000 + ",23415"])
+    with pytest.raises(ConfigError, match=r"line 1: prefix '4{40}' is not 1 to 15 digits$"):
+        prefix_rows(["4" * 1000 + ",23415"])
 
 
 # -- the script that builds the bundled table --

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 
+# The admin's own data beside the cache, by kind: numbers they know (``npl-agi local``) and the
+# range holders of number blocks (``npl-agi ranges``). Never expiring, never purged with the cache.
+KNOWN_NUMBERS, RANGES = "number", "range"
+LOCAL_KINDS = (KNOWN_NUMBERS, RANGES)
+
 
 def ttl_for(answer: Answer, cfg: CacheConfig) -> float:
     """How long an answer may be served from the cache; 0 means not at all."""
@@ -139,6 +144,32 @@ class Cache:
         if rows:
             self._safely("write", self._put_many, None, rows, self._wait(deadline, background))
 
+    def get_local_many(self, kind: str, keys: list[str], *, deadline: float | None = None) -> dict[str, str]:
+        """The admin's entries of ``kind`` (``KNOWN_NUMBERS``, ``RANGES``) among ``keys``: key to
+        MCCMNC. Like every read of a call, it never raises: a failing backend has none."""
+        if not keys:
+            return {}
+        return self._safely("read", self._get_local_many, {}, kind, keys, self._wait(deadline))
+
+    # -- the admin's commands on local data (``npl-agi local``, ``npl-agi ranges``); they may raise --
+    def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
+        """Add or replace (key, mccmnc, note) rows all at once, or none; with ``replace`` the
+        rows become the whole table. The number of rows stored."""
+        raise self._no_local()
+
+    def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
+        """Every (key, mccmnc, note) of ``kind``, sorted by key."""
+        raise self._no_local()
+
+    def delete_local(self, kind: str, keys: list[str] | None = None) -> int:
+        """Delete these keys of ``kind``, or all of them; the number deleted."""
+        raise self._no_local()
+
+    def _no_local(self) -> Exception:
+        from ..errors import CacheError
+
+        return CacheError("numbers and ranges of your own are kept by the cache backend; backend = none keeps none")
+
     def account_lock(self, api: ApiConfig) -> AccountLock | RedisLock:
         """The lock that keeps the account to one connection across this cache's scope."""
         from ..locks import AccountLock, lock_directory
@@ -168,6 +199,9 @@ class Cache:
         return {}
 
     def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
+        return {}
+
+    def _get_local_many(self, kind: str, keys: list[str], wait: float) -> dict[str, str]:
         return {}
 
     def _put_many(self, rows: list[tuple[Answer, float, float]], wait: float) -> None:

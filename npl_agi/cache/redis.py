@@ -83,6 +83,36 @@ class RedisCache(Cache):
         """The Redis key of the account lock called ``name`` (``locks.lock_name``)."""
         return f"{REDIS_PREFIX}lock:{name}"
 
+    @staticmethod
+    def local_key(kind: str) -> str:
+        """The hash of the admin's local data of ``kind``: key -> ``mccmnc,note``."""
+        return f"{REDIS_PREFIX}local:{kind}"
+
+    def _get_local_many(self, kind: str, keys: list[str], wait: float) -> dict[str, str]:
+        values = self.client(wait).hmget(self.local_key(kind), keys)
+        return {k: v.partition(",")[0] for k, v in zip(keys, values, strict=True) if v}
+
+    def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
+        pipe = self.client().pipeline(transaction=True)  # MULTI/EXEC: every row or none
+        if replace:
+            pipe.delete(self.local_key(kind))
+        if rows:
+            pipe.hset(self.local_key(kind), mapping={key: f"{mccmnc},{note}" for key, mccmnc, note in rows})
+        pipe.execute()
+        return len(rows)
+
+    def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
+        items = self.client().hgetall(self.local_key(kind))
+        return iter([(key, *items[key].partition(",")[::2]) for key in sorted(items)])
+
+    def delete_local(self, kind: str, keys: list[str] | None = None) -> int:
+        r = self.client()
+        if keys is None:
+            count = r.hlen(self.local_key(kind))
+            r.delete(self.local_key(kind))
+            return count
+        return r.hdel(self.local_key(kind), *keys) if keys else 0
+
     def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
         r = self.client(wait)
         found = {}

@@ -31,7 +31,11 @@ class SqliteCache(Cache):
         CREATE INDEX IF NOT EXISTS answers_expires ON answers(expires);
         CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
         INSERT OR IGNORE INTO counters VALUES ('created', strftime('%s','now')), ('hits', 0), ('misses', 0);
+        CREATE TABLE IF NOT EXISTS local_data (
+            kind TEXT NOT NULL, key TEXT NOT NULL, mccmnc TEXT NOT NULL, note TEXT NOT NULL,
+            PRIMARY KEY (kind, key)) WITHOUT ROWID;
     """
+    NEWEST_TABLE = "local_data"  # a file without it was made by an older version: the schema is run again
 
     announce_replaced = True  # warn when the file under the path is not the one open
     longest_wait = SQLITE_BUSY_TIMEOUT
@@ -74,7 +78,7 @@ class SqliteCache(Cache):
                 if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
-                if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
+                if not db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (self.NEWEST_TABLE,)).fetchone():
                     db.executescript(self.SCHEMA)
             except BaseException:
                 db.close()
@@ -122,14 +126,8 @@ class SqliteCache(Cache):
 
     def _select(self, where: str, params: list, msisdns: list[str], wait: float) -> Iterator[tuple]:
         """The answer rows of ``msisdns`` that match ``where`` (500 placeholders a query)."""
-        db = self._conn(wait=wait)
-        for start in range(0, len(msisdns), 500):
-            part = msisdns[start : start + 500]
-            marks = ",".join("?" * len(part))
-            yield from db.execute(
-                f"SELECT msisdn, mccmnc, msc, imsi, error, expires FROM answers WHERE {where} AND msisdn IN ({marks})",  # noqa: S608 - placeholders only
-                [*params, *part],
-            )
+        query = f"SELECT msisdn, mccmnc, msc, imsi, error, expires FROM answers WHERE {where} AND msisdn IN "  # noqa: S608 - placeholders only
+        return _select_in(self._conn(wait=wait), query, params, msisdns)
 
     def _record(self, hits: int, misses: int, wait: float) -> None:
         with self._writing(wait) as db:
@@ -149,6 +147,35 @@ class SqliteCache(Cache):
         where = "expires <= ? AND expires > ? AND error = '' AND mccmnc != ''"
         rows = self._select(where, [now, now - self.cfg.stale_ttl], msisdns, wait)
         return {row[0]: _answer(*row[:5])._replace(source="stale") for row in rows}
+
+    def _get_local_many(self, kind: str, keys: list[str], wait: float) -> dict[str, str]:
+        query = "SELECT key, mccmnc FROM local_data WHERE kind = ? AND key IN "
+        return dict(_select_in(self._conn(wait=wait), query, [kind], keys))
+
+    def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
+        with self._writing() as db:
+            if replace:
+                db.execute("DELETE FROM local_data WHERE kind = ?", (kind,))
+            db.executemany("INSERT OR REPLACE INTO local_data VALUES (?, ?, ?, ?)", [(kind, *row) for row in rows])
+        return len(rows)
+
+    def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
+        db = self._conn(create=False)
+        if db is None:
+            return iter(())
+        return iter(
+            db.execute("SELECT key, mccmnc, note FROM local_data WHERE kind = ? ORDER BY key", (kind,)).fetchall()
+        )
+
+    def delete_local(self, kind: str, keys: list[str] | None = None) -> int:
+        if self._conn(create=False) is None:
+            return 0
+        with self._writing() as db:
+            if keys is None:
+                return db.execute("DELETE FROM local_data WHERE kind = ?", (kind,)).rowcount
+            return sum(
+                db.execute("DELETE FROM local_data WHERE kind = ? AND key = ?", (kind, k)).rowcount for k in keys
+            )
 
     def stats(self) -> dict:
         db = self._conn(create=False)
@@ -184,6 +211,13 @@ class SqliteCache(Cache):
             {**_answer(msisdn, mccmnc, msc, imsi, error).as_dict(), "stored": stored, "expires": expires}
             for msisdn, mccmnc, msc, imsi, error, stored, expires in rows
         )
+
+
+def _select_in(db, query: str, params: list, keys: list[str]) -> Iterator[tuple]:
+    """The rows of ``query`` (ending in ``IN``) for ``keys``, 500 placeholders a statement."""
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        yield from db.execute(f"{query}({','.join('?' * len(part))})", [*params, *part])
 
 
 def _identity(path: str) -> tuple[int, int] | None:
