@@ -18,6 +18,8 @@ VALUES = {
     "NPL_COUNTRY": "GB",
     "NPL_ERR": "",
     "NPL_SOURCE": "cache",
+    "NPL_RANGE_MCCMNC": "23415",
+    "NPL_PORTED": "0",
     "NPL_LOOKUP_MS": "0",
 }
 

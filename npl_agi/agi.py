@@ -7,6 +7,7 @@ always exits 0: every failure becomes an ``NPL_ERR`` value and one ``VERBOSE`` l
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -141,21 +142,26 @@ def run(
     except ValueError as e:
         log.warning("%s; the deadline counts from the script's start", e)
     started = asked if asked is not None else now if started is None else started
+    lookup = None
     with call.answering():  # Lookup.one() turns service and network failures into the answer's error
         from .config import load_config
 
         config = load_config(config_path)
-        check_enabled(config)
         deadline = started + config.api.timeout - REPLY_RESERVE
+        late = deadline - time.monotonic() < config.api.request_floor
+        lookup = None if late else process_lookup(config)  # a late call reads nothing more (see _shed)
+        check_enabled(config)
         try:  # the lookup keeps to its deadline; the alarm is for what cannot (imports, a busy cache)
-            if deadline - time.monotonic() < config.api.request_floor:
+            if late:
                 call.answer = _shed(config, call.dialled, deadline)
             else:
                 with _alarm_at(deadline + ALARM_GRACE):
-                    call.answer = process_lookup(config).one(call.dialled, deadline=deadline)
+                    call.answer = lookup.one(call.dialled, deadline=deadline)
         except _DeadlinePassed:
             if call.answer is None:  # else the alarm rang just as the answer came: keep the answer
                 raise LookupTimeout(f"no answer within the call's {config.api.timeout:g} s") from None
+    if lookup is not None:  # the range holder still says where the number most likely is
+        call.fall_back(functools.partial(lookup.failed, deadline=deadline))
     values = call.variables(started)
     for name, value in values.items():
         channel.set_variable(name, value)
@@ -184,7 +190,8 @@ def _shared_breaker(config, cache):
 def _shed(config, dialled: str, deadline: float):
     """The answer of a call that started too late to send a request: under overload, calls are
     shed, not queued. Before the deadline a cached answer is read, with nothing heavier than
-    sqlite3 (a Redis cache would need its client); otherwise, or on a miss, ``TIMEOUT`` at once."""
+    sqlite3 (a Redis cache would need its client); otherwise, or on a miss, ``TIMEOUT`` at once,
+    without its range holder."""
     why = f"started too late to ask the service within the call's {config.api.timeout:g} s"
     if config.cache.backend == "sqlite" and time.monotonic() < deadline:
         from .lookup import Lookup

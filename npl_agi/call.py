@@ -15,6 +15,10 @@ from collections.abc import Callable, Iterator
 from . import log
 from .errors import Disabled, NplError, npl_err
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which a call does not need
+if TYPE_CHECKING:
+    from .protocol import Answer
+
 VARIABLES = (
     "NPL_NUMBER",
     "NPL_MCCMNC",
@@ -26,6 +30,8 @@ VARIABLES = (
     "NPL_COUNTRY",
     "NPL_ERR",
     "NPL_SOURCE",
+    "NPL_RANGE_MCCMNC",
+    "NPL_PORTED",
     "NPL_LOOKUP_MS",
 )
 SPECIAL_EXTENSIONS = frozenset({"s", "h", "i", "t", "e", "o", "a", "T", "failed"})
@@ -62,6 +68,8 @@ def variables_for(answer=None, failure: NplError | None = None, ms: int = 0) -> 
             NPL_COUNTRY=answer.country,
             NPL_ERR=npl_err(answer.error),
             NPL_SOURCE=answer.source,
+            NPL_RANGE_MCCMNC=answer.range_mccmnc,
+            NPL_PORTED=answer.ported,
         )
     if failure is not None:
         values["NPL_ERR"] = npl_err(failure)
@@ -120,6 +128,21 @@ class Call:
             if self.report is not None:
                 self.report(e)
             self.failure = NplError(f"internal error: {e.__class__.__name__}")
+
+    def fall_back(self, answer_for: Callable[[str, NplError], Answer]) -> None:
+        """After a failure of the whole lookup, what ``answer_for`` (``Lookup.failed``) makes of
+        it: the failure with the number's range holder, or the range holder's answer."""
+        if self.failure is None:
+            return
+        try:
+            answer = answer_for(self.dialled, self.failure)
+        except Exception as e:  # the failure stays the call's outcome
+            if self.report is not None:
+                self.report(e)
+            return
+        self.answer = answer
+        if answer.ok:
+            self.failure = None
 
     def variables(self, started: float) -> dict[str, str]:
         """The variables to set, with the time taken since ``started`` (``time.monotonic()``)."""

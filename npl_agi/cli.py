@@ -36,6 +36,8 @@ CSV_FIELDS = (
     "error",
     "error_name",
     "source",
+    "range_mccmnc",
+    "ported",
 )
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a Unix tool killed by SIGPIPE ends with
@@ -140,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("export", parents=[common], help="write the live entries as CSV (or JSON)")
     a.add_argument("--json", action="store_true", help="a JSON list instead of CSV")
     p.set_defaults(func=cmd_cache)
+
+    for command, key, what in (("local", "NUMBER", "numbers you know"), ("ranges", "PREFIX", "ranges of your own")):
+        p = sub.add_parser(command, parents=[common], help=f"import, list or delete {what} (kept by the cache backend)")
+        actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        a = actions.add_parser(
+            "import", parents=[common], help=f"add a CSV file of {key.lower()},mccmnc[,note] lines (all or nothing)"
+        )
+        a.add_argument("file", metavar="FILE", help="the CSV file ('-' for stdin)")
+        a.add_argument("--replace", action="store_true", help="the file becomes the whole list")
+        actions.add_parser("list", parents=[common], help="write them as CSV, as import reads it")
+        a = actions.add_parser("delete", parents=[common], help=f"delete the {key.lower()}s given")
+        a.add_argument("keys", nargs="+", metavar=key)
+        actions.add_parser("clear", parents=[common], help="delete them all")
+        p.set_defaults(func=cmd_local_data)
 
     p = sub.add_parser("simulate", help="run the bundled simulator of the lookup service")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -422,6 +438,44 @@ def cmd_cache(args) -> int:
     return EXIT_OK
 
 
+def cmd_local_data(args) -> int:
+    """``npl-agi local`` and ``npl-agi ranges``: the admin's own data beside the cache."""
+    from .cache import open_cache
+    from .cache.base import KNOWN_NUMBERS, RANGES
+    from .localdata import number_key, prefix_key, read_rows, row_of
+
+    config = load_config(args.config)
+    cache = open_cache(config)
+    kind, what = (KNOWN_NUMBERS, "numbers") if args.command == "local" else (RANGES, "ranges")
+    key = number_key(config.number) if kind == KNOWN_NUMBERS else prefix_key
+    if args.action == "import":
+        with open_numbers(args.file) as f:
+            rows = read_rows(f, row_of(key), args.file)
+    elif args.action == "delete":
+        keys = []
+        for text in args.keys:
+            try:
+                keys.append(key(text))
+            except ValueError as e:
+                raise UsageError(f"{args.command} delete: {e}") from None
+    try:
+        if args.action == "import":
+            print(f"imported {cache.put_local(kind, rows, replace=args.replace)} {what}")
+        elif args.action == "delete":
+            print(f"deleted {cache.delete_local(kind, keys)} {what}")
+        elif args.action == "clear":
+            print(f"deleted {cache.delete_local(kind)} {what}")
+        else:
+            w = csv.writer(sys.stdout, lineterminator="\n")
+            w.writerow(("number" if kind == KNOWN_NUMBERS else "prefix", "mccmnc", "note"))
+            w.writerows((key, mccmnc, csv_cell(note)) for key, mccmnc, note in cache.local_items(kind))
+    except (NplError, BrokenPipeError):
+        raise
+    except Exception as e:
+        raise CacheError(f"{args.command} {args.action} failed ({cache.name}): {e.__class__.__name__}: {e}") from None
+    return EXIT_OK
+
+
 def purge_msisdns(numbers: list[str], config) -> list[str] | None:
     """The international numbers to purge (None: all); a number that is none is a usage error."""
     from .number import normalise, validate
@@ -453,7 +507,8 @@ def export(cache, config, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps([described(r) for r in rows], indent=1))
         return
-    w = csv.DictWriter(sys.stdout, fieldnames=[*CSV_FIELDS[1:], "stored", "expires"], extrasaction="ignore")
+    fields = [f for f in CSV_FIELDS[1:] if f not in ("range_mccmnc", "ported")]  # the cache keeps neither
+    w = csv.DictWriter(sys.stdout, fieldnames=[*fields, "stored", "expires"], extrasaction="ignore")
     w.writeheader()
     for row in rows:
         w.writerow(csv_row(described(row)))

@@ -92,6 +92,7 @@ class NumberConfig(
         national_prefix="0",
         international_prefix="00",
         lookup_types=("mobile", "fixed_line_or_mobile"),
+        range_fallback="no",
     )
 ):
     __slots__ = ()
@@ -364,6 +365,8 @@ def _check(api: ApiConfig, number: NumberConfig, cache: CacheConfig, path: str) 
         raise ConfigError(
             f"{path}: [number] lookup_types: unknown type {bad[0]!r} (one of: any, {', '.join(NUMBER_TYPES)})"
         )
+    if number.range_fallback not in ("no", "yes", "always"):
+        raise ConfigError(f"{path}: [number] range_fallback: no, yes or always; got {number.range_fallback!r}")
     if cache.lock_fallback not in ("file", "none"):
         raise ConfigError(f"{path}: [cache] lock_fallback: file or none; got {cache.lock_fallback!r}")
     if cache.backend not in ("sqlite", "redis", "none"):

@@ -38,9 +38,15 @@ class BadNumber(NplError):
 
 
 class NotMobile(NplError):
-    """A valid number whose type is not in ``lookup_types``: no credit is spent on it."""
+    """A valid number whose type is not in ``lookup_types``: no credit is spent on it.
+
+    ``msisdn`` is the number it was found to be: its range holder is still known."""
 
     npl_err = "NOTMOBILE"
+
+    def __init__(self, message: str, msisdn: str = "") -> None:
+        super().__init__(message)
+        self.msisdn = msisdn
 
 
 class ServiceRefused(NplError):
@@ -128,6 +134,15 @@ UNAVAILABLE = "UNAVAILABLE"
 # Per-number outcomes that mean the service failed (not the number, not the account): a stale
 # cache entry may stand in. Refusals of the account (AUTH, CREDIT, LOCKED) are not among them.
 SERVICE_FAILURES = frozenset({UNAVAILABLE, TIMEOUT, TRUNCATED, "UNREACHABLE", PROTOCOL})
+
+# What ``[number] range_fallback`` answers from the range holder: ``yes``, a service that failed;
+# ``always`` also the refusals of the account and what keeps us from asking (the kill switch, the
+# configuration, the account lock). Never a number's own outcome (BADNUMBER, NOTMOBILE, ERR<n>).
+RANGE_FALLBACK = {
+    "no": frozenset(),
+    "yes": SERVICE_FAILURES,
+    "always": SERVICE_FAILURES | {"AUTH", "CREDIT", "LOCKED", "CONFIG", "DISABLED", "NOLOCK"},
+}
 
 _LOCAL_ERROR_NAMES = {
     BADNUMBER: "Not a valid international number",

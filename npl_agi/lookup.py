@@ -1,5 +1,7 @@
-"""The one lookup chain, the same for every door: normalise, then the cache, then the service for
-what the cache misses, then stale entries for the numbers the service failed to answer.
+"""The one lookup chain, the same for every door: normalise, then the numbers the admin knows,
+then the cache, then the service for what both miss, then stale entries for the numbers the
+service failed to answer, then the range holder (``NPL_RANGE_MCCMNC``; the answer itself where
+``[number] range_fallback`` says so).
 
 The AGI script, the CLI and the FastAGI server all call ``Lookup``; none of them talks to the
 client or the cache on its own. How the misses are asked is the door's: it hands the chain an
@@ -13,8 +15,9 @@ from collections.abc import Callable, Iterable
 
 from . import protocol
 from .askers import failed_all
+from .cache.base import KNOWN_NUMBERS, RANGES
 from .config import Config, require_credentials
-from .errors import SERVICE_FAILURES, LookupTimeout, NplError
+from .errors import RANGE_FALLBACK, SERVICE_FAILURES, LookupTimeout, NotMobile, NplError
 from .protocol import Answer
 
 Progress = Callable[[int, int], None]
@@ -49,6 +52,7 @@ class Lookup:
         self._cache = cache
         self._client = client
         self._directory = directory
+        self._ranges = None
 
     @property
     def asker(self):
@@ -90,6 +94,15 @@ class Lookup:
 
             self._directory = Directory.load(self.config.networks)
         return self._directory
+
+    @property
+    def ranges(self):
+        """The bundled range table (``ranges.RangeTable``), read when a number first needs it."""
+        if self._ranges is None:
+            from .ranges import RangeTable
+
+            self._ranges = RangeTable.load()
+        return self._ranges
 
     def one(self, dialled: str, timeout: float | None = None, *, deadline: float | None = None) -> Answer:
         """The answer for one dialled number (call time: the short deadline by default).
@@ -230,11 +243,59 @@ class Lookup:
         out = []
         for d in resolved.dialled:
             answer = resolved.local.get(d) or found[resolved.msisdn_of[d]]._replace(number=d)
+            held = resolved.holders.get(answer.msisdn or resolved.refused.get(d, ""), "")
+            answer = self._range_fallback(answer._replace(range_mccmnc=held))
             if answer.mccmnc:
                 country, network = self.directory.describe(answer.mccmnc)
                 answer = answer._replace(country=country, network=network)
             out.append(answer)
         return out
+
+    def _range_fallback(self, answer: Answer) -> Answer:
+        """The range holder's answer (``source = "range"``, never cached) for a number whose
+        lookup failed in a way ``[number] range_fallback`` allows; else ``answer`` itself."""
+        if answer.range_mccmnc and answer.error in RANGE_FALLBACK[self.config.number.range_fallback]:
+            held = answer.range_mccmnc
+            return Answer(answer.msisdn, mccmnc=held, source="range", number=answer.number, range_mccmnc=held)
+        return answer
+
+    def failed(self, dialled: str, failure: NplError, *, deadline: float | None = None) -> Answer:
+        """The answer of a call whose lookup failed as a whole (its deadline passed, lookups are
+        switched off): the failure, with the number's range holder as the plain reading of the
+        number gives it; or the range holder's answer where ``range_fallback`` says so."""
+        from .number import normalise
+
+        answer = protocol.failed("", failure.npl_err, number=dialled, reason=str(failure))
+        try:
+            readings = normalise(dialled, self.config.number)
+        except NplError:
+            return answer
+        holders = self._holders(readings, deadline)
+        reading = next((r for r in readings if holders.get(r)), "")
+        if not reading:
+            return answer
+        answer = self._range_fallback(answer._replace(msisdn=reading, range_mccmnc=holders[reading]))
+        return answer if answer.ok else answer._replace(msisdn="")
+
+    def _holders(self, msisdns: Iterable[str], deadline: float | None) -> dict[str, str]:
+        """The range holder of each msisdn ("" when unknown): the admin's ranges (``npl-agi
+        ranges``) and the bundled table, the longest prefix winning (see ``ranges.holder``)."""
+        from .ranges import holder, prefixes
+
+        msisdns = list(dict.fromkeys(m for m in msisdns if m))
+        if not msisdns:
+            return {}
+        wanted = sorted({p for m in msisdns for p in prefixes(m)})
+        admin = self.cache.get_local_many(RANGES, wanted, deadline=deadline)
+        return {m: holder(m, self.ranges, admin) for m in msisdns}
+
+    def _known_and_cached(self, msisdns: list[str], deadline: float | None) -> dict[str, Answer]:
+        """The numbers the admin knows (``npl-agi local``: ``source = "local"``, no credit, never
+        expiring), then the cache's answers for the rest."""
+        known = self.cache.get_local_many(KNOWN_NUMBERS, msisdns, deadline=deadline)
+        found = {m: Answer(m, mccmnc=mccmnc, source="local") for m, mccmnc in known.items()}
+        found.update(self.cache.get_many([m for m in msisdns if m not in found], deadline=deadline))
+        return found
 
     def resolve(self, dialled: list[str], *, deadline: float | None = None) -> Resolved:
         """Dialled numbers -> msisdns, their cached answers, and the numbers refused locally.
@@ -248,6 +309,7 @@ class Lookup:
         readings_of, local, found = self._read(dialled, deadline)
         cfg = self.config.number
         msisdn_of: dict[str, str] = {}
+        refused: dict[str, str] = {}
         for d, rs in readings_of.items():
             hit = next((r for r in rs if r in found), None)
             if hit is None:
@@ -255,15 +317,19 @@ class Lookup:
                     hit = validate(rs, cfg)
                 except NplError as e:
                     local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
+                    if isinstance(e, NotMobile):
+                        refused[d] = e.msisdn
                     continue
             msisdn_of[d] = hit
         readings = set().union(*readings_of.values())
         unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
-        if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be cached already
-            found.update(self.cache.get_many(sorted(unread), deadline=deadline))
-        resolved = Resolved(list(dialled), msisdn_of, found, local)
+        if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be known or cached already
+            found.update(self._known_and_cached(sorted(unread), deadline))
+        holders = self._holders([*msisdn_of.values(), *refused.values()], deadline)
+        resolved = Resolved(list(dialled), msisdn_of, found, local, refused, holders)
         misses = len(resolved.misses)
-        self.cache.record(len(resolved.wanted) - misses, misses, deadline=deadline)
+        known = sum(1 for m in resolved.wanted if m in found and found[m].source == "local")
+        self.cache.record(len(resolved.wanted) - misses - known, misses, deadline=deadline)
         return resolved
 
     def cached(self, dialled: list[str], *, deadline: float | None = None) -> Resolved | None:
@@ -280,7 +346,7 @@ class Lookup:
             if hit is None:
                 return None
             msisdn_of[d] = hit
-        return Resolved(list(dialled), msisdn_of, found, local)
+        return Resolved(list(dialled), msisdn_of, found, local, {}, self._holders(msisdn_of.values(), deadline))
 
     def _read(
         self, dialled: list[str], deadline: float | None
@@ -298,7 +364,7 @@ class Lookup:
             except NplError as e:
                 local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
         readings = set().union(*readings_of.values())
-        found = self.cache.get_many(sorted(readings), deadline=deadline) if readings else {}
+        found = self._known_and_cached(sorted(readings), deadline) if readings else {}
         return readings_of, local, found
 
 
@@ -311,12 +377,15 @@ def stale_standins(fresh: dict[str, Answer], stale: dict[str, Answer]) -> dict[s
     return {m: stale[m] for m, a in fresh.items() if a.error in SERVICE_FAILURES and m in stale}
 
 
-class Resolved(namedtuple("Resolved", "dialled msisdn_of found local")):
-    """What the cache and the numbering plan made of the dialled numbers, before any request.
+class Resolved(namedtuple("Resolved", "dialled msisdn_of found local refused holders")):
+    """What the local data, the cache and the numbering plan made of the dialled numbers, before
+    any request.
 
     ``msisdn_of`` maps each dialled number that may be looked up to its msisdn, ``found`` the
-    cached answers by msisdn, ``local`` the dialled numbers refused without asking (BADNUMBER,
-    NOTMOBILE) to their answers.
+    known and cached answers by msisdn, ``local`` the dialled numbers refused without asking
+    (BADNUMBER, NOTMOBILE) to their answers, ``refused`` those refused by type (NOTMOBILE) to
+    their msisdn, ``holders`` every msisdn to its range holder ("" when unknown): read with the
+    cache, given to the answers last.
     """
 
     __slots__ = ()

@@ -66,13 +66,14 @@ def validate(readings: tuple[str, ...], cfg: NumberConfig) -> str:
     if not (valid or possible):
         raise BadNumber("not a possible number in its country's numbering plan")
     number = (valid or possible)[0]
+    # libphonenumber's E.164 form drops a trunk 0 written after the country code ("+44 (0)79…")
+    msisdn = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
     types = cfg.lookup_types
     if "any" not in types:
         kind = _type_name(phonenumbers.number_type(number))
         if kind not in types:
-            raise NotMobile(f"number type is {kind}; lookup_types allows {', '.join(types)}")
-    # libphonenumber's E.164 form drops a trunk 0 written after the country code ("+44 (0)79…")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
+            raise NotMobile(f"number type is {kind}; lookup_types allows {', '.join(types)}", msisdn)
+    return msisdn
 
 
 def number_type(msisdn: str) -> str:

@@ -53,16 +53,17 @@ _SHOWN = 80  # characters of a bad line quoted in an error message
 class Answer(
     namedtuple(
         "Answer",
-        "msisdn mccmnc msc imsi error error_name source number network country",
-        defaults=("",) * 9,
+        "msisdn mccmnc msc imsi error error_name source number network country range_mccmnc",
+        defaults=("",) * 10,
     )
 ):
     """What is known about one number: its network now, or why there is no answer.
 
     ``msisdn`` is the number asked (international, no ``+``); ``mccmnc``, ``msc``, ``imsi`` the
     service's answer; ``error``/``error_name`` a per-number failure (``ERR1``, ``TIMEOUT``…);
-    ``source`` ``api`` or ``cache``; ``number`` as dialled; ``network``/``country`` from the
-    network directory.
+    ``source`` where the answer came from (``local``, ``cache``, ``api``, ``stale``, ``range``);
+    ``number`` as dialled; ``network``/``country`` from the network directory;
+    ``range_mccmnc`` the network the number's range was allocated to (see ``ranges``).
     """
 
     __slots__ = ()
@@ -70,6 +71,14 @@ class Answer(
     @property
     def ok(self) -> bool:
         return not self.error
+
+    @property
+    def ported(self) -> str:
+        """``1`` when the number's network is not its range holder, ``0`` when it is, ``""``
+        when either is unknown (``NPL_PORTED``), as it is when the range holder is the answer."""
+        if not (self.mccmnc and self.range_mccmnc) or self.source == "range":
+            return ""
+        return "0" if self.mccmnc == self.range_mccmnc else "1"
 
     @property
     def mcc(self) -> str:
@@ -82,7 +91,7 @@ class Answer(
     def as_dict(self) -> dict[str, str]:
         """The stable machine-readable form (``npl-agi lookup --json``, cache records)."""
         d = self._asdict()
-        d["mcc"], d["mnc"] = self.mcc, self.mnc
+        d["mcc"], d["mnc"], d["ported"] = self.mcc, self.mnc, self.ported
         return d
 
 

@@ -49,6 +49,8 @@ SCRIPT = "npl-lookup"
 CACHE_RETRY_FIRST = 1.0  # seconds a failed cache backend is skipped before it is probed again,
 CACHE_RETRY_LONGEST = 30.0  # doubling with each failed probe up to this
 SESSION_GRACE = 5.0  # seconds past its deadline a call has to take its variables
+# Seconds a call that failed past its deadline waits for its range holder from the cache's thread.
+RANGE_AFTER_DEADLINE = 0.05
 RECENT_ENTRIES = 10_000  # answers kept in the server's own memory in front of the cache backend
 HITS_RECORD_EVERY = 1.0  # seconds the hits served from the loop are counted for ``cache stats``
 MAX_READING = 1024  # sessions reading their environment at once (a burst of calls takes a moment)
@@ -81,6 +83,9 @@ class _LoopCache(SqliteCache):
     def get_many(self, msisdns: list[str], *, deadline: float | None = None) -> dict:
         # Never waits; a failure is the caller's: on to the worker thread.
         return self._with_recent(msisdns, lambda rest: self._get_many(rest, 0.0))
+
+    def get_local_many(self, kind: str, keys: list[str], *, deadline: float | None = None) -> dict[str, str]:
+        return self._get_local_many(kind, keys, 0.0) if keys else {}
 
 
 class _State:
@@ -350,6 +355,8 @@ class Server:
                 seen=self._seen,
             )
             call.answer = answers[0]
+        if call.failure is not None:
+            await self._fall_back(state, call, deadline)
         values = call.variables(accepted)
         shown = dialled if full else log.masked(dialled)
         self._account(call_id, protocol.shown(shown), values, call)
@@ -358,6 +365,20 @@ class Server:
         if values["NPL_ERR"]:  # Asterisk's console is a log too
             line, level = call.outcome_line(f"'{shown[:40]}'", values)
             await session.verbose(line if full else log.mask_numbers(line), level)
+
+    async def _fall_back(self, state: _State, call: Call, deadline: float) -> None:
+        """A failed call's range holder (see ``Call.fall_back``), read in the cache's thread; a
+        cache that cannot say by then leaves the failure as it is."""
+        work = functools.partial(state.lookup.failed, call.dialled, call.failure, deadline=deadline)
+        try:
+            async with asyncio.timeout_at(max(deadline, asyncio.get_running_loop().time() + RANGE_AFTER_DEADLINE)):
+                answer = await self.in_cache_thread(work)
+        except TimeoutError:
+            return
+        except Exception as e:  # the failure stays the call's outcome
+            logger.error("npl-agi: range holder failed", exc_info=e)
+            return
+        call.fall_back(lambda dialled, failure: answer)
 
     def _account(self, call_id: str, shown: str, values: dict, call: Call) -> None:
         """One log line (its number as ``shown``) and the metrics of a lookup."""

@@ -19,9 +19,9 @@ from npl_agi.cache import SqliteCache
 from npl_agi.config import load_config
 from npl_agi.emulator import AgiEmulator, fastagi_call
 from npl_agi.protocol import Answer
-from npl_agi.server import Server
 from npl_agi.simulator import Simulator
 from tests.conftest import AGI_SCRIPT, write_config
+from tests.doors import but_time, calls, door_configs, run, serving, through_both_doors
 
 pytest_plugins = ("redis_fixture",)
 
@@ -43,21 +43,6 @@ def uk(i: int) -> str:
 def config_for(tmp_path, sim, name="npl-agi.conf", **sections):
     sections.setdefault("fastagi", {}).setdefault("metrics_listen", "127.0.0.1:0")
     return load_config(str(write_config(tmp_path / name, sim.url, **sections)))
-
-
-async def serving(config, clock=time.monotonic) -> Server:
-    server = Server(config, listen="127.0.0.1:0", clock=clock)
-    await server.start()
-    return server
-
-
-async def calls(server: Server, numbers: list[str], **kwargs):
-    host, port = server.address
-    return await asyncio.gather(*(fastagi_call(host, port, [n], **kwargs) for n in numbers))
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def test_a_call_sets_what_the_agi_script_sets(tmp_path, sim, subprocess_env):
@@ -156,63 +141,26 @@ def test_both_doors_answer_stale_for_a_failing_service_and_never_for_a_refused_a
     """A number whose entry expired a day ago: a service answering HTTP 500 gives its old network
     (``stale``) through both doors; a refused account keeps its NPL_ERR through both, stale or not."""
     sim.fault = fault
-    confs = {
-        door: write_config(
-            tmp_path / f"{door}.conf",
-            sim.url,
-            password=password,
-            fastagi={"metrics_listen": ""},
-            cache={"path": str(tmp_path / f"{door}.sqlite")},
-        )
-        for door in ("server", "process")
-    }
+    confs = door_configs(tmp_path, sim, password=password)
     for conf in confs.values():
         cfg = load_config(str(conf)).cache
         SqliteCache(cfg, clock=lambda: time.time() - 2 * 86400).put_many(
             [Answer("447788450450", mccmnc="23415", msc="447", imsi="23415")]
         )
-
-    async def main():
-        server = await serving(load_config(str(confs["server"])))
-        try:
-            return (await calls(server, ["07788450450"]))[0]
-        finally:
-            await server.drain()
-
-    fast = run(main())
-    process = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(confs["process"])})
-    slow = process.run(["07788450450"])
-    assert {**fast.variables, "NPL_LOOKUP_MS": ""} == {**slow.variables, "NPL_LOOKUP_MS": ""}
-    assert (fast.variables["NPL_ERR"], fast.variables["NPL_SOURCE"]) == expected
-    assert fast.variables["NPL_MCCMNC"] == ("23415" if expected[1] == "stale" else "")
+    doors = through_both_doors(confs, subprocess_env, "07788450450")
+    fast = doors["server"]
+    assert but_time(fast) == but_time(doors["process"])
+    assert (fast["NPL_ERR"], fast["NPL_SOURCE"]) == expected
+    assert fast["NPL_MCCMNC"] == ("23415" if expected[1] == "stale" else "")
 
 
 def test_both_doors_send_extra_form_with_every_lookup(tmp_path, subprocess_env, sim):
     """The FastAGI server (httpx) and the process script's detached child (requests): the same
     extra fields, beside the account, the API version and the numbers of each request."""
     api = {"timeout": 10, "apiver": "2.5", "extra_form": "economy=1"}  # room for a busy machine
-    confs = {
-        door: write_config(
-            tmp_path / f"{door}.conf",
-            sim.url,
-            api=api,
-            fastagi={"metrics_listen": ""},
-            cache={"path": str(tmp_path / f"{door}.sqlite")},
-        )
-        for door in ("server", "process")
-    }
-
-    async def main():
-        server = await serving(load_config(str(confs["server"])))
-        try:
-            return (await calls(server, ["07788450450"]))[0]
-        finally:
-            await server.drain()
-
-    fast = run(main())
-    script = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(confs["process"])})
-    slow = script.run(["07810701702"])
-    assert (fast.variables["NPL_SOURCE"], slow.variables["NPL_SOURCE"]) == ("api", "api")
+    confs = door_configs(tmp_path, sim, api=api)
+    doors = through_both_doors(confs, subprocess_env, {"server": "07788450450", "process": "07810701702"})
+    assert (doors["server"]["NPL_SOURCE"], doors["process"]["NPL_SOURCE"]) == ("api", "api")
     got = [(r["user"], r["apiver"], r["numbers"], r["extra"]) for r in sim.stats()["requests"]]
     assert got == [
         ("demo", "2.5", ["447788450450"], {"economy": "1"}),
