@@ -27,6 +27,7 @@ from sip_fixture import wait_dialled as dialled_at
 from test_asterisk import numbers_on
 from test_server import start_process
 
+from npl_agi import cli
 from npl_agi.simulator import Simulator
 
 ROUTES = DIALPLAN / "npl-routes.conf"
@@ -39,6 +40,7 @@ include => npl-outbound
 #include {dialplan}/npl-routes.conf
 """
 SLOW = "07400999902"  # the simulator holds this query (hang_seconds): the lookup runs to its deadline
+HANGING = "07401999902"  # held like SLOW (the same fault suffix), for a test of its own
 HANG = 12  # seconds the simulator holds SLOW, longer than the calls' 8 s deadline
 
 
@@ -125,8 +127,16 @@ def test_the_trunk_sample_has_a_trunk_for_every_route() -> None:
     assert dialled == set(trunk_names(PJSIP_SAMPLE.read_text()))
 
 
+def import_ranges(pbx: SipPbx, text: str) -> None:
+    """Ranges of the admin's own into the PBX's cache file, through the command an admin runs."""
+    path = pbx.directory / "ranges.csv"
+    path.write_text(text)
+    assert cli.main(["--config", str(pbx.config), "ranges", "import", str(path)]) == 0
+
+
 def test_a_vodafone_number_arrives_at_the_vodafone_trunk(pbx: SipPbx) -> None:
     (number,) = numbers_on("23415", 1, start=100)
+    import_ranges(pbx, "447788,23415\n")  # the block's range holder: the number is not ported
     pbx.call(number)
     assert pbx.dialled(number) == [("trunk-vodafone", number)]  # the Request-URI's user
     cdr = pbx.cdr(number)
@@ -137,6 +147,7 @@ def test_a_vodafone_number_arrives_at_the_vodafone_trunk(pbx: SipPbx) -> None:
         "npl_network": "Vodafone UK",
         "npl_err": "",
         "npl_rate": "onnet",
+        "npl_ported": "0",
         "npl_route": "23415",
     }
 
@@ -164,6 +175,26 @@ def test_with_the_service_down_calls_arrive_at_the_default_trunk(pbx: SipPbx) ->
         pbx.sim = Simulator(host, port, hang_seconds=HANG).start()
     assert pbx.dialled(number) == [("trunk-default", number)]
     assert (pbx.cdr(number)["npl_err"], pbx.cdr(number)["npl_route"]) == ("UNREACHABLE", "fallback")
+
+
+def test_with_the_service_hanging_a_never_seen_number_is_routed_to_its_range_holders_trunk(pbx: SipPbx) -> None:
+    """``range_fallback = yes``: the lookup runs to its deadline, no stale entry exists, and the
+    call goes to the EE trunk its range was allocated to, not to the default trunk."""
+    import_ranges(pbx, "4474019999,23430\n")
+    original = pbx.config.read_text()
+    pbx.config.write_text(original.replace("[number]\n", "[number]\nrange_fallback = yes\n"))
+    try:
+        pbx.call(HANGING)
+    finally:
+        pbx.config.write_text(original)
+    assert pbx.dialled(HANGING) == [("trunk-ee", HANGING)]
+    cdr = pbx.cdr(HANGING)
+    assert (cdr["npl_err"], cdr["npl_mccmnc"], cdr["npl_route"], cdr["npl_ported"]) == ("", "23430", "23430", "")
+    wait_for(lambda: not pbx.sim.stats()["active"], HANG + 15, "the slow request to end")
+    (after,) = numbers_on("23430", 1, start=300)  # the service answers again: so does the breaker
+    pbx.call(after)
+    assert pbx.dialled(after) == [("trunk-ee", after)]
+    assert (pbx.cdr(after)["npl_err"], pbx.cdr(after)["npl_route"]) == ("", "23430")
 
 
 def test_caller_hanging_up_during_a_slow_lookup_leaves_no_channel_and_no_script(pbx: SipPbx) -> None:
