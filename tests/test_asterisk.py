@@ -85,6 +85,12 @@ exten => _X.,1,Gosub(npl-lookup,s,1(${{EXTEN}}))
  same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
  same => n,Hangup()
 
+; The subroutine asked for a fresh lookup, its second argument.
+[test-gosub-fresh]
+exten => _X.,1,Gosub(npl-lookup,s,1(${{EXTEN}},fresh))
+ same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
+ same => n,Hangup()
+
 ; Twice on one channel: a failure after a success must not leave the success's network behind.
 [test-gosub-twice]
 exten => _X.,1,Gosub(npl-lookup,s,1(07788450450))
@@ -524,28 +530,40 @@ def test_agisighup_is_not_left_set_after_the_lookup(pbx: Pbx) -> None:
 
 def test_the_gosub_passes_the_time_it_calls_the_agi(pbx: Pbx) -> None:
     """The call's deadline starts at the dialplan's AGI() call: the Gosub passes that time, to the
-    millisecond (EPOCH alone is whole seconds), after the number."""
+    millisecond (EPOCH alone is whole seconds), last, after the number and the Gosub's second
+    argument (``fresh``, or empty)."""
     real = pbx.agi.read_bytes()
-    script = TOKEN_PRELUDE + f'printf "%s|args|%s|%s|%s\\n" "$token" "$#" "$1" "$2" >> {pbx.results}\n'
+    script = TOKEN_PRELUDE + f'printf "%s|args|%s|%s|%s|%s\\n" "$token" "$#" "$1" "$2" "$3" >> {pbx.results}\n'
     seen = []
     try:
         pbx.agi.write_text(script)
-        for _ in range(2):
+        for context in ("test-gosub", "test-gosub-fresh"):
             token = pbx.token()
             before = time.time()
-            pbx.asterisk.originate("Local/07788450450@test-gosub", token)
+            pbx.asterisk.originate(f"Local/07788450450@{context}", token)
             (record,) = wait_for(
                 lambda token=token: [r for r in pbx.records(token) if r[0] == "args"], 20, "the AGI's arguments"
             )
             seen.append((before, time.time(), record[1:]))
     finally:
         pbx.agi.write_bytes(real)
-    for before, after, (count, number, given) in seen:
-        assert (count, number) == ("2", "07788450450")
+    assert [args[:3] for *_, args in seen] == [["3", "07788450450", ""], ["3", "07788450450", "fresh"]]
+    for before, after, (_, number, second, given) in seen:
         assert re.fullmatch(r"t=\d{10}\.\d{3}", given), given
         assert before - 1 <= float(given[2:]) <= after
-        assert asked_at([number, given], after, 0.0) is not None
-    assert any(not given.endswith(".000") for *_, (_, _, given) in seen)
+        assert asked_at([number, second, given], after, 0.0) is not None
+    assert any(not args[3].endswith(".000") for *_, args in seen)
+
+
+def test_a_fresh_gosub_asks_for_a_cached_number(pbx: Pbx) -> None:
+    dialled = numbers_on("23410", 1, start=6100)[0]
+    seen = [pbx.lookup(dialled, context) for context in ("test-gosub", "test-gosub", "test-gosub-fresh")]
+    assert [(s["AGISTATUS"], s["NPL_ERR"], s["NPL_SOURCE"], s["NPL_MCCMNC"]) for s in seen] == [
+        ("SUCCESS", "", "api", "23410"),
+        ("SUCCESS", "", "cache", "23410"),
+        ("SUCCESS", "", "api", "23410"),
+    ]
+    assert pbx.sim.stats()["charged"].count("44" + dialled[1:]) == 2
 
 
 def test_the_script_takes_the_gosubs_time(pbx: Pbx) -> None:

@@ -18,8 +18,10 @@ from npl_agi.agi import VARIABLES
 
 SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf")
 LINT_FINDING = re.compile(r"\b[EWHI]_[A-Z0-9_]+\b")
-# The process script, given the number and the time of the call (to the ms: the deadline's start).
-PROCESS_AGI = "AGI(npl-lookup.agi,${ARG1},t=${STRFTIME(,,%s.%3q)})"
+# The process script, given the number, the Gosub's second argument (fresh, or empty) and the
+# time of the call (to the ms: the deadline's start), last, so the script takes this one.
+PROCESS_AGI = "AGI(npl-lookup.agi,${ARG1},${ARG2},t=${STRFTIME(,,%s.%3q)})"
+FASTAGI = "AGI(${NPL_FASTAGI}/npl-lookup,${ARG1},${ARG2})"
 UK_NETWORKS = {"23415": "Vodafone UK", "23410": "O2 UK", "23430": "EE", "23420": "Three UK"}
 
 
@@ -128,6 +130,14 @@ def test_outbound_matches_numbers_only() -> None:
     assert re.findall(r"^exten\s*=>\s*(_[^,]*),", outbound, flags=re.MULTILINE) == ["_X.", "_+X."]
 
 
+def test_the_benchmarks_vary_the_shipped_agi_line() -> None:
+    """bench/ replaces the process script's line of npl-lookup.conf by its variants' lines."""
+    from bench.pbx import AGI_LINE
+
+    assert AGI_LINE == PROCESS_AGI
+    assert bundled()["npl-lookup.conf"].count(AGI_LINE) == 1
+
+
 def test_lookup_clears_every_variable_before_the_agi_runs() -> None:
     """Every variable npl_agi sets is emptied first, so nothing stale survives an AGI that fails."""
     text = bundled()["npl-lookup.conf"]
@@ -138,7 +148,7 @@ def test_lookup_clears_every_variable_before_the_agi_runs() -> None:
 
 def test_fastagi_when_npl_fastagi_is_set_and_the_process_script_when_it_fails() -> None:
     lines = [line.strip() for line in bundled()["npl-lookup.conf"].splitlines() if not line.startswith(";")]
-    fast = lines.index("same => n,AGI(${NPL_FASTAGI}/npl-lookup,${ARG1})")
+    fast = lines.index(f"same => n,{FASTAGI}")
     assert lines[fast - 1] == 'same => n,GotoIf($["${NPL_FASTAGI}" = ""]?process)'
     assert lines[fast + 1] == 'same => n,GotoIf($["${AGISTATUS}" != "FAILURE"]?done)'
     assert lines[fast + 2].startswith("same => n(process),Set(LOCAL(npl_max)=")
