@@ -33,8 +33,10 @@ from asterisk_fixture import (
 from conftest import write_config
 
 from npl_agi.agi import asked_at
-from npl_agi.config import NumberConfig
+from npl_agi.cache import SqliteCache
+from npl_agi.config import NumberConfig, load_config
 from npl_agi.number import normalise, validate
+from npl_agi.protocol import Answer
 from npl_agi.simulator import Simulator, simulated_answer
 
 CDR_SNIPPET = DIALPLAN / "npl-cdr-custom.conf"  # the shipped cdr_custom snippet, included as is
@@ -157,6 +159,7 @@ class Pbx:
     results: Path
     stage: Path
     tokens: Iterator[int]
+    config: Path
 
     @property
     def agi(self) -> Path:
@@ -239,7 +242,7 @@ def pbx(tmp_path_factory) -> Iterator[Pbx]:
         asterisk.cdr_custom(CDR_SNIPPET)
         try:
             asterisk.start()
-            yield Pbx(asterisk, sim, results, stage, itertools.count(1))
+            yield Pbx(asterisk, sim, results, stage, itertools.count(1), config)
         finally:
             asterisk.stop()
 
@@ -333,6 +336,42 @@ def test_unavailable_trunk_moves_on_to_the_fallback(pbx: Pbx) -> None:
     assert pbx.trunks(token) == [("trunk-ee", dialled), ("trunk-default", dialled)]
     assert [(c["npl_route"], c["disposition"]) for c in cdrs] == [(DOWN, "CONGESTION"), ("fallback", "ANSWERED")]
     assert {c["npl_mccmnc"] for c in cdrs} == {DOWN}
+    assert {c["npl_retry"] for c in cdrs} == {""}  # the service's own answer: no retry
+
+
+def test_a_cached_number_whose_trunk_is_unavailable_is_looked_up_fresh_once(pbx: Pbx) -> None:
+    """The second call to a number is routed from the cache; its trunk congests, so the number is
+    looked up once more, fresh (a credit), and the same network takes the fallback."""
+    (dialled,) = numbers_on(DOWN, 1, start=6000)
+    msisdn = "44" + dialled[1:]
+    first, _ = pbx.call(dialled)
+    charged = pbx.sim.stats()["charged"].count(msisdn)
+    token, cdrs = pbx.call(dialled)
+    assert pbx.trunks(first) == pbx.trunks(token) == [("trunk-ee", dialled), ("trunk-default", dialled)]
+    assert pbx.sim.stats()["charged"].count(msisdn) == charged + 1 == 2
+    assert [(c["npl_route"], c["disposition"], c["npl_retry"]) for c in cdrs] == [
+        (DOWN, "CONGESTION", ""),
+        ("fallback", "ANSWERED", "same"),
+    ]
+    assert {c["npl_mccmnc"] for c in cdrs} == {DOWN}
+    messages = (pbx.asterisk.log / "messages.log").read_text(errors="replace")
+    assert f"npl-agi: '{dialled}' -> {DOWN} EE (cache" in messages  # the routed answer was the cache's
+
+
+def test_a_cached_number_found_on_a_network_without_a_route_takes_the_fallback(pbx: Pbx) -> None:
+    """Cached on EE, whose trunk congests; the fresh lookup finds it on Three UK, which has no
+    route: the call takes the fallback, priced and recorded as Three's."""
+    (dialled,) = numbers_on(UNROUTED, 1, start=6200)
+    msisdn = "44" + dialled[1:]
+    SqliteCache(load_config(str(pbx.config)).cache).put_many([Answer(msisdn, mccmnc=DOWN, source="api")])
+    token, cdrs = pbx.call(dialled)
+    assert pbx.trunks(token) == [("trunk-ee", dialled), ("trunk-default", dialled)]
+    assert pbx.sim.stats()["charged"].count(msisdn) == 1
+    assert [(c["npl_mccmnc"], c["npl_route"], c["npl_retry"]) for c in cdrs] == [
+        (DOWN, DOWN, ""),
+        (UNROUTED, "fallback", "changed"),
+    ]
+    assert (cdrs[-1]["npl_network"], cdrs[-1]["npl_rate"]) == ("3", "offnet")
 
 
 def test_agi_that_cannot_run_is_a_failure_and_takes_the_fallback(pbx: Pbx) -> None:
@@ -465,7 +504,9 @@ def test_caller_hanging_up_during_a_slow_lookup_leaves_no_agi_process(pbx: Pbx, 
 
 def test_cdr_snippet_writes_every_npl_field(pbx: Pbx) -> None:
     """The shipped npl-cdr-custom.conf, #included in cdr_custom.conf, carries the npl_* fields."""
-    assert {"npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route"} <= set(pbx.asterisk.cdr_fields)
+    assert {"npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route", "npl_retry"} <= set(
+        pbx.asterisk.cdr_fields
+    )
     assert pbx.asterisk.cdr_file.name == "npl-cdr.csv"
     dialled = number_on("23410")
     _, (cdr,) = pbx.call(dialled)
@@ -475,6 +516,7 @@ def test_cdr_snippet_writes_every_npl_field(pbx: Pbx) -> None:
         "npl_err": "",
         "npl_rate": "offnet",
         "npl_route": "23410",
+        "npl_retry": "",
     }
     assert cdr["start"] and cdr["end"] and cdr["uniqueid"]
 
