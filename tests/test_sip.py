@@ -239,8 +239,12 @@ def test_through_the_fastagi_server_and_the_process_script_when_it_is_stopped(pb
 # -- the retry: a number routed from the cache that its network's trunk refuses --
 
 
+RETRY_FIELDS = ("npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route", "npl_retry")
+
+
 def npl_fields(cdr: dict[str, str]) -> dict[str, str]:
-    return {k: cdr[k] for k in cdr if k.startswith("npl_")}
+    """The CDR fields the lookup and the retry set, by name."""
+    return {k: cdr[k] for k in RETRY_FIELDS}
 
 
 @contextlib.contextmanager
