@@ -31,7 +31,8 @@ from asterisk_fixture import DIALPLAN, Asterisk, extensions_conf, find_asterisk,
 
 SECTION = "asterisk"
 TITLE = "5. Real Asterisk 22: call setup through the shipped dialplan (Local channels, cache hits)"
-AGI_LINE = "AGI(npl-lookup.agi,${ARG1},t=${STRFTIME(,,%s.%3q)})"  # the process script, as the subroutine calls it
+# The process script, as the subroutine calls it.
+AGI_LINE = "AGI(npl-lookup.agi,${ARG1},${ARG2},t=${STRFTIME(,,%s.%3q)})"
 # The variants share one [globals]: only the FastAGI variant's lines read the server's address.
 FASTAGI_GLOBAL = "NPL_BENCH_FASTAGI"
 REFERENCE = "no lookup"

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from . import log
 from .call import VARIABLES as VARIABLES
-from .call import Call, check_enabled, dialled_number
+from .call import Call, check_enabled, dialled_number, fresh_asked
 from .errors import LookupTimeout
 
 # typing.TYPE_CHECKING would import typing, which a cache hit does not use.
@@ -134,6 +134,7 @@ def run(
     it (see ``asked_at``), so the wait for a busy machine to start the script counts too; else
     from ``started`` (``time.monotonic()`` seconds, default now: ``main`` passes the process's
     start). A script that starts too late to send a request answers at once (see ``_shed``).
+    A ``fresh`` argument after the number skips the cache read (see ``call.fresh_asked``).
     """
     call = Call(dialled_number(args, channel.env), lambda message: _verbose_quietly(channel, f"npl-agi: {message}"))
     now, asked = time.monotonic(), None
@@ -143,6 +144,7 @@ def run(
         log.warning("%s; the deadline counts from the script's start", e)
     started = asked if asked is not None else now if started is None else started
     lookup = None
+    fresh = fresh_asked(args)
     with call.answering():  # Lookup.one() turns service and network failures into the answer's error
         from .config import load_config
 
@@ -153,10 +155,10 @@ def run(
         check_enabled(config)
         try:  # the lookup keeps to its deadline; the alarm is for what cannot (imports, a busy cache)
             if late:
-                call.answer = _shed(config, call.dialled, deadline)
+                call.answer = _shed(config, call.dialled, deadline, fresh)
             else:
                 with _alarm_at(deadline + ALARM_GRACE):
-                    call.answer = lookup.one(call.dialled, deadline=deadline)
+                    call.answer = lookup.one(call.dialled, deadline=deadline, fresh=fresh)
         except _DeadlinePassed:
             if call.answer is None:  # else the alarm rang just as the answer came: keep the answer
                 raise LookupTimeout(f"no answer within the call's {config.api.timeout:g} s") from None
@@ -187,21 +189,21 @@ def _shared_breaker(config, cache):
     return shared_breaker(config, cache)
 
 
-def _shed(config, dialled: str, deadline: float):
+def _shed(config, dialled: str, deadline: float, fresh: bool = False):
     """The answer of a call that started too late to send a request: under overload, calls are
     shed, not queued. Before the deadline a cached answer is read, with nothing heavier than
-    sqlite3 (a Redis cache would need its client); otherwise, or on a miss, ``TIMEOUT`` at once,
-    without its range holder."""
+    sqlite3 (a Redis cache would need its client), unless the call is ``fresh``; otherwise, or
+    on a miss, ``TIMEOUT`` at once, without its range holder."""
     why = f"started too late to ask the service within the call's {config.api.timeout:g} s"
     if config.cache.backend == "sqlite" and time.monotonic() < deadline:
         from .lookup import Lookup
 
         lookup = Lookup(config)
         with _alarm_at(deadline + ALARM_GRACE):
-            resolved = lookup.cached([dialled], deadline=deadline)
+            resolved = lookup.cached([dialled], deadline=deadline, fresh=fresh)
             if resolved is not None:
                 return lookup.finish(resolved, {})[0]
-        why += ", and it is not cached"
+        why += ", and a fresh lookup takes no cached answer" if fresh else ", and it is not cached"
     raise LookupTimeout(why)
 
 

@@ -35,6 +35,7 @@ VARIABLES = (
     "NPL_LOOKUP_MS",
 )
 SPECIAL_EXTENSIONS = frozenset({"s", "h", "i", "t", "e", "o", "a", "T", "failed"})
+FRESH = "fresh"  # the AGI argument that asks the service whatever the cache holds
 
 
 def dialled_number(args: list[str], env: dict[str, str]) -> str:
@@ -51,6 +52,15 @@ def dialled_number(args: list[str], env: dict[str, str]) -> str:
         return extension
     dnid = env.get("agi_dnid", "")
     return "" if dnid == "unknown" else dnid
+
+
+def fresh_asked(args: list[str]) -> bool:
+    """Whether the dialplan asked for a fresh lookup: a ``fresh`` argument after the number.
+
+    The shipped outbound context asks so once, when a trunk refused a number routed from a
+    cached answer: the number may have moved to another network since it was cached.
+    """
+    return any(a.strip().lower() == FRESH for a in args[1:])
 
 
 def variables_for(answer=None, failure: NplError | None = None, ms: int = 0) -> dict[str, str]:

@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="F", help="write the answers to F as CSV")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ask the service whatever the cache holds (a credit per number; the answers are still cached)",
+    )
+    p.add_argument(
         "--timeout",
         type=seconds,
         metavar="S",
@@ -234,7 +239,7 @@ def look_up_all(args, lookup) -> int:
         numbers = itertools.chain(args.numbers, read_numbers(source) if source else ())
         for chunk in chunked(numbers, api.batch_size):
             try:
-                answers = lookup.many(chunk, timeout, progress and progress.at(total))
+                answers = lookup.many(chunk, timeout, progress and progress.at(total), fresh=args.fresh)
             except NplError as e:
                 if not hasattr(e, "answers"):
                     raise

@@ -104,13 +104,15 @@ class Lookup:
             self._ranges = RangeTable.load()
         return self._ranges
 
-    def one(self, dialled: str, timeout: float | None = None, *, deadline: float | None = None) -> Answer:
+    def one(
+        self, dialled: str, timeout: float | None = None, *, deadline: float | None = None, fresh: bool = False
+    ) -> Answer:
         """The answer for one dialled number (call time: the short deadline by default).
 
         Never raises ``NplError``: a service or network failure is the answer's ``error``
         (its ``NPL_ERR`` value, e.g. ``TIMEOUT``), with the reason in ``error_name``.
         """
-        return self.many([dialled], timeout, deadline=deadline, strict=False)[0]
+        return self.many([dialled], timeout, deadline=deadline, strict=False, fresh=fresh)[0]
 
     def many(
         self,
@@ -120,6 +122,7 @@ class Lookup:
         *,
         deadline: float | None = None,
         strict: bool = True,
+        fresh: bool = False,
     ) -> list[Answer]:
         """One answer per dialled number, in input order.
 
@@ -130,10 +133,11 @@ class Lookup:
         timed out), its numbers get that failure as their error and no later request is sent;
         a number the service failed (``SERVICE_FAILURES``) whose entry expired lately gets that
         entry instead (``source = "stale"``). With ``strict`` a failure is then raised, carrying
-        every answer in its ``answers`` attribute (what was already paid for is not lost).
+        every answer in its ``answers`` attribute (what was already paid for is not lost). With
+        ``fresh`` no cached answer is used (see ``resolve``); stale entries still stand in.
         """
         # 1. normalise, then the cache (and the run's memory)
-        resolved = self.resolve(dialled, deadline=deadline)
+        resolved = self.resolve(dialled, deadline=deadline, fresh=fresh)
         remembered = self.memory.get_many(resolved.misses) if self.memory is not None else {}
         misses = [m for m in resolved.misses if m not in remembered]
         # Read before asking: a failure's stand-ins must not wait for a cache read past the deadline.
@@ -153,11 +157,11 @@ class Lookup:
             gated, misses = gate(self.breaker, misses)
         # 3. the service, for the misses
         asked = (lambda n: progress(done + len(gated) + n, total)) if progress else None
-        fresh, failure = self._ask(misses, timeout, deadline, asked)
-        fresh.update(gated)
+        answered, failure = self._ask(misses, timeout, deadline, asked)
+        answered.update(gated)
         # 4. stale entries, for the numbers the service failed
-        fresh.update(stale_standins(fresh, stale))
-        out = self.finish(resolved, {**remembered, **fresh})
+        answered.update(stale_standins(answered, stale))
+        out = self.finish(resolved, {**remembered, **answered})
         if failure is not None and strict:
             failure.answers = out
             raise failure
@@ -192,6 +196,7 @@ class Lookup:
         run,
         cached: Callable[[list[str]], Resolved | None] | None = None,
         seen: Callable[[Resolved], None] | None = None,
+        fresh: bool = False,
     ) -> list[Answer]:
         """``many``'s stages on an event loop, for the FastAGI server; raises ``NplError``.
 
@@ -199,34 +204,35 @@ class Lookup:
         block (cache reads and writes, validating a number the cache misses) goes through
         ``run`` (``await run(work, *args)``: the server's cache thread), while ``cached`` may
         resolve the numbers first without leaving the loop (a ``Lookup.cached``). ``seen`` is
-        told what the cache made of them (the server's metrics).
+        told what the cache made of them (the server's metrics). With ``fresh`` the cache is not
+        read, ``cached`` not asked.
         """
         import asyncio
 
-        resolved = cached(dialled) if cached is not None else None
+        resolved = cached(dialled) if cached is not None and not fresh else None
         if resolved is None:
             try:
                 async with asyncio.timeout_at(deadline):
-                    resolved = await run(lambda: self.resolve(dialled, deadline=deadline))
+                    resolved = await run(lambda: self.resolve(dialled, deadline=deadline, fresh=fresh))
             except TimeoutError:
                 raise LookupTimeout("deadline passed while reading the cache") from None
         if seen is not None:
             seen(resolved)
-        fresh: dict[str, Answer] = {}
+        answered: dict[str, Answer] = {}
         misses = resolved.misses
         if misses:
             # Read while the service is asked, so a failure's stand-ins are at hand by the deadline.
             stale = asyncio.ensure_future(run(lambda: self.cache.get_stale_many(misses, deadline=deadline)))
-            fresh = await asker.ask(misses, deadline)
-            if any(a.error in SERVICE_FAILURES for a in fresh.values()):
+            answered = await asker.ask(misses, deadline)
+            if any(a.error in SERVICE_FAILURES for a in answered.values()):
                 try:
                     async with asyncio.timeout(STALE_READ_GRACE):
-                        fresh.update(stale_standins(fresh, await stale))
+                        answered.update(stale_standins(answered, await stale))
                 except TimeoutError:
                     pass
             else:
                 stale.cancel()
-        return self.finish(resolved, fresh)
+        return self.finish(resolved, answered)
 
     def store(self, answers: Iterable[Answer], *, deadline: float | None = None) -> None:
         """Cache what the service answered and deserves keeping (see ``cache.ttl_for``), waiting
@@ -289,24 +295,27 @@ class Lookup:
         admin = self.cache.get_local_many(RANGES, wanted, deadline=deadline)
         return {m: holder(m, self.ranges, admin) for m in msisdns}
 
-    def _known_and_cached(self, msisdns: list[str], deadline: float | None) -> dict[str, Answer]:
+    def _known_and_cached(self, msisdns: list[str], deadline: float | None, fresh: bool = False) -> dict[str, Answer]:
         """The numbers the admin knows (``npl-agi local``: ``source = "local"``, no credit, never
-        expiring), then the cache's answers for the rest."""
+        expiring), then the cache's answers for the rest (none when ``fresh``: the admin's own
+        numbers still answer)."""
         known = self.cache.get_local_many(KNOWN_NUMBERS, msisdns, deadline=deadline)
         found = {m: Answer(m, mccmnc=mccmnc, source="local") for m, mccmnc in known.items()}
-        found.update(self.cache.get_many([m for m in msisdns if m not in found], deadline=deadline))
+        if not fresh:
+            found.update(self.cache.get_many([m for m in msisdns if m not in found], deadline=deadline))
         return found
 
-    def resolve(self, dialled: list[str], *, deadline: float | None = None) -> Resolved:
+    def resolve(self, dialled: list[str], *, deadline: float | None = None, fresh: bool = False) -> Resolved:
         """Dialled numbers -> msisdns, their cached answers, and the numbers refused locally.
 
         The cache is read with the plain string readings of each number first; only numbers it
         misses pay for full validation (phonenumbers), whose canonical form is read once more.
-        Counts the cache's hits and misses, once per distinct number.
+        Counts the cache's hits and misses, once per distinct number. ``fresh`` reads no cache:
+        every number that may be looked up is a miss (a trunk refused its cached network).
         """
         from .number import validate
 
-        readings_of, local, found = self._read(dialled, deadline)
+        readings_of, local, found = self._read(dialled, deadline, fresh)
         cfg = self.config.number
         msisdn_of: dict[str, str] = {}
         refused: dict[str, str] = {}
@@ -324,7 +333,7 @@ class Lookup:
         readings = set().union(*readings_of.values())
         unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
         if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be known or cached already
-            found.update(self._known_and_cached(sorted(unread), deadline))
+            found.update(self._known_and_cached(sorted(unread), deadline, fresh))
         holders = self._holders([*msisdn_of.values(), *refused.values()], deadline)
         resolved = Resolved(list(dialled), msisdn_of, found, local, refused, holders)
         misses = len(resolved.misses)
@@ -332,14 +341,15 @@ class Lookup:
         self.cache.record(len(resolved.wanted) - misses - known, misses, deadline=deadline)
         return resolved
 
-    def cached(self, dialled: list[str], *, deadline: float | None = None) -> Resolved | None:
+    def cached(self, dialled: list[str], *, deadline: float | None = None, fresh: bool = False) -> Resolved | None:
         """What ``resolve`` gives when the cache holds every number under a plain reading (or the
         number is refused by its form alone); None when any would need validation or a request.
 
         Reads the cache once and does nothing else: no phonenumbers, no counting (the caller
         counts the hits). The FastAGI server serves such calls without leaving its event loop.
+        ``fresh``: as in ``resolve``, so only numbers refused by their form are resolved.
         """
-        readings_of, local, found = self._read(dialled, deadline)
+        readings_of, local, found = self._read(dialled, deadline, fresh)
         msisdn_of: dict[str, str] = {}
         for d, rs in readings_of.items():
             hit = next((r for r in rs if r in found), None)
@@ -349,10 +359,10 @@ class Lookup:
         return Resolved(list(dialled), msisdn_of, found, local, {}, self._holders(msisdn_of.values(), deadline))
 
     def _read(
-        self, dialled: list[str], deadline: float | None
+        self, dialled: list[str], deadline: float | None, fresh: bool = False
     ) -> tuple[dict[str, tuple[str, ...]], dict[str, Answer], dict[str, Answer]]:
         """Each distinct dialled number's plain readings, the numbers refused by their form, and
-        the cached answers of all the readings."""
+        the cached answers of all the readings (none when ``fresh``)."""
         from .number import normalise
 
         cfg = self.config.number
@@ -364,7 +374,7 @@ class Lookup:
             except NplError as e:
                 local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
         readings = set().union(*readings_of.values())
-        found = self._known_and_cached(sorted(readings), deadline) if readings else {}
+        found = self._known_and_cached(sorted(readings), deadline, fresh) if readings else {}
         return readings_of, local, found
 
 

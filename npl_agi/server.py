@@ -37,7 +37,7 @@ from .askers import Brokered
 from .breaker import Breaker
 from .broker import Broker
 from .cache import SqliteCache
-from .call import Call, check_enabled, dialled_number
+from .call import Call, check_enabled, dialled_number, fresh_asked
 from .config import Config, load_config, parse_listen, require_credentials
 from .errors import TIMEOUT, ConfigError
 from .fastagi import MAX_LINE, Session, SessionEnded
@@ -331,6 +331,7 @@ class Server:
     async def _call(self, state: _State, session: Session, accepted: float, deadline: float) -> None:
         call_id = session.env.get("agi_uniqueid", "-")[:40]
         script, dialled = session.script, dialled_number(session.args, session.env)
+        fresh = fresh_asked(session.args)
         session.env.clear()  # a session waiting for its answer holds a few short strings, not its block
         _call_id.set(call_id)
         full = self._full_numbers(state)
@@ -353,6 +354,7 @@ class Server:
                 run=self.in_cache_thread,
                 cached=functools.partial(self._cached, state),
                 seen=self._seen,
+                fresh=fresh,
             )
             call.answer = answers[0]
         if call.failure is not None:

@@ -1,7 +1,8 @@
 """SIP calls for the Asterisk fixture: SIPp as the caller and as the trunks, chan_pjsip between.
 
-The trunks are SIPp UASs on ports of their own that answer every INVITE at once and log its
-Request-URI user (the number Asterisk dialled), one line per call, flushed as it arrives. The
+The trunks are SIPp UASs on ports of their own that answer every INVITE at once (or refuse the
+numbers they are told to with 404 Not Found) and log its Request-URI user (the number Asterisk
+dialled), one line per call, flushed as it arrives. The
 caller is a SIPp UAC that takes its numbers from a CSV file. The pjsip.conf is the shipped
 trunk sample (dialplan/npl-pjsip.conf.sample) with each trunk's contact pointed at its UAS,
 plus a transport and an endpoint for the caller.
@@ -22,15 +23,15 @@ from asterisk_fixture import DIALPLAN, AsteriskBuild, wait_for
 PJSIP_SAMPLE = DIALPLAN / "npl-pjsip.conf.sample"
 CALLER = "sipp"  # SIPp's From user: the caller's endpoint is found by it
 
-TRUNK_SCENARIO = """\
+_TRUNK_SCENARIO = """\
 <?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="trunk">
+<scenario name="{name}">
   <recv request="INVITE">
     <action>
       <ereg regexp="^INVITE sip:([^@ ]*)@" search_in="msg" check_it="true" assign_to="line,number"/>
-      <log message="[$number] [$line]"/>
+      <log message="[$number] [$line]"/>{refuse_test}
     </action>
-  </recv>
+  </recv>{refuse_jump}
   <send>
     <![CDATA[
       SIP/2.0 180 Ringing
@@ -76,10 +77,49 @@ TRUNK_SCENARIO = """\
       [last_CSeq:]
       Content-Length: 0
     ]]>
-  </send>
+  </send>{refuse_branch}
   <timewait milliseconds="2000"/>
 </scenario>
 """
+# A number the trunk refuses: 404 Not Found, which chan_pjsip makes hangup cause 1 (unallocated
+# number), as a carrier refuses a number that is not its subscriber; then the ACK.
+_REFUSE_TEST = """
+      <ereg regexp="^INVITE sip:{refuse}@" search_in="msg" check_it="false" assign_to="refused"/>"""
+_REFUSE_JUMP = """
+  <nop next="refuse" test="refused"/>"""
+_REFUSE_BRANCH = """
+  <nop next="done"/>
+  <label id="refuse"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 404 Not Found
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv request="ACK"/>
+  <label id="done"/>"""
+
+
+def trunk_scenario(refuse: str | None = None) -> str:
+    """The trunks' scenario: every INVITE answered, but those whose Request-URI user matches
+    the regular expression ``refuse`` are refused (404 Not Found)."""
+    if refuse is None:
+        return _TRUNK_SCENARIO.format(name="trunk", refuse_test="", refuse_jump="", refuse_branch="")
+    name = "trunk-refusing-" + re.sub(r"\W", "", refuse)  # one file per pattern: trunks run side by side
+    return _TRUNK_SCENARIO.format(
+        name=name,
+        refuse_test=_REFUSE_TEST.format(refuse=refuse),
+        refuse_jump=_REFUSE_JUMP,
+        refuse_branch=_REFUSE_BRANCH,
+    )
+
+
+TRUNK_SCENARIO = trunk_scenario()
 
 _INVITE = """\
   <send retrans="500"{timer}>
@@ -228,14 +268,15 @@ def sipp(*args: str | Path) -> list[str]:
 
 
 class Trunk:
-    """A SIPp UAS on its own port: answers every INVITE at once, logs who was dialled."""
+    """A SIPp UAS on its own port: answers every INVITE at once (refuses the numbers that match
+    ``refuse``: see ``trunk_scenario``), logs who was dialled."""
 
-    def __init__(self, name: str, directory: Path) -> None:
+    def __init__(self, name: str, directory: Path, refuse: str | None = None) -> None:
         self.name = name
         self.port = free_udp_port()
         self.log = directory / f"{name}.log"
         self.errors = directory / f"{name}.err"
-        self.scenario = scenario_file(directory, TRUNK_SCENARIO)
+        self.scenario = scenario_file(directory, trunk_scenario(refuse))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Trunk:

@@ -9,7 +9,10 @@ import time
 import pytest
 
 from npl_agi.agi import VARIABLES, agi_quote
+from npl_agi.cache import SqliteCache
+from npl_agi.config import load_config
 from npl_agi.emulator import DEAD, OK, AgiEmulator, hung_up_after, parse_agi_args
+from npl_agi.protocol import Answer
 from tests.conftest import AGI_SCRIPT, write_config
 
 COMMANDS = len(VARIABLES) + 1  # every variable, then one VERBOSE line
@@ -47,6 +50,29 @@ def test_success_sets_every_variable_then_a_second_call_is_served_from_the_cache
     again = agi.run(["07788450450"]).variables
     assert again["NPL_SOURCE"] == "cache" and again["NPL_MCCMNC"] == "23415"
     assert sim.stats()["charged"] == ["447788450450"]
+
+
+def test_a_fresh_call_asks_for_a_cached_number_and_stores_the_answer(agi, sim, config_file):
+    """A number cached on the wrong network (the simulator says 23415): ``fresh`` after the
+    number, wherever it stands, asks the service for it; the next call reads the new answer."""
+    SqliteCache(load_config(str(config_file)).cache).put_many([Answer("447788450450", mccmnc="23410", source="api")])
+    t = f"t={time.time():.3f}"
+    calls = [["07788450450", t], ["07788450450", "fresh", t], ["07788450450", t], ["07788450450", t, "fresh"]]
+    seen = [agi.run(args).variables for args in calls]
+    assert [(v["NPL_ERR"], v["NPL_SOURCE"], v["NPL_MCCMNC"]) for v in seen] == [
+        ("", "cache", "23410"),
+        ("", "api", "23415"),
+        ("", "cache", "23415"),
+        ("", "api", "23415"),
+    ]
+    assert sim.stats()["charged"] == ["447788450450"] * 2
+
+
+def test_a_fresh_call_for_a_number_refused_by_its_form_asks_nothing(agi, sim):
+    run = agi.run(["0123", "fresh"])
+    assert_clean(run)
+    assert run.variables["NPL_ERR"] == "BADNUMBER"
+    assert sim.stats()["requests"] == []
 
 
 @pytest.mark.parametrize(

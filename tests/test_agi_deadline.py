@@ -93,6 +93,17 @@ def test_a_script_too_late_to_send_a_request_answers_from_the_cache(tmp_path, su
     assert sim.stats()["charged"] == ["447788450450"]
 
 
+def test_a_fresh_call_too_late_to_send_a_request_is_not_answered_from_the_cache(tmp_path, subprocess_env, sim):
+    agi = agi_for(tmp_path, subprocess_env, sim.url, timeout="5", min_request_time="2")
+    assert agi.run(["07788450450"]).variables["NPL_SOURCE"] == "api"
+    late = agi.run(["07788450450", "fresh", ago(3.5)])  # 1.4 s left: too little to ask
+    assert (late.variables["NPL_ERR"], late.variables["NPL_MCCMNC"]) == ("TIMEOUT", "")
+    assert any("fresh lookup" in line for line in late.verbose), late.verbose
+    bad = agi.run(["0123", "fresh", ago(3.5)]).variables  # refused by its form, as ever
+    assert bad["NPL_ERR"] == "BADNUMBER"
+    assert sim.stats()["charged"] == ["447788450450"]
+
+
 @pytest.mark.parametrize("given", ["t=soon", "t=1", f"t={2 * 10**9}"])
 def test_a_bad_time_falls_back_to_the_scripts_start_and_says_so(tmp_path, subprocess_env, sim, given):
     run = agi_for(tmp_path, subprocess_env, sim.url).run(["07788450450", given])

@@ -33,8 +33,10 @@ from asterisk_fixture import (
 from conftest import write_config
 
 from npl_agi.agi import asked_at
-from npl_agi.config import NumberConfig
+from npl_agi.cache import SqliteCache
+from npl_agi.config import NumberConfig, load_config
 from npl_agi.number import normalise, validate
+from npl_agi.protocol import Answer
 from npl_agi.simulator import Simulator, simulated_answer
 
 CDR_SNIPPET = DIALPLAN / "npl-cdr-custom.conf"  # the shipped cdr_custom snippet, included as is
@@ -82,6 +84,12 @@ exten => _X.,1,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)=${{NPL_TEST_TOKEN}}|inject
 ; The subroutine on its own, given the dialled extension as it is.
 [test-gosub]
 exten => _X.,1,Gosub(npl-lookup,s,1(${{EXTEN}}))
+ same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
+ same => n,Hangup()
+
+; The subroutine asked for a fresh lookup, its second argument.
+[test-gosub-fresh]
+exten => _X.,1,Gosub(npl-lookup,s,1(${{EXTEN}},fresh))
  same => n,Set(FILE(${{NPL_TEST_RESULTS}},,,al,u)={record})
  same => n,Hangup()
 
@@ -151,6 +159,7 @@ class Pbx:
     results: Path
     stage: Path
     tokens: Iterator[int]
+    config: Path
 
     @property
     def agi(self) -> Path:
@@ -190,7 +199,7 @@ class Pbx:
             ends = {r["channel"][-2:] for r in rows if "@npl-outbound-" in r["channel"]}
             return rows if {";1", ";2"} <= ends else []
 
-        rows = wait_for(finished, 20, lambda: f"the CDRs of {exten!r}\n{self.asterisk.console_tail()}")
+        rows = wait_for(finished, wait + 10, lambda: f"the CDRs of {exten!r}\n{self.asterisk.console_tail()}")
         outbound = [r for r in rows if r["channel"].endswith(";2") and r["dcontext"] == "npl-outbound"]
         assert outbound, rows
         return token, outbound
@@ -233,7 +242,7 @@ def pbx(tmp_path_factory) -> Iterator[Pbx]:
         asterisk.cdr_custom(CDR_SNIPPET)
         try:
             asterisk.start()
-            yield Pbx(asterisk, sim, results, stage, itertools.count(1))
+            yield Pbx(asterisk, sim, results, stage, itertools.count(1), config)
         finally:
             asterisk.stop()
 
@@ -327,6 +336,42 @@ def test_unavailable_trunk_moves_on_to_the_fallback(pbx: Pbx) -> None:
     assert pbx.trunks(token) == [("trunk-ee", dialled), ("trunk-default", dialled)]
     assert [(c["npl_route"], c["disposition"]) for c in cdrs] == [(DOWN, "CONGESTION"), ("fallback", "ANSWERED")]
     assert {c["npl_mccmnc"] for c in cdrs} == {DOWN}
+    assert {c["npl_retry"] for c in cdrs} == {""}  # the service's own answer: no retry
+
+
+def test_a_cached_number_whose_trunk_is_unavailable_is_looked_up_fresh_once(pbx: Pbx) -> None:
+    """The second call to a number is routed from the cache; its trunk congests, so the number is
+    looked up once more, fresh (a credit), and the same network takes the fallback."""
+    (dialled,) = numbers_on(DOWN, 1, start=6000)
+    msisdn = "44" + dialled[1:]
+    first, _ = pbx.call(dialled)
+    charged = pbx.sim.stats()["charged"].count(msisdn)
+    token, cdrs = pbx.call(dialled, wait=20)  # two lookups before the fallback answers
+    assert pbx.trunks(first) == pbx.trunks(token) == [("trunk-ee", dialled), ("trunk-default", dialled)]
+    assert pbx.sim.stats()["charged"].count(msisdn) == charged + 1 == 2
+    assert [(c["npl_route"], c["disposition"], c["npl_retry"]) for c in cdrs] == [
+        (DOWN, "CONGESTION", ""),
+        ("fallback", "ANSWERED", "same"),
+    ]
+    assert {c["npl_mccmnc"] for c in cdrs} == {DOWN}
+    messages = (pbx.asterisk.log / "messages.log").read_text(errors="replace")
+    assert f"npl-agi: '{dialled}' -> {DOWN} EE (cache" in messages  # the routed answer was the cache's
+
+
+def test_a_cached_number_found_on_a_network_without_a_route_takes_the_fallback(pbx: Pbx) -> None:
+    """Cached on EE, whose trunk congests; the fresh lookup finds it on Three UK, which has no
+    route: the call takes the fallback, priced and recorded as Three's."""
+    (dialled,) = numbers_on(UNROUTED, 1, start=6200)
+    msisdn = "44" + dialled[1:]
+    SqliteCache(load_config(str(pbx.config)).cache).put_many([Answer(msisdn, mccmnc=DOWN, source="api")])
+    token, cdrs = pbx.call(dialled, wait=20)  # two lookups before the fallback answers
+    assert pbx.trunks(token) == [("trunk-ee", dialled), ("trunk-default", dialled)]
+    assert pbx.sim.stats()["charged"].count(msisdn) == 1
+    assert [(c["npl_mccmnc"], c["npl_route"], c["npl_retry"]) for c in cdrs] == [
+        (DOWN, DOWN, ""),
+        (UNROUTED, "fallback", "changed"),
+    ]
+    assert (cdrs[-1]["npl_network"], cdrs[-1]["npl_rate"]) == ("3", "offnet")
 
 
 def test_agi_that_cannot_run_is_a_failure_and_takes_the_fallback(pbx: Pbx) -> None:
@@ -459,7 +504,9 @@ def test_caller_hanging_up_during_a_slow_lookup_leaves_no_agi_process(pbx: Pbx, 
 
 def test_cdr_snippet_writes_every_npl_field(pbx: Pbx) -> None:
     """The shipped npl-cdr-custom.conf, #included in cdr_custom.conf, carries the npl_* fields."""
-    assert {"npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route"} <= set(pbx.asterisk.cdr_fields)
+    assert {"npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route", "npl_retry"} <= set(
+        pbx.asterisk.cdr_fields
+    )
     assert pbx.asterisk.cdr_file.name == "npl-cdr.csv"
     dialled = number_on("23410")
     _, (cdr,) = pbx.call(dialled)
@@ -469,6 +516,7 @@ def test_cdr_snippet_writes_every_npl_field(pbx: Pbx) -> None:
         "npl_err": "",
         "npl_rate": "offnet",
         "npl_route": "23410",
+        "npl_retry": "",
     }
     assert cdr["start"] and cdr["end"] and cdr["uniqueid"]
 
@@ -524,28 +572,40 @@ def test_agisighup_is_not_left_set_after_the_lookup(pbx: Pbx) -> None:
 
 def test_the_gosub_passes_the_time_it_calls_the_agi(pbx: Pbx) -> None:
     """The call's deadline starts at the dialplan's AGI() call: the Gosub passes that time, to the
-    millisecond (EPOCH alone is whole seconds), after the number."""
+    millisecond (EPOCH alone is whole seconds), last, after the number and the Gosub's second
+    argument (``fresh``, or empty)."""
     real = pbx.agi.read_bytes()
-    script = TOKEN_PRELUDE + f'printf "%s|args|%s|%s|%s\\n" "$token" "$#" "$1" "$2" >> {pbx.results}\n'
+    script = TOKEN_PRELUDE + f'printf "%s|args|%s|%s|%s|%s\\n" "$token" "$#" "$1" "$2" "$3" >> {pbx.results}\n'
     seen = []
     try:
         pbx.agi.write_text(script)
-        for _ in range(2):
+        for context in ("test-gosub", "test-gosub-fresh"):
             token = pbx.token()
             before = time.time()
-            pbx.asterisk.originate("Local/07788450450@test-gosub", token)
+            pbx.asterisk.originate(f"Local/07788450450@{context}", token)
             (record,) = wait_for(
                 lambda token=token: [r for r in pbx.records(token) if r[0] == "args"], 20, "the AGI's arguments"
             )
             seen.append((before, time.time(), record[1:]))
     finally:
         pbx.agi.write_bytes(real)
-    for before, after, (count, number, given) in seen:
-        assert (count, number) == ("2", "07788450450")
+    assert [args[:3] for *_, args in seen] == [["3", "07788450450", ""], ["3", "07788450450", "fresh"]]
+    for before, after, (_, number, second, given) in seen:
         assert re.fullmatch(r"t=\d{10}\.\d{3}", given), given
         assert before - 1 <= float(given[2:]) <= after
-        assert asked_at([number, given], after, 0.0) is not None
-    assert any(not given.endswith(".000") for *_, (_, _, given) in seen)
+        assert asked_at([number, second, given], after, 0.0) is not None
+    assert any(not args[3].endswith(".000") for *_, args in seen)
+
+
+def test_a_fresh_gosub_asks_for_a_cached_number(pbx: Pbx) -> None:
+    dialled = numbers_on("23410", 1, start=6100)[0]
+    seen = [pbx.lookup(dialled, context) for context in ("test-gosub", "test-gosub", "test-gosub-fresh")]
+    assert [(s["AGISTATUS"], s["NPL_ERR"], s["NPL_SOURCE"], s["NPL_MCCMNC"]) for s in seen] == [
+        ("SUCCESS", "", "api", "23410"),
+        ("SUCCESS", "", "cache", "23410"),
+        ("SUCCESS", "", "api", "23410"),
+    ]
+    assert pbx.sim.stats()["charged"].count("44" + dialled[1:]) == 2
 
 
 def test_the_script_takes_the_gosubs_time(pbx: Pbx) -> None:

@@ -79,19 +79,20 @@ class FakeAsyncAsker(FakeAsker):
             return {m: protocol.failed(m, e.npl_err, reason=str(e)) for m in misses}
 
 
-def sync_many(chain, dialled: list[str], asker: FakeAsker) -> list[Answer]:
-    return chain(asker).many(dialled, strict=False)
+def sync_many(chain, dialled: list[str], asker: FakeAsker, **kwargs) -> list[Answer]:
+    return chain(asker).many(dialled, strict=False, **kwargs)
 
 
-def async_many(chain, dialled: list[str], asker: FakeAsker) -> list[Answer]:
-    """As the server runs it; its cache steps run inline (the server's go to its cache thread)."""
+def async_many(chain, dialled: list[str], asker: FakeAsker, **kwargs) -> list[Answer]:
+    """As the server runs it; its cache steps run inline (the server's go to its cache thread).
+    ``kwargs`` go to ``many_async`` (``cached``, ``fresh``)."""
     async_asker = FakeAsyncAsker(asker.answer, asker.error)
 
     async def run(work, *args):
         return work(*args)
 
     try:
-        return asyncio.run(chain(None).many_async(dialled, 1e12, asker=async_asker, run=run))
+        return asyncio.run(chain(None).many_async(dialled, 1e12, asker=async_asker, run=run, **kwargs))
     finally:
         asker.asked = async_asker.asked
 
@@ -135,6 +136,73 @@ def test_cached_numbers_never_reach_the_asker(chain, driver):
         ("api", "23410", ""),
     ]
     assert answers[1].network  # the directory's names are filled in
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_fresh_lookup_asks_for_a_cached_number_and_still_refuses_a_bad_one(chain, driver):
+    """``fresh``: the cache's live answer is not read, under the plain reading nor the canonical
+    form that validation finds (``+44 (0)7…``); numbers refused by their form cost nothing."""
+    canonical = "+44 (0)7400 100001"  # FRESH, read again only once validated
+    assert [a.source for a in DRIVERS[driver](chain, [FRESH, canonical], FakeAsker())] == ["cache", "cache"]
+    asker = FakeAsker()
+    answers = DRIVERS[driver](chain, [FRESH, "12", canonical], asker, fresh=True)
+    assert asker.asked == [[msisdn(FRESH)]]
+    assert [(a.source, a.mccmnc, a.error) for a in answers] == [
+        ("api", "23410", ""),
+        ("", "", "BADNUMBER"),
+        ("api", "23410", ""),
+    ]
+
+
+def test_a_fresh_lookup_on_the_loop_skips_the_servers_cache_hit(chain):
+    """The server resolves a hit on its loop (``cached``); a fresh call never asks it."""
+    resolutions = []
+
+    def cached(dialled):
+        resolutions.append(dialled)
+        return chain(None).cached(dialled)
+
+    asker = FakeAsker()
+    (hit,) = async_many(chain, [FRESH], asker, cached=cached)
+    (fresh,) = async_many(chain, [FRESH], asker, cached=cached, fresh=True)
+    assert (hit.source, fresh.source, fresh.mccmnc) == ("cache", "api", "23410")
+    assert resolutions == [[FRESH]]
+    assert asker.asked == [[msisdn(FRESH)]]
+
+
+def test_cached_resolves_only_numbers_refused_by_form_when_fresh(chain):
+    lookup = chain(None)
+    assert lookup.cached([FRESH]) is not None
+    assert lookup.cached([FRESH], fresh=True) is None
+    (bad,) = lookup.finish(lookup.cached(["12"], fresh=True), {})
+    assert bad.error == "BADNUMBER"
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_fresh_lookup_of_a_failing_service_still_gets_stale_entries(chain, driver):
+    asker = refused(Unreachable("connection refused"))
+    known, live = DRIVERS[driver](chain, [KNOWN, FRESH], asker, fresh=True)
+    assert asker.asked == [[msisdn(KNOWN), msisdn(FRESH)]]
+    assert (known.source, known.mccmnc, known.error) == ("stale", "23415", "")
+    assert (live.mccmnc, live.error) == ("", "UNREACHABLE")  # its live entry is not read, and is not stale
+
+
+def test_a_fresh_lookup_stores_the_services_answer_over_the_cached_one(tmp_path, sim):
+    """The chain's own asker against the simulator: the answer of a fresh lookup is paid for
+    once and replaces the cached one, which the next lookup then reads."""
+    config = load_config(str(write_config(tmp_path / "npl-agi.conf", sim.url)))
+    cache = SqliteCache(config.cache)
+    cache.put_many([Answer("447788450450", mccmnc="23410", source="api")])  # the simulator says 23415
+    lookup = Lookup(config, cache=cache)
+    before = lookup.one(KNOWN)
+    fresh = lookup.one(KNOWN, fresh=True)
+    after = lookup.one(KNOWN)
+    assert [(a.source, a.mccmnc) for a in (before, fresh, after)] == [
+        ("cache", "23410"),
+        ("api", "23415"),
+        ("cache", "23415"),
+    ]
+    assert sim.stats()["charged"] == ["447788450450"]
 
 
 SERVICE_FAILED = {

@@ -95,6 +95,17 @@ def test_lookup_line_marks_a_cached_answer(config_file, subprocess_env, sim) -> 
     assert sim.stats()["charged"] == ["447788450450"]
 
 
+def test_lookup_fresh_asks_whatever_the_cache_holds_and_caches_the_answer(config_file, subprocess_env, sim) -> None:
+    lookup = ["lookup", "--config", str(config_file), "--json"]
+    sources = []
+    for extra in ([], ["--fresh"], [], ["--fresh", PORTED]):  # a number twice in a run: asked once
+        done = run([*lookup, *extra, PORTED], subprocess_env)
+        assert done.returncode == 0, done.stderr
+        sources.append([a["source"] for a in json.loads(done.stdout)])
+    assert sources == [["api"], ["api"], ["cache"], ["api", "api"]]
+    assert sim.stats()["charged"] == ["447788450450"] * 3
+
+
 def test_lookup_line_for_numbers_that_cost_nothing(config_file, subprocess_env, sim) -> None:
     done = run(["lookup", "--config", str(config_file), "07912;345678", "020 7946 0018"], subprocess_env)
     assert done.returncode == 0, done.stderr

@@ -18,8 +18,11 @@ from npl_agi.agi import VARIABLES
 
 SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf")
 LINT_FINDING = re.compile(r"\b[EWHI]_[A-Z0-9_]+\b")
-# The process script, given the number and the time of the call (to the ms: the deadline's start).
-PROCESS_AGI = "AGI(npl-lookup.agi,${ARG1},t=${STRFTIME(,,%s.%3q)})"
+# The process script, given the number, the Gosub's second argument (fresh, or empty) and the
+# time of the call (to the ms: the deadline's start), last, so the script takes this one.
+PROCESS_AGI = "AGI(npl-lookup.agi,${ARG1},${ARG2},t=${STRFTIME(,,%s.%3q)})"
+FASTAGI = "AGI(${NPL_FASTAGI}/npl-lookup,${ARG1},${ARG2})"
+FRESH_LOOKUP = "Gosub(npl-lookup,s,1(${NPL_DIAL},fresh))"
 UK_NETWORKS = {"23415": "Vodafone UK", "23410": "O2 UK", "23430": "EE", "23420": "Three UK"}
 
 
@@ -128,6 +131,14 @@ def test_outbound_matches_numbers_only() -> None:
     assert re.findall(r"^exten\s*=>\s*(_[^,]*),", outbound, flags=re.MULTILINE) == ["_X.", "_+X."]
 
 
+def test_the_benchmarks_vary_the_shipped_agi_line() -> None:
+    """bench/ replaces the process script's line of npl-lookup.conf by its variants' lines."""
+    from bench.pbx import AGI_LINE
+
+    assert AGI_LINE == PROCESS_AGI
+    assert bundled()["npl-lookup.conf"].count(AGI_LINE) == 1
+
+
 def test_lookup_clears_every_variable_before_the_agi_runs() -> None:
     """Every variable npl_agi sets is emptied first, so nothing stale survives an AGI that fails."""
     text = bundled()["npl-lookup.conf"]
@@ -138,7 +149,7 @@ def test_lookup_clears_every_variable_before_the_agi_runs() -> None:
 
 def test_fastagi_when_npl_fastagi_is_set_and_the_process_script_when_it_fails() -> None:
     lines = [line.strip() for line in bundled()["npl-lookup.conf"].splitlines() if not line.startswith(";")]
-    fast = lines.index("same => n,AGI(${NPL_FASTAGI}/npl-lookup,${ARG1})")
+    fast = lines.index(f"same => n,{FASTAGI}")
     assert lines[fast - 1] == 'same => n,GotoIf($["${NPL_FASTAGI}" = ""]?process)'
     assert lines[fast + 1] == 'same => n,GotoIf($["${AGISTATUS}" != "FAILURE"]?done)'
     assert lines[fast + 2].startswith("same => n(process),Set(LOCAL(npl_max)=")
@@ -155,4 +166,45 @@ def test_snippets_leave_globals_to_extensions_conf() -> None:
     """A second [globals] would be ignored or override the admin's; settings are documented instead."""
     for name, text in bundled().items():
         assert not re.search(r"^\[globals\]", text, flags=re.MULTILINE), name
-    assert "NPL_ONNET_MCCMNC=23415" in bundled()["npl-outbound.conf"].split("[npl-outbound]")[0]
+    header = bundled()["npl-outbound.conf"].split("[npl-outbound]")[0]
+    for setting in ("NPL_ONNET_MCCMNC=23415", "NPL_RETRY_CAUSES=1,3", "NPL_RETRY_DIALSTATUS=CHANUNAVAIL,CONGESTION"):
+        assert setting in header
+    assert "npl_retry" in header
+
+
+def outbound_lines() -> list[str]:
+    """npl-outbound.conf's dialplan lines, without comments."""
+    text = bundled()["npl-outbound.conf"]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(";")]
+
+
+def test_outbound_retries_with_one_fresh_lookup_at_most_once_a_call() -> None:
+    lines = outbound_lines()
+    lookups = [line for line in lines if "Gosub(npl-lookup," in line]
+    assert lookups == ["exten => s,1,Gosub(npl-lookup,s,1(${NPL_DIAL}))", f"same => n,{FRESH_LOOKUP}"]
+    (fresh,) = [i for i, line in enumerate(lines) if FRESH_LOOKUP in line]
+    assert lines[fresh - 1] == "same => n(retry),Set(LOCAL(npl_was)=${NPL_MCCMNC})"
+    assert lines[fresh + 1] == "same => n,Set(LOCAL(npl_retry)=changed)"  # never empty again: the guard holds
+    retry = lines[fresh:]
+    assert "same => n,Set(CDR(npl_retry)=${npl_retry})" in retry
+    assert retry[-1] == "same => n,Goto(price)"  # priced and routed again: the CDR fields follow
+    # The only ways to the retry, each after the guard that it has not happened yet.
+    into = [i for i, line in enumerate(lines) if line.endswith("?retry)")]
+    guard = lines.index('same => n,GotoIf($["${npl_retry}" != ""]?unavailable)')
+    assert into and all(guard < i < fresh for i in into)
+    assert [lines[i] for i in into] == [
+        "same => n,GotoIf($[${FIELDNUM(npl_causes,\\,,${HANGUPCAUSE})} > 0]?retry)",
+        "same => n,GotoIf($[${FIELDNUM(npl_statuses,\\,,${DIALSTATUS})} > 0]?retry)",
+    ]
+
+
+def test_outbound_retries_only_for_answers_not_asked_for_this_call() -> None:
+    lines = outbound_lines()
+    source = 'same => n,GotoIf($["${NPL_SOURCE}" != "cache" & "${NPL_SOURCE}" != "stale"'
+    source += ' & "${NPL_SOURCE}" != "range"]?unavailable)'
+    assert lines.index(source) < min(i for i, line in enumerate(lines) if line.endswith("?retry)"))
+    # after the retry, only a changed network leaves the fallback path
+    fallback = 'same => n,GotoIf($["${npl_retry}" = "same" | "${npl_retry}" = "failed"]?fallback)'
+    assert lines.index(fallback) < lines.index(
+        "same => n,GotoIf($[${DIALPLAN_EXISTS(npl-routes,${NPL_MCCMNC},1)}]?route)"
+    )

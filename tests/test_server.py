@@ -18,6 +18,7 @@ from npl_agi.agi import VARIABLES
 from npl_agi.cache import SqliteCache
 from npl_agi.config import load_config
 from npl_agi.emulator import AgiEmulator, fastagi_call
+from npl_agi.lookup import Lookup
 from npl_agi.protocol import Answer
 from npl_agi.simulator import Simulator
 from tests.conftest import AGI_SCRIPT, write_config
@@ -185,6 +186,53 @@ def test_a_time_argument_after_the_number_changes_nothing_here(tmp_path, sim):
     v = run(main()).variables
     assert (v["NPL_ERR"], v["NPL_NUMBER"], v["NPL_MCCMNC"], v["NPL_SOURCE"]) == ("", "447788450450", "23415", "api")
     assert int(v["NPL_LOOKUP_MS"]) < 30_000
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_fresh_call_skips_the_cache_on_the_loop_and_in_memory_and_stores_its_answer(tmp_path, sim, request, backend):
+    """A number cached on the wrong network (the simulator says 23415): a call is served from
+    the cache (SQLite: on the loop; both: then kept in the server's memory); a ``fresh`` call
+    asks the service whatever either holds, and its answer is what the next call gets."""
+    cache = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url} if backend == "redis" else {}
+    config = config_for(tmp_path, sim, cache=cache)
+    lookup = Lookup(config)
+    lookup.store([Answer("447788450450", mccmnc="23410", msc="447", imsi="23410")])
+
+    async def main():
+        server = await serving(config)
+        host, port = server.address
+        try:
+            served = [await fastagi_call(host, port, ["07788450450"])]
+            assert len(server.state.lookup.cache.recent) == 1  # the cached answer is in memory now
+            served.append(await fastagi_call(host, port, ["07788450450", "fresh"]))
+            await server.state.broker.settled()
+            served.append(await fastagi_call(host, port, ["07788450450"]))
+            return served
+        finally:
+            await server.drain()
+
+    cached, fresh, after = (r.variables for r in run(main()))
+    assert (cached["NPL_SOURCE"], cached["NPL_MCCMNC"]) == ("cache", "23410")
+    assert (fresh["NPL_ERR"], fresh["NPL_SOURCE"], fresh["NPL_MCCMNC"]) == ("", "api", "23415")
+    assert (after["NPL_SOURCE"], after["NPL_MCCMNC"]) == ("cache", "23415")
+    assert sim.stats()["charged"] == ["447788450450"]
+    assert Lookup(config).cache.get_many(["447788450450"])["447788450450"].mccmnc == "23415"
+
+
+def test_a_fresh_call_for_a_number_refused_by_its_form_asks_nothing(tmp_path, sim):
+    config = config_for(tmp_path, sim)
+
+    async def main():
+        server = await serving(config)
+        try:
+            return [
+                await fastagi_call(*server.address, args) for args in (["hello", "fresh"], ["0123", "t=1", "fresh"])
+            ]
+        finally:
+            await server.drain()
+
+    assert [r.variables["NPL_ERR"] for r in run(main())] == ["BADNUMBER", "BADNUMBER"]
+    assert sim.stats()["requests"] == []
 
 
 def test_200_distinct_calls_at_once_share_one_connection_and_a_few_requests(tmp_path, sim):

@@ -5,7 +5,8 @@ every trunk's contact at a SIPp UAS of its own (one per route of npl-routes.conf
 fallback's), and its extensions.conf includes npl-lookup.conf, npl-outbound.conf and
 npl-routes.conf as shipped: the caller's context only includes npl-outbound, as the README tells
 admins to do. The process script runs against the simulator; the FastAGI door too, through a
-running ``npl-agi serve``.
+running ``npl-agi serve``. The Vodafone trunk refuses a block of numbers (404 Not Found), as a
+network refuses a number that has left it: the outbound context's retry.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from test_asterisk import numbers_on
 from test_server import start_process
 
 from npl_agi import cli
+from npl_agi.cache import SqliteCache
+from npl_agi.config import load_config
+from npl_agi.protocol import Answer
 from npl_agi.simulator import Simulator
 
 ROUTES = DIALPLAN / "npl-routes.conf"
@@ -42,6 +46,9 @@ include => npl-outbound
 SLOW = "07400999902"  # the simulator holds this query (hang_seconds): the lookup runs to its deadline
 HANGING = "07401999902"  # held like SLOW (the same fault suffix), for a test of its own
 HANG = 12  # seconds the simulator holds SLOW, longer than the calls' 8 s deadline
+REFUSING = "trunk-vodafone"  # refuses the numbers 07788459NNN: 404 Not Found, hangup cause 1
+REFUSED = "07788459[0-9]{3}"
+REFUSED_FROM = 9000  # numbers_on(..., start=REFUSED_FROM) are in that block
 
 
 @dataclass
@@ -64,13 +71,39 @@ class SipPbx:
 
     def cdr(self, number: str) -> dict[str, str]:
         """The one CDR of the caller's SIP channel for a call to ``number``."""
-        rows = wait_for(
-            lambda: [r for r in self.asterisk.cdr_rows(number, field="dst") if r["channel"].startswith("PJSIP/sipp-")],
-            20,
-            f"the CDR of the call to {number}",
-        )
-        (row,) = rows
+        (row,) = self.cdrs(number, 1)
         return row
+
+    def cdrs(self, number: str, count: int) -> list[dict[str, str]]:
+        """The ``count`` CDRs of the caller's SIP channel for a call to ``number`` (one per Dial)."""
+
+        def written() -> list[dict[str, str]]:
+            rows = [r for r in self.asterisk.cdr_rows(number, field="dst") if r["channel"].startswith("PJSIP/sipp-")]
+            return rows if len(rows) >= count else []
+
+        rows = wait_for(written, 30, f"{count} CDRs of the call to {number}")
+        assert len(rows) == count, rows
+        return rows
+
+    def cache(self, dialled: str, mccmnc: str) -> str:
+        """Cache ``dialled`` on ``mccmnc``, as an earlier call's lookup would have; its msisdn."""
+        msisdn = "44" + dialled[1:]
+        SqliteCache(load_config(str(self.config)).cache).put_many([Answer(msisdn, mccmnc=mccmnc, source="api")])
+        return msisdn
+
+    def charged(self, msisdn: str) -> int:
+        return self.sim.stats()["charged"].count(msisdn)
+
+    @contextlib.contextmanager
+    def globals(self, **values: str) -> Iterator[None]:
+        """Globals of extensions.conf set for the calls inside, empty (unset) again after."""
+        try:
+            for name, value in values.items():
+                self.asterisk.cli(f"dialplan set global {name} {value}")
+            yield
+        finally:
+            for name in values:
+                self.asterisk.cli(f'dialplan set global {name} ""')
 
     def active_channels(self) -> int:
         shown = self.asterisk.cli("core show channels")
@@ -105,7 +138,10 @@ def pbx(tmp_path_factory) -> Iterator[SipPbx]:
     with Simulator("127.0.0.1", 0, hang_seconds=HANG) as sim, contextlib.ExitStack() as stack:
         config = write_config(root / "npl-agi.conf", sim.url, api={"timeout": 8}, fastagi={"metrics_listen": ""})
         env = {**os.environ, "PYTHONPATH": str(ROOT), "NPL_AGI_CONFIG": str(config)}
-        trunks = {name: Trunk(name, root).start() for name in trunk_names(PJSIP_SAMPLE.read_text())}
+        trunks = {
+            name: Trunk(name, root, refuse=REFUSED if name == REFUSING else None).start()
+            for name in trunk_names(PJSIP_SAMPLE.read_text())
+        }
         for trunk in trunks.values():
             stack.callback(trunk.stop)
         port = free_udp_port()
@@ -149,6 +185,7 @@ def test_a_vodafone_number_arrives_at_the_vodafone_trunk(pbx: SipPbx) -> None:
         "npl_rate": "onnet",
         "npl_ported": "0",
         "npl_route": "23415",
+        "npl_retry": "",
     }
 
 
@@ -228,3 +265,140 @@ def test_through_the_fastagi_server_and_the_process_script_when_it_is_stopped(pb
         assert (pbx.cdr(number)["npl_mccmnc"], pbx.cdr(number)["npl_route"]) == ("23410", "23410")
     assert f"'*******{served[-4:]}' -> 23410" in log  # the server's line for its lookup
     assert after[-4:] not in log
+
+
+# -- the retry: a number routed from the cache that its network's trunk refuses --
+
+
+RETRY_FIELDS = ("npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route", "npl_retry")
+
+
+def npl_fields(cdr: dict[str, str]) -> dict[str, str]:
+    """The CDR fields the lookup and the retry set, by name."""
+    return {k: cdr[k] for k in RETRY_FIELDS}
+
+
+@contextlib.contextmanager
+def through(pbx: SipPbx, door: str) -> Iterator[list[str]]:
+    """The calls inside looked up through ``door``: the process script, or a running ``npl-agi
+    serve`` (then the list holds its log once it has stopped)."""
+    log: list[str] = []
+    if door == "process":
+        yield log
+        return
+    server, port = start_process(pbx.config, pbx.env)
+    try:
+        pbx.set_fastagi(f"agi://127.0.0.1:{port}")
+        yield log
+    finally:
+        pbx.set_fastagi("")
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(15)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            log.append(server.communicate()[1])
+
+
+@pytest.mark.parametrize(
+    ("door", "settings", "index"),
+    [("process", {}, 0), ("process", {"NPL_RETRY_DIALSTATUS": "none"}, 1), ("fastagi", {}, 2)],
+    ids=["process", "by-hangupcause-only", "fastagi"],
+)
+def test_a_number_cached_on_a_network_it_left_is_looked_up_fresh_and_reaches_its_new_network(
+    pbx: SipPbx, door: str, settings: dict[str, str], index: int
+) -> None:
+    """Cached on Vodafone, the number is on O2 now: Vodafone's trunk refuses it (404, cause 1),
+    one fresh lookup (one credit) finds O2, and O2's trunk gets the call with the number dialled.
+    With NPL_RETRY_DIALSTATUS=none the cause alone retries (a 404 is CHANUNAVAIL too)."""
+    dialled = numbers_on("23410", 3, start=REFUSED_FROM)[index]
+    msisdn = pbx.cache(dialled, "23415")
+    with pbx.globals(**settings), through(pbx, door) as log:
+        pbx.call(dialled)
+    assert pbx.dialled(dialled) == [(REFUSING, dialled), ("trunk-o2", dialled)]  # each Request-URI's user
+    assert pbx.charged(msisdn) == 1
+    refused, answered = pbx.cdrs(dialled, 2)
+    assert (refused["npl_mccmnc"], refused["npl_route"], refused["npl_retry"]) == ("23415", "23415", "")
+    assert refused["dstchannel"].startswith(f"PJSIP/{REFUSING}-")
+    assert answered["disposition"] == "ANSWERED"
+    assert answered["dstchannel"].startswith("PJSIP/trunk-o2-")
+    assert npl_fields(answered) == {
+        "npl_mccmnc": "23410",
+        "npl_network": "O2 (UK)",
+        "npl_err": "",
+        "npl_rate": "offnet",
+        "npl_route": "23410",
+        "npl_retry": "changed",
+    }
+    if door == "fastagi":  # both lookups were the server's: the cache's answer, then the service's
+        (text,) = log
+        assert f"'*******{dialled[-4:]}' -> 23415 Vodafone UK (cache" in text
+        assert f"'*******{dialled[-4:]}' -> 23410 O2 (UK) (api" in text
+
+
+def test_a_number_whose_fresh_lookup_gives_the_same_network_takes_the_fallback(pbx: SipPbx) -> None:
+    (dialled,) = numbers_on("23415", 1, start=REFUSED_FROM)
+    msisdn = pbx.cache(dialled, "23415")
+    pbx.call(dialled)
+    assert pbx.dialled(dialled) == [(REFUSING, dialled), ("trunk-default", dialled)]
+    assert pbx.charged(msisdn) == 1
+    refused, answered = pbx.cdrs(dialled, 2)
+    assert (refused["npl_route"], refused["npl_retry"]) == ("23415", "")
+    assert answered["disposition"] == "ANSWERED"
+    assert answered["dstchannel"].startswith("PJSIP/trunk-default-")
+    assert npl_fields(answered) == {
+        "npl_mccmnc": "23415",
+        "npl_network": "Vodafone UK",
+        "npl_err": "",
+        "npl_rate": "onnet",
+        "npl_route": "fallback",
+        "npl_retry": "same",
+    }
+
+
+@pytest.mark.parametrize(
+    ("cached", "settings", "index"),
+    [(False, {}, 1), (True, {"NPL_RETRY_DIALSTATUS": "none", "NPL_RETRY_CAUSES": "21,31"}, 2)],
+    ids=["answered-by-the-service", "cause-not-in-the-list"],
+)
+def test_a_refused_number_is_not_retried_when_the_service_answered_or_its_cause_is_not_listed(
+    pbx: SipPbx, cached: bool, settings: dict[str, str], index: int
+) -> None:
+    """The service's own answer is not asked again; and the cause list is matched field by
+    field: cause 1 is not in 21,31. Either way the refused call takes the fallback, as a trunk
+    that is unavailable does."""
+    dialled = numbers_on("23415", 3, start=REFUSED_FROM)[index]
+    msisdn = pbx.cache(dialled, "23415") if cached else "44" + dialled[1:]
+    with pbx.globals(**settings):
+        pbx.call(dialled)
+    assert pbx.dialled(dialled) == [(REFUSING, dialled), ("trunk-default", dialled)]
+    assert pbx.charged(msisdn) == (0 if cached else 1)
+    refused, answered = pbx.cdrs(dialled, 2)
+    assert [(c["npl_route"], c["npl_retry"]) for c in (refused, answered)] == [("23415", ""), ("fallback", "")]
+    assert answered["disposition"] == "ANSWERED"
+
+
+def test_a_number_whose_fresh_lookup_fails_takes_the_fallback(pbx: SipPbx) -> None:
+    """The service is down when the refused number is looked up again: the call takes the
+    fallback, recorded with the fresh lookup's NPL_ERR."""
+    (dialled,) = numbers_on("23410", 1, start=REFUSED_FROM + 100)
+    pbx.cache(dialled, "23415")
+    host, port = pbx.sim.server.server_address[:2]
+    pbx.sim.stop()
+    try:
+        pbx.call(dialled)
+    finally:
+        pbx.sim = Simulator(host, port, hang_seconds=HANG).start()
+    assert pbx.dialled(dialled) == [(REFUSING, dialled), ("trunk-default", dialled)]
+    refused, answered = pbx.cdrs(dialled, 2)
+    assert (refused["npl_route"], refused["npl_retry"]) == ("23415", "")
+    assert answered["disposition"] == "ANSWERED"
+    assert npl_fields(answered) == {
+        "npl_mccmnc": "",
+        "npl_network": "",
+        "npl_err": "UNREACHABLE",
+        "npl_rate": "unknown",
+        "npl_route": "fallback",
+        "npl_retry": "failed",
+    }
