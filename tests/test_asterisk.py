@@ -32,6 +32,7 @@ from asterisk_fixture import (
 )
 from conftest import write_config
 
+from npl_agi import cli
 from npl_agi.agi import asked_at
 from npl_agi.cache import SqliteCache
 from npl_agi.config import NumberConfig, load_config
@@ -504,17 +505,22 @@ def test_caller_hanging_up_during_a_slow_lookup_leaves_no_agi_process(pbx: Pbx, 
 
 def test_cdr_snippet_writes_every_npl_field(pbx: Pbx) -> None:
     """The shipped npl-cdr-custom.conf, #included in cdr_custom.conf, carries the npl_* fields."""
-    assert {"npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_route", "npl_retry"} <= set(
+    assert {"npl_mccmnc", "npl_network", "npl_err", "npl_rate", "npl_ported", "npl_route", "npl_retry"} <= set(
         pbx.asterisk.cdr_fields
     )
     assert pbx.asterisk.cdr_file.name == "npl-cdr.csv"
     dialled = number_on("23410")
+    ranges = pbx.config.parent / "ranges.csv"
+    uk = NumberConfig(country_code="44")
+    ranges.write_text(f"{validate(normalise(dialled, uk), uk)},23415\n")  # its block: ported from Vodafone
+    assert cli.main(["--config", str(pbx.config), "ranges", "import", str(ranges)]) == 0
     _, (cdr,) = pbx.call(dialled)
     assert {k: cdr[k] for k in cdr if k.startswith("npl_")} == {
         "npl_mccmnc": "23410",
         "npl_network": "O2 (UK)",
         "npl_err": "",
         "npl_rate": "offnet",
+        "npl_ported": "1",
         "npl_route": "23410",
         "npl_retry": "",
     }
