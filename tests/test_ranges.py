@@ -281,17 +281,153 @@ def test_tool_check(builder, tmp_path):
     assert f"first difference at line {line} " in done.stderr
 
 
+def bundled_sources(builder):
+    """The directory and the aliases the bundled table is built from."""
+    directory = builder.read_directory(Path(builder.DIRECTORY).read_text(encoding="utf-8"))
+    text = Path(builder.ALIASES).read_text(encoding="utf-8")
+    return directory, builder.read_aliases(text, "range_aliases.tsv", directory, CARRIER_DATA)
+
+
 def test_the_table_gives_every_source_prefix_its_own_mapping(builder):
     """Rows dropped as redundant and rows kept as unknown leave every number its source answer.
 
     A number's answer depends only on its longest source prefix, and every row is a source prefix,
     so checking each source prefix as a number checks every number.
     """
-    directory = builder.read_directory(Path(builder.DIRECTORY).read_text(encoding="utf-8"))
+    directory, aliases = bundled_sources(builder)
     table = RangeTable.load()
     for prefix, names in CARRIER_DATA.items():
-        expected = builder.map_prefix(prefix, names.get("en"), directory)[0]
+        expected = builder.map_prefix(prefix, names.get("en"), directory, aliases).mccmnc
         assert holder(prefix, table) == expected, prefix
+
+
+def test_the_header_records_the_aliases(builder):
+    aliases = bundled_sources(builder)[1]
+    lines = [x for x in Path(builder.ALIASES).read_text(encoding="utf-8").splitlines() if x and x[0] != "#"]
+    assert len(aliases.by_name) == len(lines)
+    assert f"# Aliases: {len(lines)} of tools/range_aliases.tsv, each " in BUNDLED
+
+
+# A directory and carriers for the small builds: two EE codes, Jersey's JT and Guernsey's Sure
+# filed under GB as the real directory files them.
+SMALL_DIRECTORY = (
+    "# Source: a test. Extracted 2026-01-01.\n"
+    "234\tGB\t\n23410\tGB\tO2 (UK)\n23415\tGB\tVodafone UK\n23426\tGB\tLycamobile\n23430\tGB\tEE\n"
+    "23433\tGB\tEE\n23450\tGB\tJT\n23455\tGB\tSure Mobile\n20801\tFR\tOrange\n"
+)
+SMALL_CARRIERS = {
+    "447404": {"en": "Lycamobile"},
+    "4474041": {"en": "EE"},  # two EE codes: the alias decides
+    "447405": {"en": "Vodafone"},
+    "4474051": {"en": "VODAFONE"},  # not the alias's exact name, nor the directory's
+    "44770": {"en": "O2"},  # GB or JE: the alias is GB's only
+    "447797": {"en": "JT"},  # Jersey's own block, JT filed under GB
+    "447781": {"en": "Sure"},  # Guernsey's own block
+}
+
+
+def small_aliases(builder, text: str):
+    directory = builder.read_directory(SMALL_DIRECTORY)
+    return directory, builder.read_aliases(text, "aliases.tsv", directory, SMALL_CARRIERS)
+
+
+def test_build_with_aliases_on_a_small_source(builder):
+    directory, aliases = small_aliases(
+        builder,
+        "# a comment\n\n"
+        "GB\tEE\t23430\tEE's main code\n"
+        "GB\tVodafone\t23415\tVodafone UK\n"
+        "GB\tO2\t23410\tO2 UK\n"
+        "JE\tJT\t23450\tfiled under GB, Jersey's network\n"
+        "GG\tSure\t23455\tfiled under GB, Guernsey's network\n",
+    )
+    result = builder.build(SMALL_CARRIERS, directory, aliases)
+    assert result.rows == [
+        ("447404", "23426"),
+        ("4474041", "23430"),
+        ("447405", "23415"),
+        ("4474051", ""),
+        ("44770", "23410"),
+        ("447781", "23455"),
+        ("447797", "23450"),
+    ]
+    report = list(builder.report(result, aliases))
+    assert report[:7] == [
+        "aliases.tsv:",
+        "  GB EE -> 23430 (EE): 1 prefix",
+        "  GB Vodafone -> 23415 (Vodafone UK): 1 prefix",
+        "  GB O2 -> 23410 (O2 (UK)): 1 prefix",
+        "  JE JT -> 23450 (JT): 1 prefix",
+        "  GG Sure -> 23455 (Sure Mobile): 1 prefix",
+        "aliases: 5; prefixes mapped by them: 5",
+    ]
+    assert "  VODAFONE (1 prefix): no network of that name" in report
+    assert report[-1] == "carrier names mapped: 6, unmapped: 1; prefixes mapped: 6, unmapped: 1; rows written: 7"
+    header = builder.render(result, directory, aliases, "2026-01-02")
+    assert "# Aliases: 5 of aliases.tsv, each a carrier's exact name in its region declared one\n" in header
+    assert "Built 2026-01-02 by tools/build_ranges.py." in header
+
+
+def test_aliases_of_one_name_in_two_candidate_regions_leave_the_prefix_unmapped(builder):
+    """44770 may be GB's or Jersey's: two aliases that disagree decide nothing."""
+    directory, aliases = small_aliases(builder, "GB\tO2\t23410\tO2 UK\nJE\tO2\t23450\ta test\n")
+    mapping = builder.map_prefix("44770", "O2", directory, aliases)
+    assert mapping == ("", "GB/JE", "aliases of that name: GB 23410 JE 23450", None)
+
+
+def test_bad_alias_lines_are_all_named(builder):
+    text = (
+        "# region, carrier, mccmnc, note\n"
+        "GB\tEE\t23430\tEE's main code\n"
+        "XX\tEE\t23430\tno such region\n"
+        "GB\tVodafone\t23499\tno such code\n"
+        "GB\tVodafone UK\t23415\tthe directory's name, not phonenumbers'\n"
+        "GG\tEE\t23430\tphonenumbers has no EE in Guernsey\n"
+        "GB\tO2\t20801\tanother country's code\n"
+        "GB\tO2\t234\tan MCC, not a network\n"
+        "GB\tEE\t23433\tthe same name again\n"
+        "GB\tVodafone\t23415\n"
+        "GB\tVodafone\t23415\t \n"
+        "001\tEE\t23430\tnot a region\n"
+    )
+    with pytest.raises(SystemExit) as caught:
+        small_aliases(builder, text)
+    version = phonenumbers.__version__
+    assert str(caught.value) == (
+        "aliases.tsv: 10 bad line(s):\n"
+        "  line 3: region 'XX' is not a region of phonenumbers\n"
+        "  line 4: MCCMNC '23499' is not a network of the directory\n"
+        f"  line 5: phonenumbers {version} names no carrier 'Vodafone UK' in GB\n"
+        f"  line 6: phonenumbers {version} names no carrier 'EE' in GG\n"
+        "  line 7: MCCMNC 20801 is Orange of FR in the directory, not a network of GB\n"
+        "  line 8: MCCMNC '234' is not a network of the directory\n"
+        "  line 9: GB 'EE' is on line 2 already\n"
+        "  line 10: 3 field(s); expected 4: region<TAB>carrier<TAB>mccmnc<TAB>note\n"
+        "  line 11: no note: say why this is the network's code\n"
+        "  line 12: region '001' is not a region of phonenumbers"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("GB\tVodafone\t23499\tno such code", "MCCMNC '23499' is not a network of the directory"),
+        ("XX\tVodafone\t23415\tno such region", "region 'XX' is not a region of phonenumbers"),
+        (
+            "GB\tVodafone UK\t23415\tnot phonenumbers' name",
+            f"phonenumbers {phonenumbers.__version__} names no carrier 'Vodafone UK' in GB",
+        ),
+    ],
+)
+def test_a_bad_alias_fails_the_build_with_its_line_named(tmp_path, line, named):
+    aliases = tmp_path / "aliases.tsv"
+    aliases.write_text(f"# aliases\nGB\tO2\t23410\tO2 UK\n{line}\n", encoding="utf-8")
+    out = tmp_path / "ranges.tsv"
+    for args in (["--output", str(out)], ["--check"]):
+        done = run_tool("--aliases", str(aliases), *args)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == f"aliases.tsv: 1 bad line(s):\n  line 3: {named}\n"
+    assert not out.exists()
 
 
 def test_build_on_a_small_source(builder):

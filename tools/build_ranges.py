@@ -11,16 +11,26 @@ through the network directory ``npl_agi/data/mccmnc.tsv``:
 
 The date in the header is ``SOURCE_DATE_EPOCH`` when it is set (the reproducible-builds
 convention), else today; ``--check`` rebuilds with the date recorded in the file. A report of the
-carrier names left unmapped goes to stderr.
+prefixes each alias mapped and of the carrier names left unmapped goes to stderr.
 
-The rule, and nothing looser (no fuzzy matching): a prefix maps to an MCCMNC when the prefix's
-region has exactly one directory entry whose network name equals the carrier's name, both
-compared after ``name_key`` (case folded, everything but letters and digits dropped). The region
-is the ISO region of the prefix's country calling code. Where several regions share a calling
-code (+1, +44 with GG, IM and JE, +7 with KZ, ...), it is the only one of them that can hold a
-number starting with the prefix according to phonenumbers' own patterns (a region's leading
-digits, else its number patterns); when that leaves more than one, the name must match in
-exactly one of the remaining regions, once.
+The region of a prefix is the ISO region of its country calling code. Where several regions share
+a calling code (+1, +44 with GG, IM and JE, +7 with KZ, ...), it is the only one of them that can
+hold a number starting with the prefix according to phonenumbers' own patterns (a region's
+leading digits, else its number patterns); when that leaves more than one, all are looked at.
+
+First the aliases, ``tools/range_aliases.tsv``: each declares that a carrier's exact name in a
+region is one MCCMNC of the directory, where the names differ (``Vodafone`` and ``Vodafone UK``)
+or the network has several codes (EE). A prefix maps by its aliases when those of its region(s)
+give it one MCCMNC; two that disagree leave it unmapped. The file is checked whole before
+anything is built: a region phonenumbers does not know, an MCCMNC the directory does not list
+for that region (or for one sharing its calling code), or a name phonenumbers does not give in
+that region fails the build with the line named, so an alias gone stale with a phonenumbers
+upgrade is noticed.
+
+Then the rule, and nothing looser (no fuzzy matching): a prefix without an alias maps to an
+MCCMNC when its region has exactly one directory entry whose network name equals the carrier's
+name, both compared after ``name_key`` (case folded, everything but letters and digits dropped);
+of several regions, the name must match in exactly one of them, once.
 
 Longest prefix wins: a prefix that cannot be mapped inside one that was keeps a row with an
 empty MCCMNC, so its numbers do not inherit the wrong holder. A row that gives its numbers the
@@ -30,6 +40,7 @@ same answer as its nearest shorter prefix is dropped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import re
@@ -40,6 +51,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
+from typing import NamedTuple
 
 import phonenumbers
 from phonenumbers.carrierdata import CARRIER_DATA
@@ -47,15 +59,18 @@ from phonenumbers.carrierdata import CARRIER_DATA
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(ROOT, "npl_agi", "data", "ranges.tsv")
 DIRECTORY = os.path.join(ROOT, "npl_agi", "data", "mccmnc.tsv")
+ALIASES = os.path.join(ROOT, "tools", "range_aliases.tsv")
 LANGUAGE = "en"
 HEADER = """\
 # Range holders: the MCCMNC of the network each number block was originally allocated to.
 # Source: the carrier data of phonenumbers {version} (libphonenumber, Apache License 2.0),
 # English names, matched to the network directory npl_agi/data/mccmnc.tsv, whose own source is:
 {directory_source}
-# Rule: a prefix maps when its region has exactly one directory entry of the carrier's name
-# (compared case-folded, ignoring whitespace and punctuation; a region shared by a calling code
-# is told apart by phonenumbers' patterns). Longest prefix wins; an empty MCCMNC marks a block
+# Aliases: {aliases} of {aliases_file}, each a carrier's exact name in its region declared one
+# MCCMNC of the directory, applied first.
+# Rule: otherwise a prefix maps when its region has exactly one directory entry of the carrier's
+# name (compared case-folded, ignoring whitespace and punctuation). A region shared by a calling
+# code is told apart by phonenumbers' patterns. Longest prefix wins; an empty MCCMNC marks a block
 # that could not be mapped inside one that was. Built {date} by tools/build_ranges.py.
 # Columns: prefix<TAB>mccmnc
 """
@@ -90,13 +105,16 @@ def name_key(name: str) -> str:
 
 @dataclass
 class Directory:
-    """The directory's codes by (country, name key), and the sentence that says where it is from."""
+    """The directory's codes by (country, name key), its (country, name) by code (to check an
+    alias), and the sentence that says where it is from."""
 
     source: str
     codes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    networks: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def read_directory(text: str) -> Directory:
+    """The directory as the build needs it; its header must say where it is from."""
     header = " ".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
     found = re.search(r"Source: .*?Extracted \d{4}-\d{2}-\d{2}\.", header)
     if not found:
@@ -107,7 +125,91 @@ def read_directory(text: str) -> Directory:
             code, country, name = line.split("\t")
             if name_key(name):
                 directory.codes.setdefault((country, name_key(name)), []).append(code)
+                directory.networks[code] = (country, name)
     return directory
+
+
+# -- the aliases --
+
+ALIAS_COLUMNS = "region<TAB>carrier<TAB>mccmnc<TAB>note"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """One line of the aliases: the carrier's exact name in a region is this MCCMNC, and why;
+    ``network`` is the directory's name for the MCCMNC, for the report."""
+
+    region: str
+    name: str
+    mccmnc: str
+    note: str
+    line: int
+    network: str = ""
+
+
+@dataclass
+class Aliases:
+    """The aliases by (region, exact carrier name), and the file they came from (for the header)."""
+
+    file: str
+    by_name: dict[tuple[str, str], Alias] = field(default_factory=dict)
+
+
+def read_aliases(text: str, file: str, directory: Directory, carriers: dict[str, dict[str, str]]) -> Aliases:
+    """The aliases, checked whole: every bad line is named, then the build stops.
+
+    Lines are ``region<TAB>carrier<TAB>mccmnc<TAB>note``; blank lines and ``#`` lines are skipped.
+    """
+    aliases, bad = Aliases(file), []
+    names = carrier_names(carriers)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        if len(fields) != 4:
+            bad.append(f"line {number}: {len(fields)} field(s); expected 4: {ALIAS_COLUMNS}")
+            continue
+        alias = Alias(*fields, line=number)
+        problem = _alias_problem(alias, directory, names) or _duplicate(alias, aliases)
+        if problem:
+            bad.append(f"line {number}: {problem}")
+        else:
+            network = directory.networks[alias.mccmnc][1]
+            aliases.by_name[alias.region, alias.name] = dataclasses.replace(alias, network=network)
+    if bad:
+        raise SystemExit(f"{file}: {len(bad)} bad line(s):\n  " + "\n  ".join(bad))
+    return aliases
+
+
+def _alias_problem(alias: Alias, directory: Directory, names: dict[str, set[str]]) -> str:
+    """What is wrong with an alias by itself, or ""."""
+    if alias.region not in phonenumbers.SUPPORTED_REGIONS:
+        return f"region {alias.region!r} is not a region of phonenumbers"
+    if alias.mccmnc not in directory.networks:
+        return f"MCCMNC {alias.mccmnc!r} is not a network of the directory"
+    country, network = directory.networks[alias.mccmnc]
+    if country not in phonenumbers.region_codes_for_country_code(phonenumbers.country_code_for_region(alias.region)):
+        return f"MCCMNC {alias.mccmnc} is {network} of {country} in the directory, not a network of {alias.region}"
+    if alias.name not in names.get(alias.region, ()):
+        return f"phonenumbers {phonenumbers.__version__} names no carrier {alias.name!r} in {alias.region}"
+    if not alias.note.strip():
+        return "no note: say why this is the network's code"
+    return ""
+
+
+def _duplicate(alias: Alias, aliases: Aliases) -> str:
+    first = aliases.by_name.get((alias.region, alias.name))
+    return f"{alias.region} {alias.name!r} is on line {first.line} already" if first else ""
+
+
+def carrier_names(carriers: dict[str, dict[str, str]]) -> dict[str, set[str]]:
+    """The carriers' English names by region, a prefix shared by regions counting in each."""
+    names: dict[str, set[str]] = {}
+    for prefix, languages in carriers.items():
+        if languages.get(LANGUAGE):
+            for region in regions(prefix):
+                names.setdefault(region, set()).add(languages[LANGUAGE])
+    return names
 
 
 # -- which region a prefix is in --
@@ -121,8 +223,12 @@ def calling_code(prefix: str) -> tuple[int, str]:
     raise ValueError(f"{prefix}: no country calling code")
 
 
+@cache
 def regions(prefix: str) -> tuple[str, ...]:
-    """The regions that can hold a number starting with the prefix (several: undecided)."""
+    """The regions that can hold a number starting with the prefix (several: undecided).
+
+    Cached: the aliases are checked against every prefix's regions before the build asks again.
+    """
     code, national = calling_code(prefix)
     shared = phonenumbers.region_codes_for_country_code(code)
     if len(shared) == 1:
@@ -255,38 +361,58 @@ class Build:
     # (region or regions, carrier name, why not) -> number of prefixes, for the report.
     unmapped: Counter = field(default_factory=Counter)
     mapped: Counter = field(default_factory=Counter)
+    # Alias -> number of prefixes it mapped.
+    by_alias: Counter = field(default_factory=Counter)
 
 
-def map_prefix(prefix: str, name: str | None, directory: Directory) -> tuple[str, str, str]:
-    """(mccmnc or "", the prefix's region(s), why it is not mapped)."""
+class Mapping(NamedTuple):
+    """A prefix's holder ("" when not mapped), its region(s), why not, and the alias that decided."""
+
+    mccmnc: str
+    label: str
+    why: str
+    alias: Alias | None = None
+
+
+def map_prefix(prefix: str, name: str | None, directory: Directory, aliases: Aliases | None = None) -> Mapping:
+    """The prefix's holder: by its alias, else by the directory's one network of that name."""
     where = regions(prefix)
     label = "/".join(where)
     if where == ("001",):
-        return "", label, "non-geographic calling code"
+        return Mapping("", label, "non-geographic calling code")
     if not name:
-        return "", label, "no English name"
+        return Mapping("", label, "no English name")
+    declared = (
+        [aliases.by_name[region, name] for region in where if (region, name) in aliases.by_name] if aliases else []
+    )
+    if len({alias.mccmnc for alias in declared}) == 1:
+        return Mapping(declared[0].mccmnc, label, "", declared[0])
+    if declared:
+        return Mapping("", label, "aliases of that name: " + " ".join(f"{a.region} {a.mccmnc}" for a in declared))
     key = name_key(name)
     found = [code for region in where for code in directory.codes.get((region, key), [])]
     in_regions = {region for region in where if (region, key) in directory.codes}
     if len(found) == 1:
-        return found[0], label, ""
+        return Mapping(found[0], label, "")
     if not found:
-        return "", label, "no network of that name"
+        return Mapping("", label, "no network of that name")
     if len(in_regions) > 1:
-        return "", label, f"that name in {len(in_regions)} regions"
-    return "", label, f"{len(found)} networks of that name: " + " ".join(sorted(found))
+        return Mapping("", label, f"that name in {len(in_regions)} regions")
+    return Mapping("", label, f"{len(found)} networks of that name: " + " ".join(sorted(found)))
 
 
-def build(carriers: dict[str, dict[str, str]], directory: Directory) -> Build:
+def build(carriers: dict[str, dict[str, str]], directory: Directory, aliases: Aliases | None = None) -> Build:
     """Every prefix's holder, without the rows that do not change any number's answer."""
     result = Build(rows=[])
     holders: dict[str, str] = {}
     for prefix in sorted(carriers):
         name = carriers[prefix].get(LANGUAGE)
-        code, label, why = map_prefix(prefix, name, directory)
+        code, label, why, alias = map_prefix(prefix, name, directory, aliases)
         holders[prefix] = code
         counts = result.unmapped if why else result.mapped
         counts[label, name or "", why] += 1
+        if alias:
+            result.by_alias[alias] += 1
     for prefix in sorted(holders):
         parent = next((holders[prefix[:n]] for n in range(len(prefix) - 1, 0, -1) if prefix[:n] in holders), "")
         if holders[prefix] != parent:
@@ -294,26 +420,42 @@ def build(carriers: dict[str, dict[str, str]], directory: Directory) -> Build:
     return result
 
 
-def render(result: Build, directory: Directory, date: str) -> str:
+def render(result: Build, directory: Directory, aliases: Aliases, date: str) -> str:
+    """The table's text: its header (sources, aliases, rule, date), then its rows."""
     source = "\n".join(textwrap.wrap(directory.source, width=96, initial_indent="#   ", subsequent_indent="#   "))
-    header = HEADER.format(version=phonenumbers.__version__, directory_source=source, date=date)
+    header = HEADER.format(
+        version=phonenumbers.__version__,
+        directory_source=source,
+        aliases=len(aliases.by_name),
+        aliases_file=aliases.file,
+        date=date,
+    )
     return header + "".join(f"{prefix}\t{code}\n" for prefix, code in result.rows)
 
 
-def report(result: Build) -> Iterable[str]:
-    """The carrier names left unmapped, by region, and the totals."""
+def report(result: Build, aliases: Aliases | None = None) -> Iterable[str]:
+    """The prefixes each alias mapped, the carrier names left unmapped by region, and the totals."""
+    if aliases:
+        yield f"{aliases.file}:"
+        for a in aliases.by_name.values():
+            yield f"  {a.region} {a.name} -> {a.mccmnc} ({a.network}): {_prefixes(result.by_alias[a])}"
+        yield f"aliases: {len(aliases.by_name)}; prefixes mapped by them: {sum(result.by_alias.values())}"
     by_region: dict[str, list[tuple[str, str, int]]] = {}
     for (label, name, why), count in result.unmapped.items():
         by_region.setdefault(label, []).append((name, why, count))
     for label in sorted(by_region):
         yield f"{label}:"
         for name, why, count in sorted(by_region[label], key=lambda e: (-e[2], e[0])):
-            yield f"  {name or '-'} ({count} prefix{'' if count == 1 else 'es'}): {why}"
+            yield f"  {name or '-'} ({_prefixes(count)}): {why}"
     yield (
         f"carrier names mapped: {_names(result.mapped)}, unmapped: {_names(result.unmapped)}; "
         f"prefixes mapped: {sum(result.mapped.values())}, unmapped: {sum(result.unmapped.values())}; "
         f"rows written: {len(result.rows)}"
     )
+
+
+def _prefixes(count: int) -> str:
+    return f"{count} prefix{'' if count == 1 else 'es'}"
 
 
 def _names(counts: Counter) -> int:
@@ -338,9 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild npl_agi/data/ranges.tsv from phonenumbers' carrier data.")
     parser.add_argument("--output", default=OUTPUT, help="where to write the table (default: the bundled one)")
     parser.add_argument("--check", action="store_true", help="exit 1 when the table at --output is not what is built")
+    parser.add_argument("--aliases", default=ALIASES, help="the curated aliases (default: tools/range_aliases.tsv)")
     args = parser.parse_args(argv)
     with open(DIRECTORY, encoding="utf-8") as f:
         directory = read_directory(f.read())
+    try:
+        with open(args.aliases, encoding="utf-8") as f:
+            aliases = read_aliases(f.read(), _shown(args.aliases), directory, CARRIER_DATA)
+    except OSError as e:
+        raise SystemExit(f"{args.aliases}: {e.strerror}") from None
     existing = None
     if args.check:
         try:
@@ -348,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                 existing = f.read()
         except OSError as e:
             raise SystemExit(f"{args.output}: {e.strerror}") from None
-    result = build(CARRIER_DATA, directory)
-    text = render(result, directory, build_date(existing))
+    result = build(CARRIER_DATA, directory, aliases)
+    text = render(result, directory, aliases, build_date(existing))
     if existing is None:
-        for line in report(result):
+        for line in report(result, aliases):
             print(line, file=sys.stderr)
         with open(args.output, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
@@ -377,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _line(lines: list[str], i: int) -> str:
     return lines[i] if i < len(lines) else "<end>"
+
+
+def _shown(path: str) -> str:
+    """A file as the header and the errors name it: from the project's root when it is inside,
+    so that the table does not depend on where the tree is checked out."""
+    relative = os.path.relpath(os.path.abspath(path), ROOT)
+    return os.path.basename(path) if relative.startswith("..") else relative.replace(os.sep, "/")
 
 
 if __name__ == "__main__":
