@@ -38,6 +38,13 @@ def naive_longest(rows: dict[str, str], msisdn: str) -> tuple[str, str] | None:
     return next(((p, rows[p]) for p in prefixes(msisdn) if p in rows), None)
 
 
+def bundled_sources(builder):
+    """The directory and the aliases the bundled table is built from."""
+    directory = builder.read_directory(Path(builder.DIRECTORY).read_text(encoding="utf-8"))
+    text = Path(builder.ALIASES).read_text(encoding="utf-8")
+    return directory, builder.read_aliases(text, "range_aliases.tsv", directory, CARRIER_DATA)
+
+
 # -- the lookup --
 
 
@@ -131,7 +138,12 @@ def test_holder(msisdn, admin, expected):
     assert holder(msisdn, RangeTable(SMALL), admin) == expected
 
 
-# -- facts of the bundled table: carriers whose name is one network in the directory --
+# -- facts of the bundled table: carriers whose name is one network in the directory, or aliased --
+
+
+def source_carrier(msisdn: str) -> str:
+    """phonenumbers' carrier of the number's longest prefix in its data."""
+    return next(CARRIER_DATA[p] for p in prefixes(msisdn) if p in CARRIER_DATA)["en"]
 
 
 @pytest.mark.parametrize(
@@ -144,14 +156,42 @@ def test_holder(msisdn, admin, expected):
 )
 def test_bundled_holders(msisdn, carrier, mccmnc):
     assert holder(msisdn, RangeTable.load()) == mccmnc
-    source = next(CARRIER_DATA[p] for p in prefixes(msisdn) if p in CARRIER_DATA)
-    assert source["en"] == carrier
+    assert source_carrier(msisdn) == carrier
 
 
-def test_a_name_with_several_networks_is_left_unmapped():
-    """44778 is Vodafone's, and the UK has several Vodafone codes (and Guernsey shares +44)."""
-    assert CARRIER_DATA["44778"]["en"] == "Vodafone"
-    assert holder("447788450450", RangeTable.load()) == ""
+@pytest.mark.parametrize(
+    ("msisdn", "carrier", "mccmnc"),
+    [
+        ("447788450450", "Vodafone", "23415"),  # 44778: GB or Guernsey, the alias is GB's
+        ("447803123456", "O2", "23410"),
+        ("447412345678", "Three", "23420"),
+        ("447951234567", "EE", "23430"),  # one of EE's eight codes, by the alias
+        ("447973123456", "Orange", "23433"),  # Orange UK's code, now EE's
+        ("447797123456", "JT", "23450"),  # Jersey, filed under GB in the directory
+        ("447781123456", "Sure", "23455"),  # Guernsey's block inside Vodafone's 44778
+        ("4915112345678", "T-Mobile", "26201"),
+        ("4917612345678", "O2", "26207"),
+        ("33612345678", "SFR", "20810"),  # one of SFR's five codes
+    ],
+)
+def test_bundled_holders_by_alias(builder, msisdn, carrier, mccmnc):
+    assert holder(msisdn, RangeTable.load()) == mccmnc
+    assert source_carrier(msisdn) == carrier
+    aliases = bundled_sources(builder)[1]
+    assert mccmnc in {a.mccmnc for (_, name), a in aliases.by_name.items() if name == carrier}
+
+
+def test_a_name_with_several_networks_and_no_alias_is_left_unmapped(builder):
+    """41762 is Sunrise's, and Switzerland has three Sunrise codes."""
+    assert CARRIER_DATA["41762"]["en"] == "Sunrise"
+    assert ("CH", "Sunrise") not in bundled_sources(builder)[1].by_name
+    assert holder("41762123456", RangeTable.load()) == ""
+
+
+def test_every_bundled_alias_maps_a_prefix(builder):
+    directory, aliases = bundled_sources(builder)
+    result = builder.build(CARRIER_DATA, directory, aliases)
+    assert [a for a in aliases.by_name.values() if not result.by_alias[a]] == []
 
 
 # -- the admin's CSV --
@@ -279,13 +319,6 @@ def test_tool_check(builder, tmp_path):
     assert "phonenumbers" not in done.stderr  # the same version: not the reason
     line = 1 + BUNDLED.splitlines().index(next(x for x in BUNDLED.splitlines() if x.endswith("\t23426")))
     assert f"first difference at line {line} " in done.stderr
-
-
-def bundled_sources(builder):
-    """The directory and the aliases the bundled table is built from."""
-    directory = builder.read_directory(Path(builder.DIRECTORY).read_text(encoding="utf-8"))
-    text = Path(builder.ALIASES).read_text(encoding="utf-8")
-    return directory, builder.read_aliases(text, "range_aliases.tsv", directory, CARRIER_DATA)
 
 
 def test_the_table_gives_every_source_prefix_its_own_mapping(builder):
