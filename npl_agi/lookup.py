@@ -336,9 +336,7 @@ class Lookup:
             found.update(self._known_and_cached(sorted(unread), deadline, fresh))
         holders = self._holders([*msisdn_of.values(), *refused.values()], deadline)
         resolved = Resolved(list(dialled), msisdn_of, found, local, refused, holders)
-        misses = len(resolved.misses)
-        known = sum(1 for m in resolved.wanted if m in found and found[m].source == "local")
-        self.cache.record(len(resolved.wanted) - misses - known, misses, deadline=deadline)
+        self.cache.record(resolved.cache_hits, len(resolved.misses), deadline=deadline)
         return resolved
 
     def cached(self, dialled: list[str], *, deadline: float | None = None, fresh: bool = False) -> Resolved | None:
@@ -404,6 +402,11 @@ class Resolved(namedtuple("Resolved", "dialled msisdn_of found local refused hol
     def wanted(self) -> list[str]:
         """The distinct msisdns, in the order first dialled."""
         return list(dict.fromkeys(self.msisdn_of.values()))
+
+    @property
+    def cache_hits(self) -> int:
+        """The distinct msisdns the cache answered (the numbers the admin knows are not its)."""
+        return sum(1 for m in self.wanted if m in self.found and self.found[m].source != "local")
 
     @property
     def misses(self) -> list[str]:

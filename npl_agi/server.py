@@ -392,7 +392,7 @@ class Server:
     def _seen(self, resolved: Resolved) -> None:
         """What the cache made of a call's numbers, in the metrics."""
         misses = len(resolved.misses)
-        self.metrics.cache_hits.inc(len(resolved.wanted) - misses)
+        self.metrics.cache_hits.inc(resolved.cache_hits)
         self.metrics.cache_misses.inc(misses)
 
     def _cached(self, state: _State, dialled: list[str]) -> Resolved | None:
@@ -406,7 +406,7 @@ class Server:
         except Exception:  # busy or failing: the worker thread's path waits, or warns
             return None
         if resolved is not None and resolved.msisdn_of:
-            self._hits_to_record += len(resolved.wanted)
+            self._hits_to_record += resolved.cache_hits
             if self._record_hits_timer is None:
                 self._record_hits_timer = asyncio.get_running_loop().call_later(HITS_RECORD_EVERY, self._record_hits)
         return resolved

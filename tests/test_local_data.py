@@ -42,6 +42,8 @@ def test_a_known_number_costs_nothing_and_answers_local_through_both_doors(tmp_p
     assert (v["NPL_MCCMNC"], v["NPL_SOURCE"], v["NPL_ERR"], v["NPL_NUMBER"]) == ("23430", "local", "", "447788450450")
     assert v["NPL_NETWORK"] == "EE"
     assert sim.stats()["charged"] == []
+    stats = SqliteCache(load_config(str(confs["process"])).cache).stats()
+    assert (stats["hits"], stats["misses"]) == (0, 0)  # not the cache's: no credit saved by it
 
 
 def test_a_file_with_a_bad_line_imports_nothing_and_names_every_bad_line(tmp_path, sim, capsys):
