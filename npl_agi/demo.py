@@ -19,7 +19,7 @@ from .simulator import Simulator
 
 CASES = (
     ("07788450450", "national (UK trunk prefix 0)"),
-    ("00447810701702", "international with 00; listed as ported"),
+    ("00447810701702", "international with 00"),
     ("+44 7400 123410", "international with + and spaces"),
     ("0049 151 12345678", "a German mobile: no route for its network"),
     ("07973100100", "unknown subscriber"),
