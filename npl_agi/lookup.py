@@ -285,14 +285,19 @@ class Lookup:
 
     def _holders(self, msisdns: Iterable[str], deadline: float | None) -> dict[str, str]:
         """The range holder of each msisdn ("" when unknown): the admin's ranges (``npl-agi
-        ranges``) and the bundled table, the longest prefix winning (see ``ranges.holder``)."""
+        ranges``) and the bundled table, the longest prefix winning (see ``ranges.holder``).
+        Past the deadline only the bundled table is read: a call that failed waits for nothing."""
+        import time
+
         from .ranges import holder, prefixes
 
         msisdns = list(dict.fromkeys(m for m in msisdns if m))
         if not msisdns:
             return {}
-        wanted = sorted({p for m in msisdns for p in prefixes(m)})
-        admin = self.cache.get_local_many(RANGES, wanted, deadline=deadline)
+        admin = {}
+        if deadline is None or time.monotonic() < deadline:
+            wanted = sorted({p for m in msisdns for p in prefixes(m)})
+            admin = self.cache.get_local_many(RANGES, wanted, deadline=deadline)
         return {m: holder(m, self.ranges, admin) for m in msisdns}
 
     def _known_and_cached(self, msisdns: list[str], deadline: float | None, fresh: bool = False) -> dict[str, Answer]:

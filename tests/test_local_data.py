@@ -4,12 +4,15 @@ both doors (the FastAGI server and the process script), on the simulator and rea
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from npl_agi import cli
 from npl_agi.cache import SqliteCache
 from npl_agi.cache.base import KNOWN_NUMBERS, RANGES
 from npl_agi.config import load_config
+from npl_agi.errors import LookupTimeout
 from npl_agi.lookup import Lookup
 from npl_agi.protocol import Answer
 from npl_agi.simulator import Simulator, simulated_answer
@@ -151,3 +154,16 @@ def test_a_cluster_shares_known_numbers_and_ranges_through_redis(tmp_path, sim, 
     assert sim.stats()["charged"] == ["447400100001"]
     assert cli.main(["--config", str(one), "local", "clear"]) == 0
     assert Lookup(other).one("07788450450").source == "api"
+
+
+def test_a_lookup_failed_past_its_deadline_gets_the_bundled_range_holder_without_waiting_for_the_cache(tmp_path, sim):
+    """Past the deadline the admin's ranges (a backend read, which may wait) are skipped; before
+    it they win a tie with the bundled table."""
+    conf = write_config(tmp_path / "npl-agi.conf", sim.url)
+    assert import_csv(conf, "ranges", tmp_path, "447788,23430\n") == 0  # the bundled table: 23415
+    lookup = Lookup(load_config(str(conf)))
+    failure = LookupTimeout("no answer within the call's 2 s")
+    now = time.monotonic()
+    assert lookup.failed("07788450450", failure, deadline=now + 60).range_mccmnc == "23430"
+    past = lookup.failed("07788450450", failure, deadline=now - 1)
+    assert (past.error, past.range_mccmnc, past.msisdn) == ("TIMEOUT", "23415", "")
