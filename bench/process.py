@@ -40,7 +40,7 @@ from .report import Report
 SECTION = "process"
 TITLE = "2. Process AGI, whole process (spawn to exit, stdin from a file, one call at a time)"
 BARE, OFF, HIT = "bare python3 -c pass", "kill switch (enabled = no)", "cache hit"
-BARE_AGI, PYST2 = "bare AGI script (reads the environment, sets 11 constants)", "python3 -c 'import asterisk.agi'"
+BARE_AGI, PYST2 = "bare AGI script (reads the environment, sets 13 constants)", "python3 -c 'import asterisk.agi'"
 MISS_DEADLINE = 10.0  # seconds: a miss on a busy machine is timed, not refused as TIMEOUT
 MISS, BASE = "cache miss (lookup at the simulator)", "baseline script (always asks)"
 IMPORTS = "python3 -c 'import requests, phonenumbers'"  # what a miss loads that a hit does not
