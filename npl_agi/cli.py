@@ -433,6 +433,13 @@ def cmd_cache(args) -> int:
                 stats.update(lock_fallbacks=count, last_lock_fallback=last)
             count, last = lock_dir_fallbacks().read()
             stats.update(lock_dir_fallbacks=count, last_lock_dir_fallback=last)
+            if cache.name != "none":
+                from .cache.base import KNOWN_NUMBERS, RANGES
+
+                stats.update(
+                    known_numbers=sum(1 for _ in cache.local_items(KNOWN_NUMBERS)),
+                    own_ranges=sum(1 for _ in cache.local_items(RANGES)),
+                )
             print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
         else:
             export(cache, config, as_json=args.json)
@@ -544,6 +551,10 @@ def format_stats(s: dict) -> str:
         f"hits / misses: {s['hits']} / {s['misses']} (hit ratio {s['hit_ratio']:.1%})",
         f"credits saved: {s['credits_saved']}",
     ]
+    if "known_numbers" in s:
+        lines.append(
+            f"yours:         {s['known_numbers']} numbers you know, {s['own_ranges']} ranges (npl-agi local, ranges)"
+        )
     if "lock_fallbacks" in s:
         lines.append(
             f"lock fallbacks: {s['lock_fallbacks']} (Redis unreachable: the local file lock was used; "

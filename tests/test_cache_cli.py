@@ -84,6 +84,19 @@ def test_stats_counts_entries_hits_misses_and_credits_saved(filled, backend, sub
     assert lines["oldest entry"].strip() == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["oldest"]))
 
 
+def test_stats_count_the_numbers_and_ranges_of_your_own_and_purge_leaves_them(filled, tmp_path, subprocess_env):
+    conf, _, _ = filled
+    (tmp_path / "known.csv").write_text("07700900001,23415\n07700900002,23410\n")
+    (tmp_path / "ranges.csv").write_text("447700,23410\n")
+    ok(npl_agi(conf, "local", "import", str(tmp_path / "known.csv"), env=subprocess_env))
+    ok(npl_agi(conf, "ranges", "import", str(tmp_path / "ranges.csv"), env=subprocess_env))
+    ok(npl_agi(conf, "cache", "purge", env=subprocess_env))
+    s = stats(conf, subprocess_env)
+    assert (s["entries"], s["known_numbers"], s["own_ranges"]) == (0, 2, 1)
+    text = ok(npl_agi(conf, "cache", "stats", env=subprocess_env))
+    assert "yours:         2 numbers you know, 1 ranges (npl-agi local, ranges)" in text.splitlines()
+
+
 def test_purge_one_number_then_all(filled, sim, subprocess_env):
     conf, _, _ = filled
     assert ok(npl_agi(conf, "cache", "purge", "+44 7788 450450", env=subprocess_env)).strip() == "purged 1 entries"
