@@ -588,12 +588,23 @@ def cmd_simulate(args) -> int:
     )
     accounts = ", ".join(f"{u}/{a.password}" for u, a in default_accounts().items())
     print(f"npl-agi simulator at {sim.url} (accounts: {accounts}); Ctrl-C stops it", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_OK))  # stop as cleanly as on Ctrl-C
+    import threading
+
+    signals: list[int] = []
+
+    def stop(signum, frame) -> None:
+        # From a thread of its own: an exception raised here could land where Python ignores it
+        # (a weakref callback during garbage collection), and the simulator would serve on.
+        signals.append(signum)
+        threading.Thread(target=sim.interrupt, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         sim.serve_forever()
     finally:
         sim.server.server_close()
-    return EXIT_OK
+    return 130 if signals[:1] == [signal.SIGINT] else EXIT_OK
 
 
 def cmd_serve(args) -> int:

@@ -156,9 +156,13 @@ class Simulator:
         self.server.serve_forever()
 
     def stop(self) -> None:
+        self.interrupt()
+        self.server.server_close()
+
+    def interrupt(self) -> None:
+        """End ``serve_forever`` and every held answer; from another thread than the serving one."""
         self._stop.set()
         self.server.shutdown()
-        self.server.server_close()
 
     def __enter__(self) -> Simulator:
         return self.start()
