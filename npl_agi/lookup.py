@@ -286,18 +286,15 @@ class Lookup:
     def _holders(self, msisdns: Iterable[str], deadline: float | None) -> dict[str, str]:
         """The range holder of each msisdn ("" when unknown): the admin's ranges (``npl-agi
         ranges``) and the bundled table, the longest prefix winning (see ``ranges.holder``).
-        Past the deadline only the bundled table is read: a call that failed waits for nothing."""
-        import time
-
+        Past the deadline the admin's are still read, without waiting for a busy backend (see
+        ``Cache._wait``): which timer ended a call must not change where it is routed."""
         from .ranges import holder, prefixes
 
         msisdns = list(dict.fromkeys(m for m in msisdns if m))
         if not msisdns:
             return {}
-        admin = {}
-        if deadline is None or time.monotonic() < deadline:
-            wanted = sorted({p for m in msisdns for p in prefixes(m)})
-            admin = self.cache.get_local_many(RANGES, wanted, deadline=deadline)
+        wanted = sorted({p for m in msisdns for p in prefixes(m)})
+        admin = self.cache.get_local_many(RANGES, wanted, deadline=deadline)
         return {m: holder(m, self.ranges, admin) for m in msisdns}
 
     def _known_and_cached(self, msisdns: list[str], deadline: float | None, fresh: bool = False) -> dict[str, Answer]:
