@@ -84,8 +84,8 @@ class _LoopCache(SqliteCache):
         # Never waits; a failure is the caller's: on to the worker thread.
         return self._with_recent(msisdns, lambda rest: self._get_many(rest, 0.0))
 
-    def get_local_many(self, kind: str, keys: list[str], *, deadline: float | None = None) -> dict[str, str]:
-        return self._get_local_many(kind, keys, 0.0) if keys else {}
+    def _read_local(self, kind: str, keys: list[str], deadline: float | None) -> dict[str, str]:
+        return self._get_local_many(kind, keys, 0.0)
 
 
 class _State:

@@ -167,3 +167,16 @@ def test_a_lookup_failed_past_its_deadline_still_gets_the_admins_range_holder(tm
     assert lookup.failed("07788450450", failure, deadline=now + 60).range_mccmnc == "23430"
     past = lookup.failed("07788450450", failure, deadline=now - 1)
     assert (past.error, past.range_mccmnc, past.msisdn) == ("TIMEOUT", "23430", "")
+
+
+def test_a_value_another_writer_left_in_redis_is_never_an_answer(tmp_path, sim, redis_server):
+    """The hash is shared: what it holds is read as hostile, like the service's answers."""
+    conf = load_config(
+        str(write_config(tmp_path / "npl-agi.conf", sim.url, cache={"backend": "redis", "redis_url": redis_server.url}))
+    )
+    r = redis_server.client()
+    r.hset("npl-agi:local:number", "447788450450", '23"4\n,x')
+    r.hset("npl-agi:local:range", "4474001", "ABCDE")
+    known, asked = Lookup(conf).many(["07788450450", NEVER_SEEN])
+    assert (known.source, known.mccmnc) == ("api", "23415")
+    assert asked.range_mccmnc != "ABCDE"

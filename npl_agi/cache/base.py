@@ -35,6 +35,11 @@ def ttl_for(answer: Answer, cfg: CacheConfig) -> float:
     return 0.0
 
 
+def _is_mccmnc(value: str) -> bool:
+    """What an MCCMNC read back must be: another writer (or a hand-edited Redis) is not trusted."""
+    return value.isascii() and value.isdigit() and len(value) in (5, 6)
+
+
 def _record(answer: Answer) -> tuple[str, str, str, str]:
     return answer.mccmnc, answer.msc, answer.imsi, answer.error
 
@@ -149,6 +154,9 @@ class Cache:
         MCCMNC. Like every read of a call, it never raises: a failing backend has none."""
         if not keys:
             return {}
+        return {key: mccmnc for key, mccmnc in self._read_local(kind, keys, deadline).items() if _is_mccmnc(mccmnc)}
+
+    def _read_local(self, kind: str, keys: list[str], deadline: float | None) -> dict[str, str]:
         return self._safely("read", self._get_local_many, {}, kind, keys, self._wait(deadline))
 
     # -- the admin's commands on local data (``npl-agi local``, ``npl-agi ranges``); they may raise --
