@@ -172,15 +172,18 @@ def run(
 
 
 def process_lookup(config) -> Lookup:
-    """The chain as the process script runs it: its misses asked by a detached child that keeps
-    what it paid for after the call (``askers.Detached``), behind the breaker every process of
-    the account shares (``breaker.shared_breaker``, imported only on a miss)."""
+    """The chain as the process script runs it: its misses wait in the backend's queue, asked
+    by whichever process holds one of the account's connections (``waiting.Queued``; alone in
+    a detached child without a queue, ``askers.Detached``), behind the breaker every process
+    of the account shares (``breaker.shared_breaker``, imported only on a miss)."""
     from .askers import Detached
     from .cache import open_cache
     from .lookup import Lookup
+    from .waiting import Queued
 
     cache = open_cache(config)
-    return Lookup(config, cache=cache, asker=Detached(config, cache), breaker=_shared_breaker)
+    asker = Queued(config, cache, Detached(config, cache))
+    return Lookup(config, cache=cache, asker=asker, breaker=_shared_breaker)
 
 
 def _shared_breaker(config, cache):

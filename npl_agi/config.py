@@ -62,6 +62,7 @@ class ApiConfig(
         finish_timeout=30.0,
         bulk_timeout=600.0,
         batch_size=1000,
+        connections=1,
         enabled=True,
         verify_tls=True,
         ca_file="",

@@ -58,7 +58,7 @@ def ask_detached(config, misses: list[str], deadline: float, parts: Parts) -> It
         got, failure = _collect(read_end, misses, deadline)
     finally:
         os.close(read_end)
-        _reap(pid)
+        reap(pid)
     if got:
         yield got
     if failure is not None:
@@ -103,7 +103,7 @@ def _request_outcome(batch: dict[str, Answer]) -> str:
     return next((a.error for a in batch.values() if a.error in (TIMEOUT, TRUNCATED)), "")
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     """Collect the child if it is done already; otherwise it outlives us and init reaps it."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
@@ -138,17 +138,58 @@ class _Pipe:
         self._send("F", error.npl_err, str(error))
 
 
+def detach(fd: int) -> _Pipe:
+    """Make this forked child outlive its call: a process group of its own (not a session: see
+    the module), SIGHUP ignored, standard streams on /dev/null, and its warnings sent to the
+    parent over ``fd`` while the parent listens."""
+    os.setpgid(0, 0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    pipe = _Pipe(fd)
+    log.set_sink(pipe.warning)
+    log.call_sink.set(None)  # the parent's call and its console are not this process's
+    return pipe
+
+
+def fork_detached(work: Callable[[], None], handed_over: Callable[[], None]) -> tuple[int, int]:
+    """Run ``work`` in a detached child (see ``detach``); returns its pid and the read end of
+    its warnings' pipe. ``handed_over`` runs in the parent once the child has its copy of
+    whatever it inherits (a slot's descriptor)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns from here
+        status = 1
+        try:
+            os.close(read_end)
+            detach(write_end)
+            work()
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    handed_over()
+    return pid, read_end
+
+
+def read_warnings(fd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` for the child's warnings on ``fd`` and say them; False once the
+    child has closed its end (it exited)."""
+    if not select.select([fd], [], [], max(timeout, 0.0))[0]:
+        return True
+    chunk = os.read(fd, 65536)
+    for line in chunk.decode("utf-8", "replace").splitlines():
+        kind, _, rest = line.partition("\t")
+        if kind == "W":
+            log.warning("%s", rest)
+    return bool(chunk)
+
+
 def _child(config, misses: list[str], call_deadline: float, fd: int, parts: Parts) -> None:
     status = 1
     try:
-        os.setpgid(0, 0)
-        null = os.open(os.devnull, os.O_RDWR)
-        for std in (0, 1, 2):
-            os.dup2(null, std)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        pipe = _Pipe(fd)
-        log.set_sink(pipe.warning)
-        log.call_sink.set(None)  # the parent's call and its console are not this process's
+        pipe = detach(fd)
         api = config.api
         since = time.time()  # the breaker's clock, shared with other processes
         breaker, at_deadline = None, None

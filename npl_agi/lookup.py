@@ -17,10 +17,11 @@ from . import protocol
 from .askers import failed_all
 from .cache.base import KNOWN_NUMBERS, RANGES
 from .config import Config, require_credentials
-from .errors import RANGE_FALLBACK, SERVICE_FAILURES, LookupTimeout, NotMobile, NplError
+from .errors import BADNUMBER, NOTMOBILE, RANGE_FALLBACK, SERVICE_FAILURES, LookupTimeout, NotMobile, NplError
 from .protocol import Answer
 
 Progress = Callable[[int, int], None]
+LOCAL_REFUSALS = (BADNUMBER, NOTMOBILE)  # what validation refuses, without a credit
 STALE_READ_GRACE = 0.05  # seconds the async chain waits for the stale entries it read meanwhile
 # Seconds before its deadline that a call holding a stale answer stops waiting for the service:
 # what comes after the wait must not meet the deadline's alarm.
@@ -136,12 +137,15 @@ class Lookup:
         every answer in its ``answers`` attribute (what was already paid for is not lost). With
         ``fresh`` no cached answer is used (see ``resolve``); stale entries still stand in.
         """
-        # 1. normalise, then the cache (and the run's memory)
-        resolved = self.resolve(dialled, deadline=deadline, fresh=fresh)
+        # 1. normalise, then the cache (and the run's memory); validation is the asker's when it
+        # takes the numbers as read (the queue's asker: a waiting call loads no phonenumbers)
+        readings = getattr(self.asker, "takes_readings", False)
+        resolved = self.resolve(dialled, deadline=deadline, fresh=fresh, validate=not readings)
         remembered = self.memory.get_many(resolved.misses) if self.memory is not None else {}
         misses = [m for m in resolved.misses if m not in remembered]
         # Read before asking: a failure's stand-ins must not wait for a cache read past the deadline.
-        stale = self.cache.get_stale_many(misses, deadline=deadline) if misses else {}
+        read = [r for m in misses for r in m.split(",")]
+        stale = self.cache.get_stale_many(read, deadline=deadline) if misses else {}
         total, done = len(resolved.wanted), len(resolved.wanted) - len(misses)
         if progress:
             progress(done, total)
@@ -157,8 +161,10 @@ class Lookup:
             gated, misses = gate(self.breaker, misses)
         # 3. the service, for the misses
         asked = (lambda n: progress(done + len(gated) + n, total)) if progress else None
-        answered, failure = self._ask(misses, timeout, deadline, asked)
+        answered, failure = self._ask(misses, timeout, deadline, asked, fresh if readings else None)
         answered.update(gated)
+        if readings:
+            resolved, answered = self._validated_by_asker(resolved, answered, deadline)
         # 4. stale entries, for the numbers the service failed
         answered.update(stale_standins(answered, stale))
         out = self.finish(resolved, {**remembered, **answered})
@@ -168,16 +174,26 @@ class Lookup:
         return out
 
     def _ask(
-        self, misses: list[str], timeout: float | None, deadline: float | None, progress: Callable[[int], None] | None
+        self,
+        misses: list[str],
+        timeout: float | None,
+        deadline: float | None,
+        progress: Callable[[int], None] | None,
+        readings_fresh: bool | None = None,
     ) -> tuple[dict[str, Answer], NplError | None]:
         """An answer for each miss from the asker (each request's answers stored by it), and the
         failure of the request that failed as a whole, if one did: its numbers and those never
-        sent then have that failure as their answer."""
+        sent then have that failure as their answer. ``readings_fresh``: for an asker that takes
+        the numbers as read, whether the lookup is fresh (it queues them so)."""
         fresh: dict[str, Answer] = {}
         if not misses:
             return fresh, None
+        if readings_fresh is None:
+            asking = self.asker.ask(misses, timeout, deadline)
+        else:
+            asking = self.asker.ask(misses, timeout, deadline, readings_fresh)
         try:
-            for batch in self.asker.ask(misses, timeout, deadline):
+            for batch in asking:
                 if self.memory is not None:
                     self.memory.put_many(batch.values())
                 fresh.update(batch)
@@ -233,6 +249,31 @@ class Lookup:
             else:
                 stale.cancel()
         return self.finish(resolved, answered)
+
+    def _validated_by_asker(
+        self, resolved: Resolved, answered: dict[str, Answer], deadline: float | None
+    ) -> tuple[Resolved, dict[str, Answer]]:
+        """What the asker made of the numbers as read: each miss's canonical number (or the
+        refusal that cost no credit, BADNUMBER or NOTMOBILE), as ``resolve`` gives them when
+        it validates itself; the answers by canonical number."""
+        msisdn_of, local, refused = dict(resolved.msisdn_of), dict(resolved.local), dict(resolved.refused)
+        by_msisdn: dict[str, Answer] = {}
+        for d, key in resolved.msisdn_of.items():
+            answer = answered.get(key)
+            if answer is None:  # a cached answer, or the run's memory's
+                continue
+            if answer.error in LOCAL_REFUSALS:
+                del msisdn_of[d]
+                local[d] = protocol.failed("", answer.error, number=d, reason=answer.error_name)
+                if answer.msisdn:
+                    refused[d] = answer.msisdn
+                continue
+            msisdn = answer.msisdn or key.partition(",")[0]
+            msisdn_of[d] = msisdn
+            by_msisdn[msisdn] = answer._replace(msisdn=msisdn)
+        new = [m for m in (*by_msisdn, *refused.values()) if m not in resolved.holders]
+        holders = {**resolved.holders, **self._holders(new, deadline)}
+        return resolved._replace(msisdn_of=msisdn_of, local=local, refused=refused, holders=holders), by_msisdn
 
     def store(self, answers: Iterable[Answer], *, deadline: float | None = None) -> None:
         """Cache what the service answered and deserves keeping (see ``cache.ttl_for``), waiting
@@ -307,15 +348,20 @@ class Lookup:
             found.update(self.cache.get_many([m for m in msisdns if m not in found], deadline=deadline))
         return found
 
-    def resolve(self, dialled: list[str], *, deadline: float | None = None, fresh: bool = False) -> Resolved:
+    def resolve(
+        self, dialled: list[str], *, deadline: float | None = None, fresh: bool = False, validate: bool = True
+    ) -> Resolved:
         """Dialled numbers -> msisdns, their cached answers, and the numbers refused locally.
 
         The cache is read with the plain string readings of each number first; only numbers it
         misses pay for full validation (phonenumbers), whose canonical form is read once more.
         Counts the cache's hits and misses, once per distinct number. ``fresh`` reads no cache:
         every number that may be looked up is a miss (a trunk refused its cached network).
+        Without ``validate`` a miss stays as read: its msisdn is its readings, comma separated
+        (``cache.queue.key_of``), for an asker that validates (see ``_validated_by_asker``).
         """
-        from .number import validate
+        from .cache.queue import key_of
+        from .number import validate as valid_number
 
         readings_of, local, found = self._read(dialled, deadline, fresh)
         cfg = self.config.number
@@ -323,9 +369,11 @@ class Lookup:
         refused: dict[str, str] = {}
         for d, rs in readings_of.items():
             hit = next((r for r in rs if r in found), None)
-            if hit is None:
+            if hit is None and not validate:
+                hit = key_of(rs)
+            elif hit is None:
                 try:
-                    hit = validate(rs, cfg)
+                    hit = valid_number(rs, cfg)
                 except NplError as e:
                     local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
                     if isinstance(e, NotMobile):
@@ -334,9 +382,10 @@ class Lookup:
             msisdn_of[d] = hit
         readings = set().union(*readings_of.values())
         unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
-        if unread:  # a canonical form ("+44 (0)7…" -> 447…) may be known or cached already
+        if unread and validate:  # a canonical form ("+44 (0)7…" -> 447…) may be known or cached already
             found.update(self._known_and_cached(sorted(unread), deadline, fresh))
-        holders = self._holders([*msisdn_of.values(), *refused.values()], deadline)
+        numbers = [m for m in (*msisdn_of.values(), *refused.values()) if "," not in m]
+        holders = self._holders(numbers, deadline)
         resolved = Resolved(list(dialled), msisdn_of, found, local, refused, holders)
         self.cache.record(resolved.cache_hits, len(resolved.misses), deadline=deadline)
         return resolved

@@ -17,6 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..locks import AccountLock, RedisLock
     from ..recent import Recent
+    from ..slots import FileSlots, RedisSlots
 
 PERMANENT_ERRORS = frozenset({"ERR1", "ERR11", "ERR13", "ERR21"})
 
@@ -177,6 +178,18 @@ class Cache:
         from ..errors import CacheError
 
         return CacheError("numbers and ranges of your own are kept by the cache backend; backend = none keeps none")
+
+    def queue(self):
+        """The queue of waiting numbers this backend keeps (``cache.queue``); none without a backend."""
+        return None
+
+    def slots(self, api: ApiConfig) -> FileSlots | RedisSlots:
+        """The account's ``[api] connections`` slots across this cache's scope (see ``slots``)."""
+        from ..locks import lock_directory
+        from ..slots import FileSlots
+
+        fallback = self.cfg.lock_fallback != "none"
+        return FileSlots(lock_directory(api, self.cfg), api.url, api.user, api.connections, fallback=fallback)
 
     def account_lock(self, api: ApiConfig) -> AccountLock | RedisLock:
         """The lock that keeps the account to one connection across this cache's scope."""

@@ -14,6 +14,7 @@ from ..config import CacheConfig
 from ..permissions import create_shared_file, shared_directory, sharing_problems
 from ..protocol import Answer
 from .base import Cache, _answer, _record, _stats
+from .queue import SqliteQueue
 
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
 SQLITE_BACKGROUND_BUSY_TIMEOUT = 10.0  # a request finishing in the background can wait to store its answers
@@ -34,8 +35,8 @@ class SqliteCache(Cache):
         CREATE TABLE IF NOT EXISTS local_data (
             kind TEXT NOT NULL, key TEXT NOT NULL, mccmnc TEXT NOT NULL, note TEXT NOT NULL,
             PRIMARY KEY (kind, key)) WITHOUT ROWID;
-    """
-    NEWEST_TABLE = "local_data"  # a file without it was made by an older version: the schema is run again
+    """ + SqliteQueue.SCHEMA
+    NEWEST_TABLE = "waiting"  # a file without it was made by an older version: the schema is run again
 
     announce_replaced = True  # warn when the file under the path is not the one open
     longest_wait = SQLITE_BUSY_TIMEOUT
@@ -47,6 +48,10 @@ class SqliteCache(Cache):
         self._busy_ms = -1  # the connection's busy timeout as last set
         self._opened: tuple[int, int] | None = None  # st_dev, st_ino of the file open
         self._next_check = -math.inf
+
+    def queue(self) -> SqliteQueue:
+        """The queue of waiting numbers, a table of this file (see ``cache.queue``)."""
+        return SqliteQueue(self)
 
     def close(self) -> None:
         db, self._db = self._db, None
