@@ -71,18 +71,24 @@ class Detached:
         yield from ask_detached(self.config, misses, deadline, child_parts)
 
 
+def own_client(config: Config, cache: Cache) -> Client:
+    """A client asking from this process, behind the account lock of ``cache``'s scope."""
+    from .client import Client
+    from .config import require_credentials
+
+    require_credentials(config)
+    return Client(config.api, lock=cache.account_lock(config.api))
+
+
 def child_parts(config: Config) -> tuple[Client, Callable[[Iterable[Answer]], None], Breaker]:
     """What the detached child asks with: a client holding the account lock, a store that may
     wait for a busy cache (no call waits for it), and the account's shared breaker, which it
     tells how the service did."""
     from .breaker import shared_breaker
     from .cache import open_cache
-    from .client import Client
-    from .config import require_credentials
 
     cache = open_cache(config)
-    require_credentials(config)
-    client = Client(config.api, lock=cache.account_lock(config.api))
+    client = own_client(config, cache)
     return client, lambda answers: cache.put_many(list(answers), background=True), shared_breaker(config, cache)
 
 
@@ -94,10 +100,10 @@ class Brokered:
         self.broker = broker
         self.refused = refused
 
-    async def ask(self, misses: list[str], deadline: float) -> dict[str, Answer]:
+    async def ask(self, misses: list[str], deadline: float, fresh: bool = False) -> dict[str, Answer]:
         if self.refused is not None:
             return failed_all(misses, self.refused)
-        return await self.broker.ask(misses, deadline)
+        return await self.broker.ask(misses, deadline, fresh)
 
 
 def failed_all(msisdns: Iterable[str], error: NplError) -> dict[str, Answer]:

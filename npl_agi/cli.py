@@ -222,6 +222,7 @@ def cmd_lookup(args) -> int:
         return look_up_all(args, _lookup_for(args, memory))
 
 
+
 def look_up_all(args, lookup) -> int:
     """``cmd_lookup`` with its ``Lookup``: read, look up and write out chunk by chunk."""
     api = lookup.config.api
@@ -402,6 +403,10 @@ def cmd_check(args) -> int:
     lookup = _lookup_for(args)
     api = lookup.config.api
     print(f"configuration: {path} ({chosen_by})", flush=True)
+    from .endpoints import beyond_limits
+
+    for said in beyond_limits(api.url, api.batch_size, api.connections):  # whatever the service says next
+        print(f"note: {said}", flush=True)
     try:  # the lookup path's client: same credentials check, same account lock
         line = lookup.client.check(args.timeout)
     except CreditError as e:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from . import protocol
 from .askers import failed_all
 from .cache.base import KNOWN_NUMBERS, RANGES
-from .config import Config, require_credentials
+from .config import Config
 from .errors import BADNUMBER, NOTMOBILE, RANGE_FALLBACK, SERVICE_FAILURES, LookupTimeout, NotMobile, NplError
 from .protocol import Answer
 
@@ -75,10 +75,9 @@ class Lookup:
     def client(self):
         """The service's client in this process (the CLI's ``check``, the default asker)."""
         if self._client is None:
-            from .client import Client
+            from .askers import own_client
 
-            require_credentials(self.config)
-            self._client = Client(self.config.api, lock=self.cache.account_lock(self.config.api))
+            self._client = own_client(self.config, self.cache)
         return self._client
 
     @property
@@ -239,7 +238,7 @@ class Lookup:
         if misses:
             # Read while the service is asked, so a failure's stand-ins are at hand by the deadline.
             stale = asyncio.ensure_future(run(lambda: self.cache.get_stale_many(misses, deadline=deadline)))
-            answered = await asker.ask(misses, deadline)
+            answered = await (asker.ask(misses, deadline, fresh=True) if fresh else asker.ask(misses, deadline))
             if any(a.error in SERVICE_FAILURES for a in answered.values()):
                 try:
                     async with asyncio.timeout(STALE_READ_GRACE):

@@ -35,7 +35,7 @@ from . import log, protocol
 from .aioclient import AsyncClient
 from .askers import Brokered
 from .breaker import Breaker
-from .broker import Broker
+from .broker import Broker, Shared
 from .cache import SqliteCache
 from .call import Call, check_enabled, dialled_number, fresh_asked
 from .config import Config, load_config, parse_listen, require_credentials
@@ -44,6 +44,7 @@ from .fastagi import MAX_LINE, Session, SessionEnded
 from .lookup import Lookup, Resolved
 from .metrics import Metrics
 from .recent import Recent
+from .waiting import Held, QueueAsker
 
 SCRIPT = "npl-lookup"
 CACHE_RETRY_FIRST = 1.0  # seconds a failed cache backend is skipped before it is probed again,
@@ -115,13 +116,19 @@ class _State:
         self.breaker = Breaker(config.breaker.failures, config.breaker.cooldown, server.clock)
         self.breaker.on_change = server.metrics.breaker.state
         server.metrics.breaker.state(self.breaker.state)
+        queue = cache.queue(config.api)
+        shared = None
+        if queue is not None:  # the process scripts' and other servers' queue: asked by whoever holds a slot
+            shared = Shared(server.in_cache_thread, queue, cache.slots(config.api), QueueAsker(config, cache, queue))
+        lock = Held() if shared is not None else cache.account_lock(config.api)  # a slot is held to ask
         self.broker = Broker(
-            AsyncClient(config.api, cache.account_lock(config.api)),
+            AsyncClient(config.api, lock),
             config.api,
             batch_window=fastagi.batch_window,
             breaker=self.breaker,
             store=functools.partial(server.in_cache_thread, self.lookup.store),
             metrics=server.metrics,
+            shared=shared,
         )
         self.asker = Brokered(self.broker, refused)
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 POLL_FIRST, POLL_MAX = 0.005, 0.025  # seconds between a waiting call's looks at its row
 MAX_ASKERS_STARTED = 3  # by one call: an asker that cannot claim must not be forked again and again
 FLUSH_EVERY = 0.01  # seconds: answers arriving closer together are written in one transaction
-__all__ = ["Queued", "key_of", "serve_queue"]
+__all__ = ["Held", "QueueAsker", "Queued", "key_of", "serve_queue"]
 
 
 class Queued:
@@ -62,7 +62,7 @@ class Queued:
         api = self.config.api
         if deadline is None:
             deadline = time.monotonic() + (api.timeout if timeout is None else timeout)
-        queue = self.cache.queue()
+        queue = self.cache.queue(api)
         if queue is None:  # backend = none
             yield from self._alone(keys, timeout, deadline)
             return
@@ -86,7 +86,8 @@ class Queued:
 
     def _wait(self, keys: list[str], deadline: float) -> dict[str, Answer]:
         """Each key's result, by ``deadline``; ``TIMEOUT`` for the rest."""
-        queue, api = self.cache.queue(), self.config.api
+        api = self.config.api
+        queue = self.cache.queue(api)
         slots = self.cache.slots(api)
         since, out, rows = time.time(), {}, {}
         waiting, pause, started, asker = list(keys), POLL_FIRST, 0, None
@@ -102,9 +103,9 @@ class Queued:
                 left = deadline - time.monotonic()
                 if not waiting or left <= 0:
                     break
-                if asker is None and started < MAX_ASKERS_STARTED and left > api.request_floor:
-                    if self._unclaimed(rows, waiting, slots) and (asker := self._start_asker(slots)):
-                        started += 1
+                may_start = asker is None and started < MAX_ASKERS_STARTED and left > api.request_floor
+                if may_start and self._unclaimed(rows, waiting, slots) and (asker := self._start_asker(slots)):
+                    started += 1
                 if asker is not None and not _heard(asker, min(pause, left)):
                     asker = _ended(asker)
                 elif asker is None:
@@ -221,7 +222,7 @@ def _validated(keys, config) -> tuple[dict[str, str], dict[str, Answer]]:
     return msisdn_of, refused
 
 
-class _Held:
+class Held:
     """The account lock of a client whose asker holds a slot already: nothing to take."""
 
     def acquire(self, deadline: float, hold_until: float | None = None) -> None:
@@ -243,10 +244,10 @@ def serve_queue(config: Config, slot) -> None:
     cache = open_cache(config)
     slot.adopt(cache.slots(config.api))
     slot.keep()
-    queue = cache.queue()
+    queue = cache.queue(config.api)
     try:
         require_credentials(config)
-        asker = _Asker(config, cache, queue, Client(config.api, lock=_Held()), shared_breaker(config, cache))
+        asker = QueueAsker(config, cache, queue, Client(config.api, lock=Held()), shared_breaker(config, cache))
         while asker.round(slot.token):
             pass
     except NplError as e:  # no credentials: every number waiting hears why, at once
@@ -264,27 +265,40 @@ def _refuse_all(config, cache, queue, token: str, e: NplError) -> None:
         queue.publish([], {key: _failed(key, "", e.npl_err, str(e)) for key, *_ in rows}, cache.background_wait)
 
 
-class _Asker:
-    """One asker's rounds: claim, validate, ask once for what is left, write each answer."""
+class QueueAsker:
+    """An asker's rounds: claim, validate, ask once for what is left, write each answer.
 
-    def __init__(self, config: Config, cache, queue, client, breaker) -> None:
+    ``prepare`` and ``publish`` are the queue's side, the same for both doors (the FastAGI
+    server runs them in its cache thread and sends the request itself, asynchronously);
+    ``round`` is the detached process's whole round, its request sent with ``client``.
+    """
+
+    def __init__(self, config: Config, cache, queue, client=None, breaker=None) -> None:
         self.config, self.cache, self.queue, self.client, self.breaker = config, cache, queue, client, breaker
         self.wait = cache.background_wait
 
-    def round(self, token: str) -> bool:
-        """One claim and its request; False when nothing was waiting."""
+    def prepare(self, token: str) -> tuple[list[str], float] | None:
+        """Claim the numbers waiting; answer those that need no request (refused by validation,
+        known, cached under their canonical form); the numbers to ask and the latest deadline
+        (wall clock) of their calls. None when nothing was waiting."""
         api = self.config.api
         slots = self.cache.slots(api)
         rows = self.queue.claim(token, api.batch_size, time.time(), api.request_floor, slots.alive, self.wait)
         if not rows:
-            return False
+            return None
         fresh = {key: f for key, _, f in rows}
         msisdn_of, by_key = _validated(fresh, self.config)
         by_key.update(self._known(msisdn_of, fresh))
         self.queue.publish([], by_key, self.wait)
-        ask = self.queue.assign(token, msisdn_of, fresh, self.wait)
-        if ask:
-            self._request(ask, max(deadline for _, deadline, _ in rows))
+        return self.queue.assign(token, msisdn_of, fresh, self.wait), max(deadline for _, deadline, _ in rows)
+
+    def round(self, token: str) -> bool:
+        """One claim and its request; False when nothing was waiting."""
+        prepared = self.prepare(token)
+        if prepared is None:
+            return False
+        if prepared[0]:
+            self._request(*prepared)
         return True
 
     def _known(self, msisdn_of: dict[str, str], fresh: dict[str, bool]) -> dict[str, Answer]:
@@ -348,7 +362,11 @@ class _Asker:
         """Into the cache first (what deserves keeping), then to the waiting calls."""
         if answers:
             self.cache.put_many(answers, background=True)
-            self.queue.publish(answers, {}, self.wait)
+            self.publish(answers)
+
+    def publish(self, answers: list[Answer]) -> None:
+        """To the calls waiting for these numbers, on any door."""
+        self.queue.publish(answers, {}, self.wait)
 
 
 _CUT = ("TIMEOUT", "TRUNCATED")

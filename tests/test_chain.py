@@ -72,7 +72,7 @@ class FakeAsker:
 
 
 class FakeAsyncAsker(FakeAsker):
-    async def ask(self, misses, deadline):  # the server's: never raises, a failure per number
+    async def ask(self, misses, deadline, fresh=False):  # the server's: never raises, a failure per number
         try:
             return self._answers(misses)
         except NplError as e:

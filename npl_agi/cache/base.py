@@ -179,8 +179,9 @@ class Cache:
 
         return CacheError("numbers and ranges of your own are kept by the cache backend; backend = none keeps none")
 
-    def queue(self):
-        """The queue of waiting numbers this backend keeps (``cache.queue``); none without a backend."""
+    def queue(self, api: ApiConfig):
+        """The account's queue of waiting numbers this backend keeps (``cache.queue``); none
+        without a backend."""
         return None
 
     def slots(self, api: ApiConfig) -> FileSlots | RedisSlots:

@@ -99,7 +99,7 @@ class SqliteQueue:
         with self.cache._writing(wait) as db:
             db.execute("DELETE FROM waiting WHERE deadline < ? AND (result != '' OR asker = '')", (now - KEEP_DONE,))
             waiting = db.execute("SELECT count(*) FROM waiting WHERE asker = '' AND result = ''").fetchone()[0]
-            for key, (deadline, fresh) in items.items():
+            for n, (key, (deadline, fresh)) in enumerate(items.items()):
                 row = db.execute("SELECT result FROM waiting WHERE key = ?", (key,)).fetchone()
                 if row is not None and (not row[0] or reusable(row[0], fresh)):
                     db.execute(
@@ -109,8 +109,10 @@ class SqliteQueue:
                 elif waiting >= most:
                     refused.add(key)
                 else:
+                    queued = now + n * 1e-6  # a call's numbers are asked in the order given
                     db.execute(
-                        "INSERT OR REPLACE INTO waiting VALUES (?, ?, ?, ?, '', '', '')", (key, now, deadline, int(fresh))
+                        "INSERT OR REPLACE INTO waiting VALUES (?, ?, ?, ?, '', '', '')",
+                        (key, queued, deadline, int(fresh)),
                     )
                     waiting += 1
         return refused

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .. import log
-from ..config import CacheConfig
+from ..config import ApiConfig, CacheConfig
 from ..permissions import create_shared_file, shared_directory, sharing_problems
 from ..protocol import Answer
 from .base import Cache, _answer, _record, _stats
@@ -35,7 +35,7 @@ class SqliteCache(Cache):
         CREATE TABLE IF NOT EXISTS local_data (
             kind TEXT NOT NULL, key TEXT NOT NULL, mccmnc TEXT NOT NULL, note TEXT NOT NULL,
             PRIMARY KEY (kind, key)) WITHOUT ROWID;
-    """ + SqliteQueue.SCHEMA
+    """
     NEWEST_TABLE = "waiting"  # a file without it was made by an older version: the schema is run again
 
     announce_replaced = True  # warn when the file under the path is not the one open
@@ -49,8 +49,9 @@ class SqliteCache(Cache):
         self._opened: tuple[int, int] | None = None  # st_dev, st_ino of the file open
         self._next_check = -math.inf
 
-    def queue(self) -> SqliteQueue:
-        """The queue of waiting numbers, a table of this file (see ``cache.queue``)."""
+    def queue(self, api: ApiConfig) -> SqliteQueue:
+        """The queue of waiting numbers, a table of this file (see ``cache.queue``): the file is
+        the PBX's, ``api`` names no other scope."""
         return SqliteQueue(self)
 
     def close(self) -> None:
@@ -85,6 +86,7 @@ class SqliteCache(Cache):
                 db.execute("PRAGMA synchronous = NORMAL")
                 if not db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (self.NEWEST_TABLE,)).fetchone():
                     db.executescript(self.SCHEMA)
+                    db.executescript(SqliteQueue.SCHEMA)
             except BaseException:
                 db.close()
                 raise
