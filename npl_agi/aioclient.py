@@ -58,17 +58,21 @@ class AsyncClient:
             await self._http.aclose()
             self._http = None
 
-    async def exchange(self, msisdns: list[str], start_by: float, deadline: float, reader, on_answer) -> bool:
+    async def exchange(
+        self, msisdns: list[str], start_by: float, deadline: float, reader, on_answer, lock=None
+    ) -> bool:
         """Ask for ``msisdns``, feeding each line of the answer to ``reader`` as it arrives.
 
         ``reader`` is a ``protocol.AnswerReader``; ``on_answer`` gets each answer it yields
-        (``source = "api"``). The account lock must be had by ``start_by`` and the whole answer
-        by ``deadline`` (both ``time.monotonic()``). Returns True when the deadline cut the
-        answer short; raises as ``exchange.Exchange.end`` does, and what the reader raises for
-        a refused query.
+        (``source = "api"``). The account lock (``lock``, else the client's own; a connection
+        slot held already needs none) must be had by ``start_by`` and the whole answer by
+        ``deadline`` (both ``time.monotonic()``). Returns True when the deadline cut the answer
+        short; raises as ``exchange.Exchange.end`` does, and what the reader raises for a
+        refused query.
         """
         form = exchange.request_form(self.api, msisdns)
-        await self._acquire(start_by, deadline)
+        lock = self.lock if lock is None else lock
+        await self._acquire(lock, start_by, deadline)
         ex = exchange.Exchange(reader, deadline, self.api.password, on_answer)
         try:
             exchange.check_time(start_by)
@@ -82,7 +86,7 @@ class AsyncClient:
                 return ex.end(e)
             return ex.end()
         finally:
-            await asyncio.shield(asyncio.to_thread(self.lock.release))
+            await asyncio.shield(asyncio.to_thread(lock.release))
 
     async def _post(self, form: dict[str, str], ex: exchange.Exchange) -> None:
         async with self._client().stream("POST", self.api.url, data=form) as resp:
@@ -92,15 +96,16 @@ class AsyncClient:
                 if ex.done:
                     return  # complete, even if the server keeps the connection open
 
-    async def _acquire(self, start_by: float, deadline: float) -> None:
+    @staticmethod
+    async def _acquire(lock, start_by: float, deadline: float) -> None:
         """Wait for the account lock without blocking the loop (its wait runs in a thread); a
         leased (Redis) lock is then held until the request's ``deadline``, not just ``start_by``."""
         if start_by <= time.monotonic():
             raise LookupTimeout("no time left to wait for the account lock")
-        attempt = asyncio.ensure_future(asyncio.to_thread(self.lock.acquire, start_by, deadline))
+        attempt = asyncio.ensure_future(asyncio.to_thread(lock.acquire, start_by, deadline))
         try:
             await asyncio.shield(attempt)
         except asyncio.CancelledError:
             # The thread may still get the lock after we stopped waiting: give it back then.
-            attempt.add_done_callback(lambda done: done.exception() is None and self.lock.release())
+            attempt.add_done_callback(lambda done: done.exception() is None and lock.release())
             raise

@@ -24,7 +24,7 @@ from .cache.queue import decode
 from .config import ApiConfig
 from .errors import TIMEOUT, UNAVAILABLE, ConfigError, LockUnavailable, NotSent, NplError, ServiceRefused
 from .protocol import Answer
-from .waiting import FLUSH_EVERY, QueueAsker
+from .waiting import FLUSH_EVERY, Held, QueueAsker
 
 Store = Callable[[list[Answer]], Awaitable[None]]
 SHARED_POLL = 0.01  # seconds between looks at the shared queue while this server's calls wait
@@ -219,11 +219,12 @@ class Broker:
                     del self._pending[m]
 
     async def _exchange(
-        self, msisdns: list[str], batch: dict[str, _Pending], start_by: float, on_line=None
+        self, msisdns: list[str], batch: dict[str, _Pending], start_by: float, on_line=None, lock=None
     ) -> dict[str, Answer]:
         """One request for ``msisdns``, sent by ``start_by`` and read to its end: each answer
         settles its waiting call (``batch``) the moment its line arrives and goes to ``on_line``;
-        what it paid for is stored. The breaker and the metrics hear how it went."""
+        what it paid for is stored. The breaker and the metrics hear how it went. ``lock``: for
+        a connection slot held already (``waiting.Held``); else the client takes the account lock."""
         reader = self._sending = protocol.AnswerReader(msisdns, self.api.password)
         for p in batch.values():
             p.reader = reader
@@ -241,7 +242,7 @@ class Broker:
         answers: dict[str, Answer] = {}
         outcome = "ok"
         try:
-            cut = await self.client.exchange(msisdns, start_by, deadline, reader, on_answer)
+            cut = await self.client.exchange(msisdns, start_by, deadline, reader, on_answer, lock)
             answers = exchange.answers(reader, cut)
             if reader.ended:
                 self.breaker.success()
@@ -319,6 +320,7 @@ class Broker:
             with contextlib.suppress(Exception):  # no slot now: the next look tries again
                 slot = await self.shared.take_slot()
                 if slot is not None:
+                    slot.keep()  # a Redis slot's lease, renewed until it is freed
                     self._serving = asyncio.create_task(self._serve(slot), name="npl-agi-asker")
 
     async def _serve(self, slot) -> None:
@@ -354,7 +356,7 @@ class Broker:
             if len(self._publishing) == 1:
                 flushing.append(asyncio.ensure_future(self._flush()))
 
-        answers = await self._exchange(ask, own, start_by, on_line)
+        answers = await self._exchange(ask, own, start_by, on_line, Held())
         if flushing:
             await asyncio.gather(*flushing, return_exceptions=True)
         await self.shared.run(self.shared.asker.publish, list(answers.values()))

@@ -44,7 +44,7 @@ from .fastagi import MAX_LINE, Session, SessionEnded
 from .lookup import Lookup, Resolved
 from .metrics import Metrics
 from .recent import Recent
-from .waiting import Held, QueueAsker
+from .waiting import QueueAsker
 
 SCRIPT = "npl-lookup"
 CACHE_RETRY_FIRST = 1.0  # seconds a failed cache backend is skipped before it is probed again,
@@ -120,9 +120,8 @@ class _State:
         shared = None
         if queue is not None:  # the process scripts' and other servers' queue: asked by whoever holds a slot
             shared = Shared(server.in_cache_thread, queue, cache.slots(config.api), QueueAsker(config, cache, queue))
-        lock = Held() if shared is not None else cache.account_lock(config.api)  # a slot is held to ask
         self.broker = Broker(
-            AsyncClient(config.api, lock),
+            AsyncClient(config.api, cache.account_lock(config.api)),
             config.api,
             batch_window=fastagi.batch_window,
             breaker=self.breaker,
@@ -188,8 +187,9 @@ class Server:
         return await loop.run_in_executor(self._cache_thread, functools.partial(context.run, work, *args))
 
     async def start(self) -> None:
-        # Loaded once, not in a call; the cache file created before the loop reads it.
-        await self.in_cache_thread(lambda: self.state.lookup.directory and self.state.lookup.cache.get_many([]))
+        # Loaded once, not in a call (the numbering plan validates what the queue's asker claims);
+        # the cache file created before the loop reads it.
+        await self.in_cache_thread(_warm_up, self.state.lookup)
         self._listener = await _listening_socket(*self.listen)
         asyncio.get_running_loop().add_reader(self._listener, self._accept)
         metrics_listen = self.state.config.fastagi.metrics_listen
@@ -425,6 +425,13 @@ class Server:
         hits, self._hits_to_record = self._hits_to_record, 0
         if hits:
             self._cache_thread.submit(self.state.lookup.cache.record, hits, 0)
+
+
+def _warm_up(lookup: Lookup) -> None:
+    import phonenumbers  # noqa: F401
+
+    lookup.directory  # noqa: B018
+    lookup.cache.get_many([])
 
 
 async def _listening_socket(host: str, port: int) -> socket.socket:

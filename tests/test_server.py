@@ -41,6 +41,10 @@ def uk(i: int) -> str:
     return f"07400{100000 + i:06d}"
 
 
+def msisdn(dialled: str) -> str:
+    return "44" + dialled[1:]
+
+
 def config_for(tmp_path, sim, name="npl-agi.conf", **sections):
     sections.setdefault("fastagi", {}).setdefault("metrics_listen", "127.0.0.1:0")
     return load_config(str(write_config(tmp_path / name, sim.url, **sections)))
@@ -448,9 +452,10 @@ def test_a_call_counts_once_however_many_of_its_numbers_the_service_leaves_unans
             server = await serving(config, Clock())
             try:
                 broker = server.state.broker
-                in_flight = await broker.ask([uk(1), uk(2)], time.monotonic() + 1.0)
+                # The broker takes numbers as the chain gives them: international, validated.
+                in_flight = await broker.ask([msisdn(uk(1)), msisdn(uk(2))], time.monotonic() + 1.0)
                 after_one = server.state.breaker.state
-                queued = await broker.ask([uk(3), uk(4)], time.monotonic() + 1.0)
+                queued = await broker.ask([msisdn(uk(3)), msisdn(uk(4))], time.monotonic() + 1.0)
                 return in_flight, queued, after_one, server.state.breaker.state
             finally:
                 await server.drain()
