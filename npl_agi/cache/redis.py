@@ -12,6 +12,8 @@ from .base import Cache, _answer, _record, _stats, ttl_for
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which a cache hit does not use
 if TYPE_CHECKING:
     from ..locks import RedisLock
+    from ..slots import RedisSlots
+    from .redis_queue import RedisQueue
 
 REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
 REDIS_PREFIX = "npl-agi:"
@@ -152,6 +154,21 @@ class RedisCache(Cache):
             if a.mccmnc and not a.error:
                 pipe.set(self.stale_key(a.msisdn), value, px=int((expires - stored + self.cfg.stale_ttl) * 1000))
         pipe.execute()
+
+    def queue(self, api: ApiConfig) -> RedisQueue:
+        """The account's queue of waiting numbers in Redis, shared by every PBX using this Redis."""
+        from ..locks import lock_name
+        from .redis_queue import RedisQueue
+
+        return RedisQueue(self.client, f"{REDIS_PREFIX}queue:{lock_name(api.url, api.user).removesuffix('.lock')}:")
+
+    def slots(self, api: ApiConfig) -> RedisSlots:
+        """The account's connection slots in Redis. Slot 0 is the key ``RedisLock`` takes, so an
+        asker and an older lookup keep to one connection together."""
+        from ..slots import RedisSlots, slot_names
+
+        names = slot_names(api.url, api.user, api.connections)
+        return RedisSlots(self.client, [self.lock_key(name) for name in names])
 
     def account_lock(self, api: ApiConfig) -> RedisLock:
         """The account lock in Redis, shared by every PBX using this Redis."""
