@@ -222,7 +222,6 @@ def cmd_lookup(args) -> int:
         return look_up_all(args, _lookup_for(args, memory))
 
 
-
 def look_up_all(args, lookup) -> int:
     """``cmd_lookup`` with its ``Lookup``: read, look up and write out chunk by chunk."""
     api = lookup.config.api
