@@ -63,7 +63,7 @@ class Queued:
         if deadline is None:
             deadline = time.monotonic() + (api.timeout if timeout is None else timeout)
         queue = self.cache.queue(api)
-        if queue is None:  # backend = none
+        if queue is None or self.cache.broken:  # backend = none, or it failed in this call already
             yield from self._alone(keys, timeout, deadline)
             return
         try:
