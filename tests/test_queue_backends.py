@@ -400,3 +400,12 @@ def test_two_servers_on_one_redis_pay_once_for_the_numbers_both_are_asked(tmp_pa
     assert answered(runs) == 60, [v["NPL_ERR"] for v in runs]
     assert sorted(stats["charged"]) == sorted("44" + n[1:] for n in numbers)
     assert stats["max_concurrent"] == {"demo": 1}
+
+
+def test_redis_down_the_process_script_asks_alone_and_the_call_is_answered(tmp_path, subprocess_env):
+    with Simulator() as sim:
+        agi = redis_script(tmp_path, subprocess_env, sim.url, "redis://127.0.0.1:9/0")  # nothing listens there
+        run = agi.run([COLD[0]])
+    assert (run.variables["NPL_ERR"], run.variables["NPL_SOURCE"]) == ("", "api")
+    assert any("redis" in line.lower() for line in run.verbose), run.verbose
+    assert len(sim.stats()["requests"]) == 1
