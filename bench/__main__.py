@@ -9,11 +9,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import bulk, burst, credit, fastagi, pbx, process, sip
+from . import bulk, burst, credit, doors, fastagi, pbx, process, sip
 from .harness import log
 from .report import Report
 
-SECTIONS = {m.SECTION: m for m in (process, burst, fastagi, pbx, bulk, credit, sip)}
+SECTIONS = {m.SECTION: m for m in (process, burst, fastagi, pbx, bulk, credit, sip, doors)}
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Settings:
     load_clients: int = 1  # FastAGI client processes
     sip_rates: tuple[int, ...] = (10, 15, 20, 25, 50)  # SIP calls per second
     sip_seconds: float = 20  # at each rate
+    door_bursts: tuple[int, ...] = (20, 100)  # calls at once through each door, cold then hot
+    door_runs: int = 3
 
 
 QUICK = Settings(
@@ -58,6 +60,8 @@ QUICK = Settings(
     agis_at_once=10,
     sip_rates=(5,),
     sip_seconds=2,
+    door_bursts=(10,),
+    door_runs=1,
 )
 
 

@@ -53,6 +53,13 @@ SECTIONS = {
         "5/s, 10 % misses, npl-agi, process script: post-dial delay",
         "5/s, 10 % misses, npl-agi serve, FastAGI: lookup CPU per call",
     ],
+    "doors": [
+        "10 calls cold, instant service, npl-agi serve: answered",
+        "10 calls cold, instant service, process script: worst call",
+        "10 calls hot, 0.5 s a request, process script: p50 call",
+        "10 calls cold, 0.5 s a request, npl-agi serve: requests sent",
+        "10 calls hot, instant service, process script: credits spent",
+    ],
 }
 SIP_TARGETS = [
     "0 failed calls at every rate the no-lookup run sustains",
@@ -107,4 +114,7 @@ def test_quick_run_prints_every_sections_rows(tmp_path):
     for c in ("1 connection", "10 connections", "100 connections"):  # each against the minimal server of the run
         ours = fastagi[f"cache hits, {c}, npl-agi serve: calls/s"]
         assert ours["reference"] == f"cache hits, {c}, minimal server (constants): calls/s" and ours["ratio"] > 0
-    assert figures["machine"]["nproc"]
+    doors = [f for f in figures["figures"] if f["section"] == "doors" and ", process script: " in f["figure"]]
+    for f in doors:  # each against the server's figure of the same burst, in the same run
+        assert f["reference"] == f["figure"].replace("process script", "npl-agi serve")
+    assert doors and figures["machine"]["nproc"]
