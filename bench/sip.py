@@ -59,11 +59,11 @@ REFERENCE = "no lookup"
 BARE, PROCESS = "bare Python AGI (floor)", "npl-agi, process script"
 MINIMAL, FASTAGI = "minimal FastAGI server (floor)", "npl-agi serve, FastAGI"
 FLOOR = {PROCESS: BARE, FASTAGI: MINIMAL}
-PROCESS_LIMIT = '"${NPL_PROCESS_MAX}" = ""]?8:'  # the shipped limit on running scripts when unset
+PROCESS_LIMIT = '"${NPL_PROCESS_MAX}" = ""]?20:'  # the shipped limit on running scripts when unset
 VARIANTS = {  # name -> npl-lookup.conf as run
     REFERENCE: lambda text: text.replace(AGI_LINE, "NoOp(no lookup)"),
     BARE: lambda text: text.replace(AGI_LINE, AGI_LINE.replace("npl-lookup.agi", "bare.agi")).replace(
-        PROCESS_LIMIT, PROCESS_LIMIT.replace("?8:", "?0:")
+        PROCESS_LIMIT, PROCESS_LIMIT.replace("?20:", "?0:")
     ),
     PROCESS: lambda text: text,
     MINIMAL: lambda text: text.replace("${NPL_FASTAGI}", f"${{{MINIMAL_GLOBAL}}}"),

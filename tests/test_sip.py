@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,20 @@ from pathlib import Path
 import pytest
 from asterisk_fixture import DIALPLAN, ROOT, Asterisk, extensions_conf, find_asterisk, wait_for
 from conftest import AGI_SCRIPT, write_config
-from sip_fixture import CANCEL_SCENARIO, PJSIP_SAMPLE, Trunk, call, find_sip, free_udp_port, pjsip_conf, trunk_names
+from sip_fixture import (
+    CALL_SCENARIO,
+    CANCEL_SCENARIO,
+    PJSIP_SAMPLE,
+    Trunk,
+    call,
+    find_sip,
+    free_udp_port,
+    pjsip_conf,
+    scenario_file,
+    sipp,
+    trunk_names,
+    write_numbers,
+)
 from sip_fixture import wait_dialled as dialled_at
 from test_asterisk import numbers_on
 from test_server import start_process
@@ -49,6 +63,7 @@ HANG = 12  # seconds the simulator holds SLOW, longer than the calls' 8 s deadli
 REFUSING = "trunk-vodafone"  # refuses the numbers 07788459NNN: 404 Not Found, hangup cause 1
 REFUSED = "07788459[0-9]{3}"
 REFUSED_FROM = 9000  # numbers_on(..., start=REFUSED_FROM) are in that block
+ROUTED = dict(re.findall(r"^exten => (\d+),1,Dial\(PJSIP/\$\{NPL_DIAL\}@([\w-]+)", ROUTES.read_text(), re.M))
 
 
 @dataclass
@@ -63,6 +78,16 @@ class SipPbx:
 
     def call(self, number: str, scenario: str | None = None) -> None:
         done = call(self.directory, self.port, number, *([scenario] if scenario else []))
+        assert done.returncode == 0, f"{done.stdout[-1500:]}\n{done.stderr[-1500:]}\n{self.asterisk.console_tail()}"
+
+    def call_at(self, rate: int, numbers: list[str]) -> None:
+        """One call for each of ``numbers``, in order, ``rate`` calls a second from one caller;
+        SIPp exits 0 when every call was answered and ended."""
+        script = scenario_file(self.directory, CALL_SCENARIO)
+        calls = write_numbers(self.directory / f"caller-{numbers[0]}-{len(numbers)}.csv", numbers)
+        command = sipp("-sf", script, "-inf", calls, "-p", str(free_udp_port()), f"127.0.0.1:{self.port}")
+        command += ["-r", str(rate), "-m", str(len(numbers)), "-l", str(len(numbers)), "-timeout", "60"]
+        done = subprocess.run([*command, "-timeout_error"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{done.stdout[-1500:]}\n{done.stderr[-1500:]}\n{self.asterisk.console_tail()}"
 
     def dialled(self, number: str) -> list[tuple[str, str]]:
@@ -267,6 +292,28 @@ def test_through_the_fastagi_server_and_the_process_script_when_it_is_stopped(pb
         assert (pbx.cdr(number)["npl_mccmnc"], pbx.cdr(number)["npl_route"]) == ("23410", "23410")
     assert f"'*******{served[-4:]}' -> 23410" in log  # the server's line for its lookup
     assert after[-4:] not in log
+
+
+def test_a_burst_of_never_seen_numbers_reaches_their_networks_trunks(pbx: SipPbx) -> None:
+    """20 calls at 100 calls/s, each for a number nobody looked up, with the shipped defaults
+    (a 2 s deadline, NPL_PROCESS_MAX unset) and the service taking 0.3 s a request: every call
+    is answered, and all but a couple reach the trunk of their network. The misses wait in the
+    queue of waiting numbers, cheap, while one asker asks for them; the dialplan's limit must not
+    shed them."""
+    trunk = {n: ROUTED[mccmnc] for mccmnc in ROUTED for n in numbers_on(mccmnc, 5, start=400)}  # 5 a route
+    numbers = sorted(trunk)  # 0778845040x, 0778845041x: the networks interleaved
+    original = pbx.config.read_text()
+    assert "timeout = 8\n" in original
+    pbx.config.write_text(original.replace("timeout = 8\n", ""))  # [api] timeout as shipped: 2 s
+    pbx.sim.request_delay = 0.3
+    try:
+        pbx.call_at(100, numbers)
+    finally:
+        pbx.sim.request_delay = 0.0
+        pbx.config.write_text(original)
+    routed = [n for n in numbers if pbx.dialled(n) == [(trunk[n], n)]]  # each Request-URI's user
+    errors = {n: pbx.cdr(n)["npl_err"] for n in numbers if n not in routed}
+    assert len(routed) >= 18, f"{len(routed)} of {len(numbers)} at their network's trunk; the others' NPL_ERR: {errors}"
 
 
 # -- the retry: a number routed from the cache that its network's trunk refuses --
