@@ -54,6 +54,17 @@ def wait_for(attempt: Callable[[], bool], deadline: float, holder: str) -> None:
         pause = min(pause * 2, _POLL_MAX)
 
 
+def try_flock(fd: int) -> bool:
+    """Take the exclusive ``flock`` of ``fd`` now if it is free; False if another holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+
+
 class FileLock:
     """An exclusive ``flock`` taken before a deadline (``time.monotonic()`` seconds)."""
 
@@ -93,18 +104,8 @@ class FileLock:
 
         ``hold_until`` is for leased locks; a file lock is held until ``release`` or death."""
         fd = self._open()
-
-        def attempt() -> bool:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                return False
-
         try:
-            wait_for(attempt, deadline, "another lookup holds it")
+            wait_for(lambda: try_flock(fd), deadline, "another lookup holds it")
         except BaseException:
             os.close(fd)
             raise

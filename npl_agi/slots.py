@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import threading
 
 from . import log
-from .locks import lock_name
+from .locks import lock_name, try_flock
 from .permissions import open_shared
 
 TOKEN_BYTES = 8
@@ -118,16 +117,6 @@ class FileSlots:
                 raise
             return os.open(path, flags | os.O_RDONLY)
 
-    @staticmethod
-    def _lock(fd: int) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            return False
-
     def take(self) -> FileSlot | None:
         """A free slot, taken now, or None when every slot is held. Raises ``OSError`` when
         neither the lock directory nor its fallback can be used."""
@@ -150,7 +139,7 @@ class FileSlots:
     def _take(self, first: int) -> FileSlot | None:
         for index in range(first, first + self.count):
             fd = self._open(self.paths[index])
-            if not self._lock(fd):
+            if not try_flock(fd):
                 os.close(fd)
                 continue
             token = new_token(index)
@@ -170,7 +159,7 @@ class FileSlots:
         except OSError:
             return True  # cannot tell: never take a live asker's numbers
         try:
-            if self._lock(fd):
+            if try_flock(fd):
                 return False  # nobody holds it: its holder is gone (closing fd frees it again)
             held = os.pread(fd, 256, 0).decode("ascii", "replace")
         finally:
