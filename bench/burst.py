@@ -4,8 +4,9 @@ The simulator takes 0.3 s per request (connection, TLS, SS7 set-up) plus 10 ms p
 the real service does on a bad day. For each contender: how many calls got their network, how
 many ended in ``TIMEOUT`` or another failure, the slowest call, the credits spent and the most
 connections the account had open at once (the service allows one). The contenders: the process
-AGI (a process per call, each with the account lock for its own request), the FastAGI server
-(``npl-agi serve``: the broker puts the calls' misses into shared requests) and the naive script.
+AGI (a process per call; its misses wait in the cache file's queue, asked by one asker per
+connection slot), the FastAGI server (``npl-agi serve``: the broker puts the calls' misses into
+the same queue) and the naive script.
 Each npl-agi run starts with an empty cache; the server is started before the burst.
 """
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 
 from . import log, protocol
-from .cache.queue import decode, key_of, readings_of, report_malformed
+from .cache.queue import decode, readings_of, report_malformed
 from .errors import TIMEOUT, UNAVAILABLE, NotMobile, NotSent, NplError
 from .protocol import Answer
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 POLL_FIRST, POLL_MAX = 0.005, 0.025  # seconds between a waiting call's looks at its row
 MAX_ASKERS_STARTED = 3  # by one call: an asker that cannot claim must not be forked again and again
 FLUSH_EVERY = 0.01  # seconds: answers arriving closer together are written in one transaction
-__all__ = ["Held", "QueueAsker", "Queued", "key_of", "serve_queue"]
 
 
 class Queued:
