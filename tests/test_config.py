@@ -552,7 +552,7 @@ def test_extra_form_never_sets_a_field_of_npl_agi_s_own(tmp_path, name: str, lay
         load_config(str(path))
     assert_one_line(str(e.value), path, f"[api] extra_form: {name!r} cannot be set here")
     assert "user, pass, apiver and msisdn" in str(e.value)
-    assert "123" not in str(e.value)
+    assert "123" not in str(e.value).replace(str(path), "<path>")  # pytest's own temp dir may be pytest-123
 
 
 @pytest.mark.parametrize("name", ["\u00a0pass", "pa\u017fs"])  # no-break space; long s, which casefolds to s
