@@ -2,7 +2,7 @@
 """The least a Python process AGI can do, the floor for npl-agi's process script: read the
 environment block, set the same variables to the constants of a Vodafone UK cache hit, one
 command and its reply at a time, and exit. Only ``sys`` is imported: what it costs is the
-interpreter's start. The names are npl_agi.agi.VARIABLES (bench/sip.py checks that they match);
+interpreter's start. The names are npl_agi.doors.process.VARIABLES (bench/sip.py checks that they match);
 importing them would add npl_agi's own import to the floor."""
 
 import sys

@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 from npl_agi.config import NumberConfig
-from npl_agi.number import normalise, validate
+from npl_agi.core.number import normalise, validate
 
 from .harness import ACCOUNT, PEAK_RSS, BenchError, child_env, log, mobiles, world
 from .report import Report
@@ -74,7 +74,16 @@ def run(settings, report: Report) -> None:
             config = w.config(f"bulk-{size}")
             log(f"bulk: npl-agi lookup --file with {size:,} numbers")
             with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
-                command = [sys.executable, "-S", "-I", str(PEAK_RSS), rss.name, sys.executable, "-m", "npl_agi.cli"]
+                command = [
+                    sys.executable,
+                    "-S",
+                    "-I",
+                    str(PEAK_RSS),
+                    rss.name,
+                    sys.executable,
+                    "-m",
+                    "npl_agi.admin.cli",
+                ]
                 command += ["--config", str(config), "lookup", "--file", str(numbers), "--output", "/dev/null"]
                 started = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=1800)

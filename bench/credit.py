@@ -2,7 +2,7 @@
 
 A generated call log (Zipf-like popularity: the k-th most called number is called about 1/k as
 often as the first; dialled in the forms phones send: 07…, +44…, 0044…, 44…) spread over two
-cache TTL windows is replayed through ``npl_agi.lookup.Lookup`` with a real SQLite cache whose
+cache TTL windows is replayed through ``npl_agi.chain.lookup.Lookup`` with a real SQLite cache whose
 clock is the log's, and a real client asking the simulator. Credits are what the simulator
 charged. The naive script spends one per call; the floor is the distinct numbers of each window.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 import time
 
-from npl_agi.cache import SqliteCache
+from npl_agi.askers.direct import lookup_here
+from npl_agi.backends import SqliteCache
 from npl_agi.config import load_config
-from npl_agi.lookup import Lookup
 
 from .harness import BenchError, log, mobiles, world
 from .report import Report
@@ -46,7 +46,7 @@ def run(settings, report: Report) -> None:
         w.ttl = TTL
         config = load_config(str(w.config("credits")))
         now = [0.0]
-        lookup = Lookup(config, cache=SqliteCache(config.cache, clock=lambda: now[0]))
+        lookup = lookup_here(config, cache=SqliteCache(config.cache, clock=lambda: now[0]))
         log(f"credits: replaying {len(calls):,} calls over {settings.numbers:,} numbers")
         started = time.perf_counter()
         for t, dialled, msisdn in calls:

@@ -64,7 +64,7 @@ def server_burst(server, numbers: list[str]) -> tuple[int, list[float]]:
 
 def warm(w, name: str, numbers: list[str]) -> None:
     """Cache whatever the cold burst left unasked, so that the hot burst is all cache hits."""
-    command = [sys.executable, "-m", "npl_agi.cli", "--config", str(w.config(name)), "lookup", "--timeout", "30"]
+    command = [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(w.config(name)), "lookup", "--timeout", "30"]
     done = subprocess.run([*command, *numbers], capture_output=True, text=True, env=child_env(), timeout=120)
     if done.returncode != 0:
         raise BenchError(f"the warm-up lookup of {name} failed: {done.stderr[-300:]}")

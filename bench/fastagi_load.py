@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 
-from npl_agi.emulator import OK, fastagi_greeting
+from npl_agi.doubles.emulator import OK, fastagi_greeting
 
 REPLY = OK.encode() + b"\n"
 WATCHED = {b"NPL_ERR": "npl_err", b"NPL_MCCMNC": "mccmnc"}

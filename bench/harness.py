@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from npl_agi.emulator import OK, AgiEmulator, AgiRun, agi_header, environment, fastagi_call, replay
+from npl_agi.core.agiwire import header as agi_header
+from npl_agi.doubles.emulator import OK, AgiEmulator, AgiRun, environment, fastagi_call, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 AGI_SCRIPT = ROOT / "agi-bin" / "npl-lookup.agi"
@@ -72,7 +73,7 @@ class SimulatorProcess:
     compete with the benchmark's threads for one interpreter lock)."""
 
     def __init__(self, *, request_delay: float = 0.0, line_delay: float = 0.0) -> None:
-        self.command = [sys.executable, "-m", "npl_agi.cli", "simulate", "--port", "0"]
+        self.command = [sys.executable, "-m", "npl_agi.admin.cli", "simulate", "--port", "0"]
         self.command += ["--request-delay", str(request_delay), "--line-delay", str(line_delay)]
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
@@ -291,7 +292,7 @@ def fastagi(config: str = "npl-agi", *, timeout: float | None = None) -> Factory
 
     def make(w: World) -> AbstractContextManager[ServerProcess]:
         path = w.config(config, timeout=timeout)
-        command = [sys.executable, "-m", "npl_agi.cli", "--config", str(path), "serve", "--listen", "127.0.0.1:0"]
+        command = [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(path), "serve", "--listen", "127.0.0.1:0"]
         return ServerProcess("npl-agi serve, FastAGI", command, w.directory / f"{config}.serve.log")
 
     return make

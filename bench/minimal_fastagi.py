@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sys
 
-from npl_agi.agi import VARIABLES
+from npl_agi.doors.process import VARIABLES
 
 COMMANDS = [f'SET VARIABLE {name} "1"\n'.encode() for name in VARIABLES]
 

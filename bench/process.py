@@ -18,7 +18,7 @@ import re
 import time
 from urllib.parse import urlencode, urlsplit
 
-from npl_agi.cache import open_cache
+from npl_agi.backends import open_cache
 from npl_agi.config import load_config
 
 from .harness import (

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from npl_agi.agi import VARIABLES
+from npl_agi.doors.process import VARIABLES
 
 from .harness import AGI_SCRIPT, PORTED, ROOT, BenchError, ServerProcess, fastagi, log, minimal_fastagi, mobiles, world
 from .pbx import AGI_LINE, FASTAGI_GLOBAL, install_script
@@ -172,7 +172,7 @@ def run(settings, report: Report) -> None:
         log(f"sip: skipped, {missing}")
         return
     if tuple(re.findall(r'^    "(NPL_\w+)":', BARE_SCRIPT.read_text(), flags=re.MULTILINE)) != VARIABLES:
-        raise BenchError("bench/bare_agi.py does not set npl_agi.agi.VARIABLES")
+        raise BenchError("bench/bare_agi.py does not set npl_agi.doors.process.VARIABLES")
     runs: list[Run] = []
     with world(request_delay=0.3) as w, contextlib.ExitStack() as stack:
         agi_dir = w.directory / "agi-bin"

@@ -13,9 +13,11 @@ import re
 import sys
 from collections import namedtuple
 
-from . import log, protocol
-from .errors import ConfigError
-from .protocol import MAX_NUMBERS
+from npl_agi import log
+from npl_agi.core import protocol
+from npl_agi.core.errors import ConfigError
+from npl_agi.core.number import NumberConfig
+from npl_agi.core.protocol import MAX_NUMBERS
 
 DEFAULT_PATH = "/etc/asterisk/npl-agi.conf"
 # install.sh writes the path of the configuration it installed here, inside the environment
@@ -84,19 +86,6 @@ class ApiConfig(
             .__repr__()
             .replace(f"password={self.password!r}", "password=***" if self.password else "password=''")
         )
-
-
-class NumberConfig(
-    record(
-        "NumberConfig",
-        country_code="",
-        national_prefix="0",
-        international_prefix="00",
-        lookup_types=("mobile", "fixed_line_or_mobile"),
-        range_fallback="no",
-    )
-):
-    __slots__ = ()
 
 
 class CacheConfig(

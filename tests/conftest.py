@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from npl_agi.simulator import Simulator
+from npl_agi.doubles.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 AGI_SCRIPT = ROOT / "agi-bin" / "npl-lookup.agi"

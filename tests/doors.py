@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from conftest import AGI_SCRIPT, write_config
+
 from npl_agi.config import load_config
-from npl_agi.emulator import AgiEmulator, fastagi_call
-from npl_agi.server import Server
-from tests.conftest import AGI_SCRIPT, write_config
+from npl_agi.doors.server import Server
+from npl_agi.doubles.emulator import AgiEmulator, fastagi_call
 
 DOORS = ("server", "process")
 

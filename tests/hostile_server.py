@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qs, quote_plus
 
-from npl_agi.simulator import simulated_answer
+from npl_agi.doubles.simulator import simulated_answer
 
 Behaviour = Callable[[socket.socket, dict[str, str]], None]
 

@@ -7,13 +7,15 @@ import sys
 import time
 
 import pytest
+from conftest import AGI_SCRIPT, write_config
 
-from npl_agi.agi import VARIABLES, agi_quote
-from npl_agi.cache import SqliteCache
+from npl_agi.backends import SqliteCache
 from npl_agi.config import load_config
-from npl_agi.emulator import DEAD, OK, AgiEmulator, hung_up_after, parse_agi_args
-from npl_agi.protocol import Answer
-from tests.conftest import AGI_SCRIPT, write_config
+from npl_agi.core.agiwire import parse_args as parse_agi_args
+from npl_agi.core.agiwire import quote as agi_quote
+from npl_agi.core.protocol import Answer
+from npl_agi.doors.process import VARIABLES
+from npl_agi.doubles.emulator import DEAD, OK, AgiEmulator, hung_up_after
 
 COMMANDS = len(VARIABLES) + 1  # every variable, then one VERBOSE line
 

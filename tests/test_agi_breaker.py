@@ -14,14 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from npl_agi.breaker import OPEN, FileStore, RedisStore, shared_breaker
-from npl_agi.cache import RedisCache, SqliteCache
+from conftest import AGI_SCRIPT, write_config
+from test_agi import assert_clean
+
+from npl_agi.backends import RedisCache, SqliteCache
+from npl_agi.backends.breaker_store import FileStore, RedisStore
+from npl_agi.chain.breaker import OPEN, shared_breaker
 from npl_agi.config import load_config
-from npl_agi.emulator import AgiEmulator
-from npl_agi.protocol import Answer
-from npl_agi.simulator import Simulator
-from tests.conftest import AGI_SCRIPT, write_config
-from tests.test_agi import assert_clean
+from npl_agi.core.protocol import Answer
+from npl_agi.doubles.emulator import AgiEmulator
+from npl_agi.doubles.simulator import Simulator
 
 pytest_plugins = ("redis_fixture",)
 KNOWN = "07788450450"  # cached two days ago: expired, within stale_ttl
@@ -133,7 +135,8 @@ def test_a_refused_account_keeps_its_npl_err_and_is_never_answered_stale(tmp_pat
 
 PROBE = """
 import sys, time
-from npl_agi.breaker import Breaker, FileStore
+from npl_agi.backends.breaker_store import FileStore
+from npl_agi.chain.breaker import Breaker
 start = float(sys.argv[2])
 while time.time() < start:
     time.sleep(0.001)
@@ -157,7 +160,7 @@ def test_only_one_process_becomes_the_probe(tmp_path, subprocess_env):
 
 
 def test_an_unusable_store_is_a_closed_breaker(tmp_path):
-    from npl_agi.breaker import Breaker
+    from npl_agi.chain.breaker import Breaker
 
     breaker = Breaker(1, 30, time.time, FileStore(str(tmp_path / "missing" / "account.breaker")))
     breaker.failure()

@@ -10,14 +10,14 @@ import textwrap
 import time
 
 import pytest
+from conftest import AGI_SCRIPT, write_config
+from test_agi import assert_clean
 
-from npl_agi.agi import VARIABLES, asked_at
-from npl_agi.emulator import AgiEmulator
-from tests.conftest import AGI_SCRIPT, write_config
-from tests.test_agi import assert_clean
+from npl_agi.doors.process import VARIABLES, asked_at
+from npl_agi.doubles.emulator import AgiEmulator
 
 HANGS = "07400999902"  # the simulator never answers it in time
-HEAVY = ("requests", "urllib3", "phonenumbers", "npl_agi.client", "npl_agi.handoff")
+HEAVY = ("requests", "urllib3", "phonenumbers", "npl_agi.transports.sync", "npl_agi.askers.handoff")
 
 
 def agi_for(tmp_path, subprocess_env, url, **api) -> AgiEmulator:
@@ -117,7 +117,7 @@ def test_a_bad_time_falls_back_to_the_scripts_start_and_says_so(tmp_path, subpro
 
 IN_PROCESS = """\
 import io, json, sys, time
-from npl_agi import agi
+from npl_agi.doors import process as agi
 replies = io.StringIO("agi_request: npl-lookup.agi\\nagi_extension: s\\n\\n" + "200 result=1\\n" * 20)
 sent = io.StringIO()
 args = [sys.argv[2], f"t={time.time() - float(sys.argv[3]):.3f}"]
@@ -138,11 +138,11 @@ def test_a_shed_call_imports_no_request_path(tmp_path, subprocess_env, sim):
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, api={"timeout": "4", "min_request_time": "2"})
     past = shed_in_a_fresh_process(subprocess_env, conf, "07788450450", late=10)
     assert past["values"]["NPL_ERR"] == "TIMEOUT"
-    assert not set(past["modules"]) & {*HEAVY, "sqlite3", "npl_agi.cache", "npl_agi.lookup"}
+    assert not set(past["modules"]) & {*HEAVY, "sqlite3", "npl_agi.backends", "npl_agi.chain.lookup"}
     # Too late to ask but in time to read the cache: SQLite, never the request path.
     soon = shed_in_a_fresh_process(subprocess_env, conf, "07810701702", late=2.5)  # 1.4 s left
     assert soon["values"]["NPL_ERR"] == "TIMEOUT"
-    assert "npl_agi.cache" in soon["modules"]
+    assert "npl_agi.backends" in soon["modules"]
     assert not set(soon["modules"]) & set(HEAVY)
     assert sim.stats()["requests"] == []
 
@@ -152,7 +152,7 @@ def test_a_lookup_in_time_still_uses_the_request_path(tmp_path, subprocess_env, 
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, api={"timeout": "5"})
     ok = shed_in_a_fresh_process(subprocess_env, conf, "07810701702", late=0)
     assert (ok["values"]["NPL_ERR"], ok["values"]["NPL_SOURCE"]) == ("", "api")
-    assert {"npl_agi.waiting", "npl_agi.handoff"} <= set(ok["modules"])
+    assert {"npl_agi.askers.queued", "npl_agi.askers.handoff"} <= set(ok["modules"])
     # It waited for its number in the queue: the asker it forked loaded the HTTP stack and
     # phonenumbers, the call did not (see tests/test_coalescing.py).
-    assert not set(ok["modules"]) & {"requests", "urllib3", "phonenumbers", "npl_agi.client"}
+    assert not set(ok["modules"]) & {"requests", "urllib3", "phonenumbers", "npl_agi.transports.sync"}

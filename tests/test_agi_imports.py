@@ -4,8 +4,9 @@ for each module it loads. Read from the script's own ``python -X importtime`` re
 import re
 import sys
 
-from npl_agi.emulator import AgiEmulator
-from tests.conftest import AGI_SCRIPT
+from conftest import AGI_SCRIPT
+
+from npl_agi.doubles.emulator import AgiEmulator
 
 # A hit reads the cache and sets the variables: no HTTP stack, no numbering plan, no locks
 # (only a request takes the account lock), no threads, no logging, no Redis.
@@ -24,9 +25,9 @@ NOT_ON_A_HIT = {
     "redis",
     "asyncio",
     "json",
-    "npl_agi.client",
-    "npl_agi.handoff",
-    "npl_agi.locks",
+    "npl_agi.transports.sync",
+    "npl_agi.askers.handoff",
+    "npl_agi.backends.locks",
 }
 
 
@@ -41,5 +42,5 @@ def test_a_cache_hit_imports_nothing_it_does_not_use(config_file, subprocess_env
     hit = agi.run(["07788450450"])
     assert hit.variables["NPL_SOURCE"] == "cache"
     modules = imported(hit.stderr)
-    assert {"asterisk.agi", "npl_agi.cache", "sqlite3"} <= modules  # the report was read
+    assert {"asterisk.agi", "npl_agi.backends", "sqlite3"} <= modules  # the report was read
     assert modules & NOT_ON_A_HIT == set()

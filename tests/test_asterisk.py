@@ -32,13 +32,13 @@ from asterisk_fixture import (
 )
 from conftest import write_config
 
-from npl_agi import cli
-from npl_agi.agi import asked_at
-from npl_agi.cache import SqliteCache
+from npl_agi.admin import cli
+from npl_agi.backends import SqliteCache
 from npl_agi.config import NumberConfig, load_config
-from npl_agi.number import normalise, validate
-from npl_agi.protocol import Answer
-from npl_agi.simulator import Simulator, simulated_answer
+from npl_agi.core.number import normalise, validate
+from npl_agi.core.protocol import Answer
+from npl_agi.doors.process import asked_at
+from npl_agi.doubles.simulator import Simulator, simulated_answer
 
 CDR_SNIPPET = DIALPLAN / "npl-cdr-custom.conf"  # the shipped cdr_custom snippet, included as is
 LOOKUP_ERRORS = {"BADNUMBER", "NOTMOBILE", "TIMEOUT", "UNREACHABLE", "PROTOCOL", "AUTH", "CREDIT", "LOCKED"}

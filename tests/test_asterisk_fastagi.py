@@ -16,7 +16,7 @@ from asterisk_fixture import DIALPLAN, ROOT, Asterisk, find_asterisk, wait_for
 from conftest import AGI_SCRIPT, write_config
 from test_server import start_process
 
-from npl_agi.simulator import Simulator
+from npl_agi.doubles.simulator import Simulator
 
 EXTENSIONS = """\
 [general]

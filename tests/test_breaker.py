@@ -1,6 +1,6 @@
 """The circuit breaker, on an injectable clock."""
 
-from npl_agi.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from npl_agi.chain.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 
 
 class Clock:
@@ -50,7 +50,7 @@ def test_while_the_probe_runs_no_other_request_is_allowed_until_a_cool_down_pass
 
 
 def test_the_same_machine_over_a_shared_file(tmp_path) -> None:
-    from npl_agi.breaker import FileStore
+    from npl_agi.backends.breaker_store import FileStore
 
     clock = Clock()
     path = str(tmp_path / "account.breaker")

@@ -25,13 +25,15 @@ import pytest
 import redis
 from conftest import write_config
 
-from npl_agi import protocol
-from npl_agi.cache import REDIS_TIMEOUT, SqliteCache, open_cache
+from npl_agi.askers.direct import lookup_here
+from npl_agi.backends import REDIS_TIMEOUT, SqliteCache, open_cache
+from npl_agi.backends.locks import FallbackRecord, FileLock
+from npl_agi.backends.redis import RedisLock
+from npl_agi.chain.lookup import Lookup
 from npl_agi.config import load_config
-from npl_agi.errors import LookupTimeout
-from npl_agi.locks import FallbackRecord, FileLock, RedisLock
-from npl_agi.lookup import Lookup
-from npl_agi.simulator import Simulator, simulated_answer
+from npl_agi.core import protocol
+from npl_agi.core.errors import LookupTimeout
+from npl_agi.doubles.simulator import Simulator, simulated_answer
 
 pytest_plugins = ("redis_fixture",)
 
@@ -98,7 +100,7 @@ def configure(tmp_path: Path, sim: Simulator, cache: dict, name: str = "npl-agi.
 
 def lookup(conf: Path) -> Lookup:
     """A fresh ``Lookup``, as each AGI process builds one."""
-    return Lookup(load_config(str(conf)))
+    return lookup_here(load_config(str(conf)))
 
 
 # --- what a cache hit saves -----------------------------------------------------------------
@@ -256,13 +258,13 @@ CHILD = r"""
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
 from npl_agi.config import load_config
-from npl_agi.lookup import Lookup
+from npl_agi.askers.direct import lookup_here
 job = json.loads(sys.argv[1])
 config = load_config(job["config"])
 print("ready", flush=True)
 if job.get("barrier"):
     sys.stdin.readline()
-look = Lookup(config)  # one per process, as each AGI process builds one
+look = lookup_here(config)  # one per process, as each AGI process builds one
 out = []
 for numbers in job["rounds"]:
     answers = look.many(numbers, timeout=job.get("timeout", 30))
@@ -566,7 +568,7 @@ def test_malformed_redis_value_is_a_miss_and_keeps_the_redis_lock(tmp_path, sim,
     conf = redis_conf(tmp_path, sim, redis_server.url)
     redis_server.client().set(f"npl-agi:answer:{msisdn(PORTED)}", "23415,1,2,,1700000000,extra-field")
     config = load_config(str(conf))
-    look = Lookup(config)
+    look = lookup_here(config)
     api = config.api
     held = FileLock.for_account(api.lock_dir, api.url, api.user)
     held.acquire(time.monotonic() + 1)  # the file lock is taken: only the Redis lock lets the lookup through
@@ -647,7 +649,7 @@ def test_npl_agi_check_waits_for_the_redis_account_lock(tmp_path, sim, redis_ser
     other_machine.acquire(time.monotonic() + 10)
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "npl_agi.cli", "--config", str(confs[1]), "check", "--timeout", "0.5"],
+            [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(confs[1]), "check", "--timeout", "0.5"],
             capture_output=True,
             text=True,
             env=subprocess_env,
@@ -695,7 +697,7 @@ def test_redis_lock_is_released_only_by_its_holder(tmp_path, sim, redis_server, 
 HOLDER = r"""
 import sys, time
 from npl_agi.config import load_config
-from npl_agi.cache import open_cache
+from npl_agi.backends import open_cache
 config = load_config(sys.argv[1])
 lock = open_cache(config).account_lock(config.api)
 lock.acquire(time.monotonic() + float(sys.argv[2]))
@@ -782,7 +784,7 @@ def test_cache_stats_counts_the_lock_fallbacks(tmp_path, sim, redis_server, subp
     for _ in range(2):
         FallbackRecord(str(tmp_path)).add()
     result = subprocess.run(
-        [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), "cache", "stats", "--json"],
+        [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(conf), "cache", "stats", "--json"],
         capture_output=True, text=True, env=subprocess_env, timeout=30,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

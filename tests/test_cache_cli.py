@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import write_config
 
+from npl_agi.askers.direct import lookup_here
 from npl_agi.config import load_config
-from npl_agi.lookup import Lookup
-from npl_agi.networks import Directory
-from npl_agi.simulator import Simulator
+from npl_agi.core.networks import Directory
+from npl_agi.doubles.simulator import Simulator
 
 pytest_plugins = ("redis_fixture",)
 
@@ -38,7 +38,7 @@ def backend(request, tmp_path) -> dict[str, str]:
 
 def npl_agi(conf: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), *args],
+        [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(conf), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -60,9 +60,9 @@ def filled(tmp_path, sim: Simulator, backend) -> tuple[Path, float, float]:
     """A cache with three entries (two answers, one ERR1), 3 misses then 2 hits."""
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache={**backend, "ttl": TTL, "error_ttl": ERROR_TTL})
     before = time.time()
-    Lookup(load_config(str(conf))).many([PORTED, OTHER, UNKNOWN])
+    lookup_here(load_config(str(conf))).many([PORTED, OTHER, UNKNOWN])
     after = time.time()
-    Lookup(load_config(str(conf))).many([PORTED, OTHER])
+    lookup_here(load_config(str(conf))).many([PORTED, OTHER])
     return conf, before, after
 
 
@@ -104,7 +104,7 @@ def test_purge_one_number_then_all(filled, sim, subprocess_env):
     assert ok(npl_agi(conf, "cache", "purge", PORTED, env=subprocess_env)).strip() == "purged 0 entries"
 
     sim.reset()
-    answers = Lookup(load_config(str(conf))).many([PORTED, OTHER, UNKNOWN])
+    answers = lookup_here(load_config(str(conf))).many([PORTED, OTHER, UNKNOWN])
     assert [a.source for a in answers] == ["api", "cache", "cache"]
     assert sim.stats()["charged"] == ["447788450450"]
 
@@ -160,7 +160,7 @@ def test_export_csv_and_json(filled, subprocess_env):
 
 def test_purge_and_stats_agree_once_entries_have_expired(tmp_path, sim, backend, subprocess_env):
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache={**backend, "ttl": 0.3, "error_ttl": TTL})
-    Lookup(load_config(str(conf))).many([PORTED, UNKNOWN])
+    lookup_here(load_config(str(conf))).many([PORTED, UNKNOWN])
     time.sleep(0.5)  # the answer has expired, the ERR1 lives on
     assert stats(conf, subprocess_env)["entries"] == 1
     assert ok(npl_agi(conf, "cache", "purge", PORTED, env=subprocess_env)).strip() == "purged 0 entries"
@@ -221,7 +221,7 @@ def test_stats_never_shows_the_redis_password(tmp_path, sim, subprocess_env):
     server = RedisServer(tmp_path / "redis", password="s3cret-Pa55").start()
     try:
         conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache={"backend": "redis", "redis_url": server.url})
-        Lookup(load_config(str(conf))).one(PORTED)
+        lookup_here(load_config(str(conf))).one(PORTED)
         text = ok(npl_agi(conf, "cache", "stats", env=subprocess_env))
         as_json = ok(npl_agi(conf, "cache", "stats", "--json", env=subprocess_env))
         assert json.loads(as_json)["entries"] == 1
@@ -247,9 +247,9 @@ def test_purge_of_something_that_is_not_a_number_is_a_usage_error(filled, subpro
 def test_export_into_a_pipe_closed_early_ends_quietly(tmp_path, sim, backend, subprocess_env):
     """``npl-agi cache export | head -1``: no traceback, the status of a Unix tool stopped by SIGPIPE."""
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache=backend)
-    Lookup(load_config(str(conf))).many([f"07400{n:06d}" for n in range(100000, 101000)])  # more than a pipe holds
+    lookup_here(load_config(str(conf))).many([f"07400{n:06d}" for n in range(100000, 101000)])  # more than a pipe holds
     proc = subprocess.Popen(
-        [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), "cache", "export"],
+        [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(conf), "cache", "export"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=subprocess_env,
@@ -267,7 +267,7 @@ def test_stats_reports_a_cache_its_users_could_not_write(tmp_path, sim, subproce
     cache_dir = tmp_path / "npl-agi"
     path = cache_dir / "cache.sqlite"
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, cache={"backend": "sqlite", "path": str(path)})
-    Lookup(load_config(str(conf))).one(PORTED)
+    lookup_here(load_config(str(conf))).one(PORTED)
     s = stats(conf, subprocess_env)
     assert s["unwritable"] == [] and s["shared_with"]
     assert f"writable by:   {s['shared_with']}" in ok(npl_agi(conf, "cache", "stats", env=subprocess_env))

@@ -16,26 +16,18 @@ import time
 import pytest
 from conftest import AGI_SCRIPT, write_config
 
-from npl_agi import protocol
-from npl_agi.cache import SqliteCache
-from npl_agi.cache.sqlite import SQLITE_BUSY_TIMEOUT
+from npl_agi.askers.direct import lookup_here
+from npl_agi.backends import SqliteCache
+from npl_agi.backends.sqlite import SQLITE_BUSY_TIMEOUT
+from npl_agi.chain.asking import Asked, asked_from
+from npl_agi.chain.lookup import Lookup
 from npl_agi.config import load_config
-from npl_agi.emulator import AgiEmulator
-from npl_agi.errors import (
-    TIMEOUT,
-    TRUNCATED,
-    UNAVAILABLE,
-    AuthError,
-    CreditError,
-    LockedError,
-    LookupTimeout,
-    NplError,
-    ProtocolError,
-    Unreachable,
-)
-from npl_agi.errors import npl_err as npl_err_of
-from npl_agi.lookup import Lookup
-from npl_agi.protocol import Answer
+from npl_agi.core import protocol
+from npl_agi.core.codes import TIMEOUT, TRUNCATED, UNAVAILABLE
+from npl_agi.core.errors import AuthError, CreditError, LockedError, LookupTimeout, NplError, ProtocolError, Unreachable
+from npl_agi.core.errors import npl_err as npl_err_of
+from npl_agi.core.protocol import Answer
+from npl_agi.doubles.emulator import AgiEmulator
 
 DAY = 86400.0
 KNOWN, FRESH, UNKNOWN = "07788450450", "07400100001", "07400100002"  # cached earlier / cached now / never
@@ -67,16 +59,18 @@ class FakeAsker:
             raise self.error
         return {m: self.answer(m) for m in misses}
 
-    def ask(self, misses, timeout, deadline):  # the sync chain's asker: batches
-        yield self._answers(misses)
+    takes_readings = False
+
+    def ask(self, misses, deadline, *, timeout=None, fresh=False, on_batch=None) -> Asked:  # the sync driver's
+        def batches():
+            yield self._answers(misses)
+
+        return asked_from(batches(), misses, on_batch)
 
 
 class FakeAsyncAsker(FakeAsker):
-    async def ask(self, misses, deadline, fresh=False):  # the server's: never raises, a failure per number
-        try:
-            return self._answers(misses)
-        except NplError as e:
-            return {m: protocol.failed(m, e.npl_err, reason=str(e)) for m in misses}
+    async def ask(self, misses, deadline, *, timeout=None, fresh=False, on_batch=None) -> Asked:  # the server's
+        return FakeAsker.ask(self, misses, deadline, on_batch=on_batch)
 
 
 def sync_many(chain, dialled: list[str], asker: FakeAsker, **kwargs) -> list[Answer]:
@@ -92,7 +86,7 @@ def async_many(chain, dialled: list[str], asker: FakeAsker, **kwargs) -> list[An
         return work(*args)
 
     try:
-        return asyncio.run(chain(None).many_async(dialled, 1e12, asker=async_asker, run=run, **kwargs))
+        return asyncio.run(chain(async_asker).many_async(dialled, 1e12, run=run, **kwargs))
     finally:
         asker.asked = async_asker.asked
 
@@ -193,7 +187,7 @@ def test_a_fresh_lookup_stores_the_services_answer_over_the_cached_one(tmp_path,
     config = load_config(str(write_config(tmp_path / "npl-agi.conf", sim.url)))
     cache = SqliteCache(config.cache)
     cache.put_many([Answer("447788450450", mccmnc="23410", source="api")])  # the simulator says 23415
-    lookup = Lookup(config, cache=cache)
+    lookup = lookup_here(config, cache=cache)
     before = lookup.one(KNOWN)
     fresh = lookup.one(KNOWN, fresh=True)
     after = lookup.one(KNOWN)
@@ -282,5 +276,5 @@ def test_a_call_s_deadline_stays_with_that_call(tmp_path):
     cache.put_many([Answer(msisdn(FRESH), mccmnc="23420", source="api")])
     lookup = Lookup(config, cache=cache)
     assert lookup.one(FRESH, deadline=time.monotonic() - 1).source == "cache"  # past its deadline: no waiting
-    lookup.store([Answer(msisdn(KNOWN), mccmnc="23415", source="api")])  # no call waits for this one
+    lookup.cache.put_many([Answer(msisdn(KNOWN), mccmnc="23415", source="api")])  # no call waits for this one
     assert cache._conn().execute("PRAGMA busy_timeout").fetchone()[0] == SQLITE_BUSY_TIMEOUT * 1000

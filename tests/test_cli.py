@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_config
 
-from npl_agi import protocol
-from npl_agi.client import Client
+from npl_agi.backends.locks import FileLock
 from npl_agi.config import ENV_VAR, ApiConfig
-from npl_agi.simulator import Account, Simulator, simulated_answer
-from tests.conftest import write_config
+from npl_agi.core import protocol
+from npl_agi.doubles.simulator import Account, Simulator, simulated_answer
+from npl_agi.transports.sync import Client
 
 SECRET = "Zk9-pw-7f3Q-s3cret"  # a password no output has any other reason to contain
 PORTED = "07788450450"  # the simulator answers 447788450450 on 23415 (Vodafone UK)
@@ -28,7 +29,7 @@ JSON_KEYS = {"msisdn", "mccmnc", "mcc", "mnc", "msc", "imsi", "error", "error_na
 
 def run(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "npl_agi.cli", *args],
+        [sys.executable, "-m", "npl_agi.admin.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -494,7 +495,7 @@ def test_no_command_is_a_usage_error(subprocess_env) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_simulate_serves_until_signalled(tmp_path, subprocess_env, sig: signal.Signals) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "npl_agi.cli", "simulate", "--port", "0"],
+        [sys.executable, "-m", "npl_agi.admin.cli", "simulate", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -506,7 +507,8 @@ def test_simulate_serves_until_signalled(tmp_path, subprocess_env, sig: signal.S
         assert m, banner
         url, port = m.group(0), int(m.group(1))
         assert port != 0
-        client = Client(ApiConfig(url=url, user="demo", password="demo", lock_dir=str(tmp_path)))
+        api = ApiConfig(url=url, user="demo", password="demo", lock_dir=str(tmp_path))
+        client = Client(api, FileLock.for_account(api.lock_dir, api.url, api.user))
         answers = client.lookup(["447788450450", "447973100100"], timeout=30)
         assert answers["447788450450"].mccmnc == "23415"
         assert answers["447973100100"].error == "ERR1"
@@ -538,7 +540,7 @@ def run_measured(args: list[str], env: dict[str, str]) -> tuple[subprocess.Compl
     """The command in a child that reports its own peak memory (KiB) on its last stderr line."""
     probe = (
         "import resource, sys\n"
-        "from npl_agi.cli import main\n"
+        "from npl_agi.admin.cli import main\n"
         "try:\n"
         "    code = main(sys.argv[1:])\n"
         "finally:\n"
@@ -575,7 +577,7 @@ def test_lookup_file_is_answered_one_batch_at_a_time(tmp_path, sim, subprocess_e
     """With batch_size 2 the answers of the first two lines come out while stdin is still open."""
     cfg = write_config(tmp_path / "c.conf", sim.url, api={"batch_size": "2"})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "npl_agi.cli", "lookup", "--config", str(cfg), "--file", "-"],
+        [sys.executable, "-m", "npl_agi.admin.cli", "lookup", "--config", str(cfg), "--file", "-"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -640,7 +642,7 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path, config_file
 
 
 def test_csv_cell_rules() -> None:
-    from npl_agi.cli import csv_cell
+    from npl_agi.admin.lookup_cmd import csv_cell
 
     for cell in ("=A1", "@A1", "\t=A1", "\r=A1", "+A1", "-A1", "+44 (0)7788", "-2+3"):
         assert csv_cell(cell) == "'" + cell

@@ -11,12 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from npl_agi import client as client_module
-from npl_agi.client import Client
+from npl_agi.backends.locks import FileLock
 from npl_agi.config import ApiConfig
-from npl_agi.errors import (
-    TIMEOUT,
-    TRUNCATED,
+from npl_agi.core.codes import TIMEOUT, TRUNCATED
+from npl_agi.core.errors import (
     AuthError,
     ConfigError,
     CreditError,
@@ -26,8 +24,9 @@ from npl_agi.errors import (
     RequestRejected,
     Unreachable,
 )
-from npl_agi.locks import FileLock
-from npl_agi.simulator import Account, Simulator
+from npl_agi.doubles.simulator import Account, Simulator
+from npl_agi.transports import sync as client_module
+from npl_agi.transports.sync import Client
 
 UK = ["447788450450", "447810701702", "447973100100"]
 SECRET = "s3cr3t Pa55&word"
@@ -35,7 +34,8 @@ SECRET = "s3cr3t Pa55&word"
 
 def client_for(url, tmp_path, **api):
     values = {"url": url, "user": "demo", "password": "demo", "lock_dir": str(tmp_path), **api}
-    return Client(ApiConfig(**values))
+    api = ApiConfig(**values)
+    return Client(api, FileLock.for_account(api.lock_dir, api.url, api.user))
 
 
 def test_answers_in_the_2_4_form(sim, tmp_path):
@@ -236,7 +236,7 @@ def test_waiting_for_the_account_lock_counts_against_the_deadline(sim, tmp_path)
     try:
         started = time.monotonic()
         with pytest.raises(LookupTimeout, match="account lock"):
-            Client(api).lookup(UK, timeout=0.5)
+            Client(api, FileLock.for_account(api.lock_dir, api.url, api.user)).lookup(UK, timeout=0.5)
         assert time.monotonic() - started < 0.5 + 0.5
     finally:
         holder.release()
@@ -245,10 +245,12 @@ def test_waiting_for_the_account_lock_counts_against_the_deadline(sim, tmp_path)
 
 LOOKUP_IN_CHILD = """
 import sys
-from npl_agi.client import Client
+from npl_agi.backends.locks import FileLock
+from npl_agi.transports.sync import Client
 from npl_agi.config import ApiConfig
 api = ApiConfig(url=sys.argv[1], user="demo", password="demo", lock_dir=sys.argv[2])
-got = Client(api).lookup([f"4474002{int(sys.argv[3]):02d}{i:03d}" for i in range(3)], timeout=60)
+client = Client(api, FileLock.for_account(api.lock_dir, api.url, api.user))
+got = client.lookup([f"4474002{int(sys.argv[3]):02d}{i:03d}" for i in range(3)], timeout=60)
 assert all(a.ok for a in got.values()), got
 """
 

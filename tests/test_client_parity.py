@@ -11,15 +11,16 @@ from urllib.parse import parse_qsl
 
 import hostile_server as hostile
 import pytest
+from conftest import write_config
 
-from npl_agi import protocol
-from npl_agi.aioclient import AsyncClient
-from npl_agi.client import Client
+from npl_agi.backends.locks import FileLock
 from npl_agi.config import ApiConfig, load_config
-from npl_agi.errors import TIMEOUT, TRUNCATED, NplError, npl_err
-from npl_agi.locks import FileLock
-from npl_agi.simulator import FAULTS, Account, Simulator
-from tests.conftest import write_config
+from npl_agi.core import protocol
+from npl_agi.core.codes import TIMEOUT, TRUNCATED
+from npl_agi.core.errors import NplError, npl_err
+from npl_agi.doubles.simulator import FAULTS, Account, Simulator
+from npl_agi.transports.aio import AsyncClient
+from npl_agi.transports.sync import Client
 
 NUMBERS = ["447788450450", "447810701702", "447973100100"]
 DEADLINE = 1.5  # seconds: room for a loaded machine; the hanging cases wait for it once each
@@ -38,7 +39,11 @@ def api_for(url: str, tmp_path, user: str, password: str) -> ApiConfig:
 
 def ask_sync(api: ApiConfig, numbers: list[str]) -> tuple:
     try:
-        return outcome(Client(api).request(numbers, time.monotonic() + DEADLINE))
+        return outcome(
+            Client(api, FileLock.for_account(api.lock_dir, api.url, api.user)).request(
+                numbers, time.monotonic() + DEADLINE
+            )
+        )
     except NplError as e:
         return outcome(e)
 

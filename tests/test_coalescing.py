@@ -13,9 +13,10 @@ import subprocess
 import sys
 import time
 
-from npl_agi.emulator import AgiEmulator
-from npl_agi.simulator import Simulator
-from tests.conftest import AGI_SCRIPT, write_config
+from conftest import AGI_SCRIPT, write_config
+
+from npl_agi.doubles.emulator import AgiEmulator
+from npl_agi.doubles.simulator import Simulator
 
 COLD = [f"074009{i:05d}" for i in range(1, 21)]
 
@@ -166,7 +167,7 @@ def test_an_asker_killed_mid_request_strands_nothing(tmp_path, subprocess_env):
 # the numbers as JSON; the configuration comes in the environment.
 BURST_CPU = """
 import concurrent.futures, ctypes, json, os, resource, sys, time, urllib.request
-from npl_agi.emulator import AgiEmulator
+from npl_agi.doubles.emulator import AgiEmulator
 
 PR_SET_CHILD_SUBREAPER = 36
 libc = ctypes.CDLL(None, use_errno=True)
@@ -222,7 +223,7 @@ def test_a_cold_burst_costs_at_most_twice_the_cpu_of_the_same_burst_as_cache_hit
         cold, runs = burst_cpu(sim, env, COLD)
         # What the cold burst left unasked is looked up here, outside the figures: the hot burst
         # is all cache hits whatever the cold one did.
-        warm = [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), "lookup", "--timeout", "30", *COLD]
+        warm = [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(conf), "lookup", "--timeout", "30", *COLD]
         done = subprocess.run(warm, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         hot, again = burst_cpu(sim, env, COLD)
@@ -236,8 +237,9 @@ def test_the_process_script_and_the_server_on_one_pbx_share_one_queue(tmp_path, 
     """The same ten cold numbers, asked at once through both doors of one PBX: ten credits."""
     import asyncio
 
+    from doors import calls, serving
+
     from npl_agi.config import load_config
-    from tests.doors import calls, serving
 
     numbers = COLD[:10]
     with Simulator(request_delay=0.3) as sim:
@@ -262,8 +264,8 @@ def test_the_process_script_and_the_server_on_one_pbx_share_one_queue(tmp_path, 
 
 
 def breaker_state(tmp_path) -> dict:
-    from npl_agi.breaker import shared_breaker
-    from npl_agi.cache import SqliteCache
+    from npl_agi.backends import SqliteCache
+    from npl_agi.chain.breaker import shared_breaker
     from npl_agi.config import load_config
 
     config = load_config(str(tmp_path / "npl-agi.conf"))

@@ -28,7 +28,7 @@ from npl_agi.config import (
     parse_listen,
     require_credentials,
 )
-from npl_agi.errors import ConfigError
+from npl_agi.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "npl-agi.conf.sample"
@@ -342,7 +342,7 @@ COMMAND_CASES = [
 def test_mistake_is_one_line_from_the_command(tmp_path, subprocess_env, text: str, names: str) -> None:
     path = write(tmp_path, text)
     done = subprocess.run(
-        [sys.executable, "-m", "npl_agi.cli", "check", "--config", str(path)],
+        [sys.executable, "-m", "npl_agi.admin.cli", "check", "--config", str(path)],
         capture_output=True,
         text=True,
         env=subprocess_env,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from asterisk_fixture import DIALPLAN, parse_routes
 
-from npl_agi.agi import VARIABLES
+from npl_agi.doors.process import VARIABLES
 
 SNIPPETS = ("npl-lookup.conf", "npl-outbound.conf", "npl-routes.conf")
 LINT_FINDING = re.compile(r"\b[EWHI]_[A-Z0-9_]+\b")
@@ -112,8 +112,8 @@ def test_routes_parser_rejects_what_breaks_the_contract() -> None:
 
 
 def test_demo_reads_the_bundled_routes() -> None:
-    """The demo's own reader (npl_agi.demo) finds every route and the fallback."""
-    from npl_agi.demo import read_routes
+    """The demo's own reader (npl_agi.doubles.demo) finds every route and the fallback."""
+    from npl_agi.doubles.demo import read_routes
 
     found = read_routes(DIALPLAN / "npl-routes.conf")
     assert set(found) == {*UK_NETWORKS, "s"}

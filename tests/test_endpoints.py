@@ -1,7 +1,7 @@
 """What npl-agi check says of a configuration that asks an endpoint for more than its API page
 documents (pure: no network)."""
 
-from npl_agi.endpoints import beyond_limits, endpoint_of
+from npl_agi.core.endpoints import beyond_limits, endpoint_of
 
 CURRENT = "https://api.numberportabilitylookup.com/npl"
 OLD = "https://secure.comcetera.com/npl"

@@ -6,9 +6,11 @@ import ssl
 
 import pytest
 
-from npl_agi import exchange, protocol
-from npl_agi.errors import TIMEOUT, TRUNCATED, LookupTimeout, ProtocolError, Unreachable
-from npl_agi.simulator import simulated_answer
+from npl_agi.core import protocol
+from npl_agi.core.codes import TIMEOUT, TRUNCATED
+from npl_agi.core.errors import LookupTimeout, ProtocolError, Unreachable
+from npl_agi.doubles.simulator import simulated_answer
+from npl_agi.transports import base as exchange
 
 ASKED = ["447788450450", "447810701702"]
 FIRST = b"QUERYOK\n" + simulated_answer(ASKED[0], "2.4").encode() + b"\n"
@@ -95,5 +97,5 @@ def test_the_core_imports_no_http_library():
     import subprocess
     import sys
 
-    code = "import sys, npl_agi.exchange; print(sorted({'requests', 'urllib3', 'httpx'} & set(sys.modules)))"
+    code = "import sys, npl_agi.transports.base; print(sorted({'requests', 'urllib3', 'httpx'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

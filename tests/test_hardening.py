@@ -11,17 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import AGI_SCRIPT, write_config
+from test_client import client_for
 
-from npl_agi import protocol
-from npl_agi.agi import VARIABLES
+from npl_agi.askers.direct import lookup_here
 from npl_agi.config import load_config
-from npl_agi.emulator import AgiEmulator
-from npl_agi.errors import TRUNCATED, ProtocolError, RequestRejected
-from npl_agi.lookup import Lookup
-from npl_agi.simulator import Account, Simulator, simulated_answer
+from npl_agi.core import protocol
+from npl_agi.core.codes import TRUNCATED
+from npl_agi.core.errors import ProtocolError, RequestRejected
+from npl_agi.doors.process import VARIABLES
+from npl_agi.doubles.emulator import AgiEmulator
+from npl_agi.doubles.simulator import Account, Simulator, simulated_answer
 from tests import hostile_server as hostile
-from tests.conftest import AGI_SCRIPT, write_config
-from tests.test_client import client_for
 
 ASKED = ["447788450450", "447810701702", "447912345678"]
 
@@ -50,9 +51,9 @@ def test_a_malformed_line_in_a_bulk_request_does_not_lose_the_rest_of_the_batch(
     numbers = [f"4477884{i:05d}" for i in range(1000)]
     with hostile.HostileServer(hostile.one_bad_line) as server:
         conf = write_config(tmp_path / "npl-agi.conf", server.url)
-        answers = Lookup(load_config(str(conf))).many(numbers, timeout=30, strict=False)
+        answers = lookup_here(load_config(str(conf))).many(numbers, timeout=30, strict=False)
         assert sum(a.ok for a in answers) == 999 and not answers[1].ok
-        again = Lookup(load_config(str(conf))).many(numbers, timeout=30, strict=False)
+        again = lookup_here(load_config(str(conf))).many(numbers, timeout=30, strict=False)
         assert len(server.forms) == 2 and server.forms[1]["msisdn"] == numbers[1]  # only the bad one again
     assert sum(a.source == "cache" for a in again) == 999
 
@@ -64,7 +65,7 @@ def test_the_command_never_shows_a_traceback(tmp_path, subprocess_env, behaviour
     with hostile.HostileServer(behaviour) as server:
         conf = write_config(tmp_path / "npl-agi.conf", server.url)
         result = subprocess.run(
-            [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), "lookup", *ASKED],
+            [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(conf), "lookup", *ASKED],
             capture_output=True, text=True, env=subprocess_env, timeout=60,
         )  # fmt: skip
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) <= 1
@@ -77,9 +78,9 @@ def test_a_password_that_collides_with_the_data_never_changes_an_answer(tmp_path
     numbers = ["447712312345", "447123123123", "447788450450", "447973100100"]
     with Simulator(accounts={"bob": Account(password)}) as sim:
         conf = write_config(tmp_path / "npl-agi.conf", sim.url, user="bob", password=password)
-        answers = Lookup(load_config(str(conf))).many(numbers)
-        cached = Lookup(load_config(str(conf))).many(numbers)
-        assert Lookup(load_config(str(conf))).client.check().startswith("FAIL No numbers")
+        answers = lookup_here(load_config(str(conf))).many(numbers)
+        cached = lookup_here(load_config(str(conf))).many(numbers)
+        assert lookup_here(load_config(str(conf))).asker.client.check().startswith("FAIL No numbers")
     # The service's fields, as sent; the names and the range holder are ours, from bundled tables.
     derived = {"number": "", "network": "", "country": "", "range_mccmnc": ""}
     assert [a._replace(**derived) for a in answers[:3]] == [expected(n) for n in numbers[:3]]
@@ -212,7 +213,7 @@ def test_two_spellings_of_one_number_are_one_miss_one_request_and_one_progress_s
     steps = []
     with Simulator() as sim:
         conf = write_config(tmp_path / "npl-agi.conf", sim.url)
-        look = Lookup(load_config(str(conf)))
+        look = lookup_here(load_config(str(conf)))
         answers = look.many(
             ["07788450450", "+44 7788 450450", "0044 7788450450"], progress=lambda d, t: steps.append((d, t))
         )

@@ -233,7 +233,8 @@ def test_installed_demo_finds_the_bundled_routes(stage: Stage, tmp_path: Path) -
     """Installed without its source tree, the package still ships npl-routes.conf for the demo."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the stage's own package
     probe = (
-        "from npl_agi.demo import find_file, read_routes; print(read_routes(find_file('dialplan', 'npl-routes.conf')))"
+        "from npl_agi.doubles.demo import find_file, read_routes; "
+        "print(read_routes(find_file('dialplan', 'npl-routes.conf')))"
     )
     result = subprocess.run(
         [str(stage.prefix / "bin" / "python"), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True

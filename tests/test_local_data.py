@@ -7,17 +7,17 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import write_config
+from doors import but_time, door_configs, through_both_doors
 
-from npl_agi import cli
-from npl_agi.cache import SqliteCache
-from npl_agi.cache.base import KNOWN_NUMBERS, RANGES
+from npl_agi.admin import cli
+from npl_agi.askers.direct import lookup_here
+from npl_agi.backends import SqliteCache
+from npl_agi.backends.base import KNOWN_NUMBERS, RANGES
 from npl_agi.config import load_config
-from npl_agi.errors import LookupTimeout
-from npl_agi.lookup import Lookup
-from npl_agi.protocol import Answer
-from npl_agi.simulator import Simulator, simulated_answer
-from tests.conftest import write_config
-from tests.doors import but_time, door_configs, through_both_doors
+from npl_agi.core.errors import LookupTimeout
+from npl_agi.core.protocol import Answer
+from npl_agi.doubles.simulator import Simulator, simulated_answer
 
 pytest_plugins = ("redis_fixture",)
 
@@ -148,12 +148,12 @@ def test_a_cluster_shares_known_numbers_and_ranges_through_redis(tmp_path, sim, 
     other = load_config(str(write_config(tmp_path / "other.conf", sim.url, cache=cache)))
     assert import_csv(one, "local", tmp_path, "07788450450,23430\n") == 0
     assert import_csv(one, "ranges", tmp_path, "4474001,23410\n") == 0
-    known, asked = Lookup(other).many(["07788450450", NEVER_SEEN])
+    known, asked = lookup_here(other).many(["07788450450", NEVER_SEEN])
     assert (known.mccmnc, known.source) == ("23430", "local")
     assert (asked.source, asked.range_mccmnc) == ("api", "23410")
     assert sim.stats()["charged"] == ["447400100001"]
     assert cli.main(["--config", str(one), "local", "clear"]) == 0
-    assert Lookup(other).one("07788450450").source == "api"
+    assert lookup_here(other).one("07788450450").source == "api"
 
 
 def test_a_lookup_failed_past_its_deadline_still_gets_the_admins_range_holder(tmp_path, sim):
@@ -161,7 +161,7 @@ def test_a_lookup_failed_past_its_deadline_still_gets_the_admins_range_holder(tm
     it), the admin's range wins over the bundled table: the route must not depend on the race."""
     conf = write_config(tmp_path / "npl-agi.conf", sim.url)
     assert import_csv(conf, "ranges", tmp_path, "447788,23430\n") == 0  # the bundled table: 23415
-    lookup = Lookup(load_config(str(conf)))
+    lookup = lookup_here(load_config(str(conf)))
     failure = LookupTimeout("no answer within the call's 2 s")
     now = time.monotonic()
     assert lookup.failed("07788450450", failure, deadline=now + 60).range_mccmnc == "23430"
@@ -177,6 +177,6 @@ def test_a_value_another_writer_left_in_redis_is_never_an_answer(tmp_path, sim, 
     r = redis_server.client()
     r.hset("npl-agi:local:number", "447788450450", '23"4\n,x')
     r.hset("npl-agi:local:range", "4474001", "ABCDE")
-    known, asked = Lookup(conf).many(["07788450450", NEVER_SEEN])
+    known, asked = lookup_here(conf).many(["07788450450", NEVER_SEEN])
     assert (known.source, known.mccmnc) == ("api", "23415")
     assert asked.range_mccmnc != "ABCDE"

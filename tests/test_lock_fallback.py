@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 from conftest import AGI_SCRIPT, write_config
 
+from npl_agi.backends.locks import LOCK_DIR_FALLBACKS, FallbackRecord, FileLock, lock_name
 from npl_agi.config import load_config
-from npl_agi.emulator import AgiEmulator, fastagi_call
-from npl_agi.errors import LookupTimeout
-from npl_agi.locks import LOCK_DIR_FALLBACKS, FallbackRecord, FileLock, lock_name
-from npl_agi.server import Server
-from npl_agi.simulator import Simulator
+from npl_agi.core.errors import LookupTimeout
+from npl_agi.doors.server import Server
+from npl_agi.doubles.emulator import AgiEmulator, fastagi_call
+from npl_agi.doubles.simulator import Simulator
 
 PORTED = "07788450450"  # 447788450450 -> 23415 Vodafone UK
 REFUSES_WRITING = "/sys/kernel/notes"  # 0444 in sysfs: an O_RDWR open fails even for root
@@ -75,7 +75,7 @@ def agi(conf: Path, env: dict[str, str]) -> AgiEmulator:
 
 def npl_agi(conf: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "npl_agi.cli", "--config", str(conf), *args],
+        [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(conf), *args],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import load_tool, write_config
 
+from npl_agi.askers.direct import lookup_here
 from npl_agi.config import load_config
-from npl_agi.lookup import Lookup
-from npl_agi.networks import TABLE, Directory
-from npl_agi.simulator import HOME_NETWORKS, PORTED
+from npl_agi.core.networks import TABLE, Directory
+from npl_agi.doubles.simulator import HOME_NETWORKS, PORTED
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = Path(TABLE)
@@ -122,7 +122,7 @@ def test_lookup_through_the_simulator_fills_network_and_country(tmp_path, sim):
     conf = write_config(tmp_path / "npl-agi.conf", sim.url, networks={"23410": "O2 Test", "23420": "GB, Three Test"})
     numbers = ["07788450450", "07400100005", "07400100004", "07400000001"]  # 23415, 23410, 23420, ERR1
     for source in ("api", "cache"):
-        answers = Lookup(load_config(str(conf))).many(numbers)
+        answers = lookup_here(load_config(str(conf))).many(numbers)
         assert [a.source for a in answers] == [source] * 4
         assert [(a.mccmnc, a.country, a.network) for a in answers] == [
             ("23415", "GB", "Vodafone UK"),

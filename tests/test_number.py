@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from npl_agi.config import NumberConfig
-from npl_agi.errors import BadNumber, NotMobile
-from npl_agi.number import MAX_INPUT, normalise, number_type, validate
+from npl_agi.core.errors import BadNumber, NotMobile
+from npl_agi.core.number import MAX_INPUT, normalise, number_type, validate
 
 # Every number type is allowed here: these tables are about the digits, not the filter.
 UK = NumberConfig(country_code="44", national_prefix="0", international_prefix="00", lookup_types=("any",))

@@ -2,16 +2,9 @@
 
 import pytest
 
-from npl_agi import protocol
-from npl_agi.errors import (
-    TIMEOUT,
-    TRUNCATED,
-    AuthError,
-    CreditError,
-    LockedError,
-    ProtocolError,
-    RequestRejected,
-)
+from npl_agi.core import protocol
+from npl_agi.core.codes import TIMEOUT, TRUNCATED
+from npl_agi.core.errors import AuthError, CreditError, LockedError, ProtocolError, RequestRejected
 
 ASKED = ["447788450450", "447810701702", "447973100100"]
 V24 = """QUERYOK

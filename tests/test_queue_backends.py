@@ -10,18 +10,18 @@ import logging
 import threading
 
 import pytest
+from conftest import write_config
+from test_coalescing import COLD, answered, at_once, script, settle
 
-from npl_agi import protocol
-from npl_agi.cache import RedisCache, SqliteCache
-from npl_agi.cache.queue import KEEP_DONE, SqliteQueue, encode
-from npl_agi.cache.redis import REDIS_PREFIX
-from npl_agi.cache.redis_queue import RedisQueue
+from npl_agi.backends import RedisCache, SqliteCache
+from npl_agi.backends.queue import KEEP_DONE, SqliteQueue, encode
+from npl_agi.backends.redis import REDIS_PREFIX
+from npl_agi.backends.redis_queue import RedisQueue
 from npl_agi.config import ApiConfig, CacheConfig
-from npl_agi.errors import UNAVAILABLE
-from npl_agi.protocol import Answer
-from npl_agi.simulator import Simulator
-from tests.conftest import write_config
-from tests.test_coalescing import COLD, answered, at_once, script, settle
+from npl_agi.core import protocol
+from npl_agi.core.codes import UNAVAILABLE
+from npl_agi.core.protocol import Answer
+from npl_agi.doubles.simulator import Simulator
 
 pytest_plugins = ("redis_fixture",)
 
@@ -366,8 +366,9 @@ def test_two_servers_on_one_redis_pay_once_for_the_numbers_both_are_asked(tmp_pa
     every one of the sixty calls answered."""
     import asyncio
 
+    from doors import calls, serving
+
     from npl_agi.config import load_config
-    from tests.doors import calls, serving
 
     numbers = [f"074007{i:05d}" for i in range(30)]
     with Simulator(request_delay=0.3) as sim:

@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT, load_tool
 from phonenumbers.carrierdata import CARRIER_DATA
 
-from npl_agi.errors import ConfigError
-from npl_agi.localdata import prefix_key, read_rows, row_of
-from npl_agi.ranges import TABLE, RangeTable, holder, prefixes
+from npl_agi.admin.localdata import prefix_key, read_rows, row_of
+from npl_agi.core.errors import ConfigError
+from npl_agi.core.ranges import TABLE, RangeTable, holder, prefixes
 
 TOOL = ROOT / "tools" / "build_ranges.py"
 BUNDLED = Path(TABLE).read_text(encoding="utf-8")

@@ -16,12 +16,14 @@ import time
 import pytest
 from conftest import AGI_SCRIPT, write_config
 
-from npl_agi.agi import process_lookup
-from npl_agi.client import Client
+from npl_agi.askers.direct import lookup_here
+from npl_agi.backends.locks import FileLock
 from npl_agi.config import ApiConfig, load_config
-from npl_agi.emulator import AgiEmulator
-from npl_agi.errors import TIMEOUT, LookupTimeout
-from npl_agi.lookup import Lookup
+from npl_agi.core.codes import TIMEOUT
+from npl_agi.core.errors import LookupTimeout
+from npl_agi.doors.process import process_lookup
+from npl_agi.doubles.emulator import AgiEmulator
+from npl_agi.transports.sync import Client
 
 NUMBER = "447788450450"
 FLOOR = 0.3  # min_request_time; timeout 2 s, so the floor is min_request_time itself
@@ -35,7 +37,8 @@ def config(tmp_path, sim):
 
 
 def test_the_client_sends_nothing_with_less_than_the_floor_left(sim, tmp_path):
-    client = Client(ApiConfig(url=sim.url, user="demo", password="demo", lock_dir=str(tmp_path)))
+    api = ApiConfig(url=sim.url, user="demo", password="demo", lock_dir=str(tmp_path))
+    client = Client(api, FileLock.for_account(api.lock_dir, api.url, api.user))
     assert client.api.request_floor == FLOOR
     with pytest.raises(LookupTimeout, match="too little time"):
         client.request([NUMBER], time.monotonic() + UNDER)
@@ -46,7 +49,8 @@ def test_the_client_sends_nothing_with_less_than_the_floor_left(sim, tmp_path):
 
 def test_the_client_sends_nothing_once_the_lock_deadline_passed(sim, tmp_path):
     """The detached child's request has a long deadline of its own, but must start while the call waits."""
-    client = Client(ApiConfig(url=sim.url, user="demo", password="demo", lock_dir=str(tmp_path)))
+    api = ApiConfig(url=sim.url, user="demo", password="demo", lock_dir=str(tmp_path))
+    client = Client(api, FileLock.for_account(api.lock_dir, api.url, api.user))
     with pytest.raises(LookupTimeout, match="too little time"):
         next(client.batches([NUMBER], 30.0, lock_deadline=time.monotonic() - 0.01))
     assert sim.stats()["charged"] == []
@@ -56,10 +60,10 @@ def test_the_client_sends_nothing_once_the_lock_deadline_passed(sim, tmp_path):
 
 def test_the_lookup_chain_sends_nothing_with_less_than_the_floor_left(sim, tmp_path):
     cfg = config(tmp_path, sim)
-    answer = Lookup(cfg).one("07788450450", deadline=time.monotonic() + UNDER)
+    answer = lookup_here(cfg).one("07788450450", deadline=time.monotonic() + UNDER)
     assert answer.error == TIMEOUT
     assert sim.stats()["charged"] == []
-    answer = Lookup(cfg).one("07788450450", deadline=time.monotonic() + OVER)
+    answer = lookup_here(cfg).one("07788450450", deadline=time.monotonic() + OVER)
     assert (answer.error, answer.mccmnc) == ("", "23415")
     assert sim.stats()["charged"] == [NUMBER]
 

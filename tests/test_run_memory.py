@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import write_config
 
-from npl_agi.protocol import Answer
-from npl_agi.simulator import Simulator
-from tests.conftest import write_config
+from npl_agi.core.protocol import Answer
+from npl_agi.doubles.simulator import Simulator
 
 pytest_plugins = ("redis_fixture",)
 
@@ -26,7 +26,7 @@ ABSENT = "07700 000029"  # the simulator answers ERR29 absent subscriber: never 
 FAILING = "07700 000036"  # ERR36 system failure: never cached
 PORTED = "07788450450"
 HANGING = "07400999902"  # the simulator's "hang" fault
-LOOKUP = [sys.executable, "-m", "npl_agi.cli", "lookup"]
+LOOKUP = [sys.executable, "-m", "npl_agi.admin.cli", "lookup"]
 
 
 def distinct(count: int) -> list[str]:
@@ -167,7 +167,7 @@ def test_a_run_that_fails_removes_its_memory(tmp_path, run_env):
 
 
 def test_memory_gives_back_what_it_was_given(tmp_path) -> None:
-    from npl_agi.runmemory import RunMemory
+    from npl_agi.chain.runmemory import RunMemory
 
     absent = Answer("447700000029", error="ERR29", error_name="Absent subscriber", source="api")
     cut = Answer("447400100001", error="TIMEOUT", error_name="no answer within 1.0 s", source="api")
@@ -183,7 +183,7 @@ def test_memory_gives_back_what_it_was_given(tmp_path) -> None:
 
 def test_memory_that_cannot_write_is_given_up_without_failing(tmp_path, caplog) -> None:
     """A full or unwritable temporary directory: one warning, and the run goes on asking."""
-    from npl_agi.runmemory import RunMemory
+    from npl_agi.chain.runmemory import RunMemory
 
     missing = tmp_path / "gone"
     with RunMemory(str(missing)) as memory:
@@ -195,14 +195,14 @@ def test_memory_that_cannot_write_is_given_up_without_failing(tmp_path, caplog) 
 
 def test_progress_counts_a_remembered_number_once(tmp_path, sim) -> None:
     """The progress line of a chunk with a number asked chunks before ends at the chunk's size."""
+    from npl_agi.askers.direct import lookup_here
+    from npl_agi.chain.runmemory import RunMemory
     from npl_agi.config import load_config
-    from npl_agi.lookup import Lookup
-    from npl_agi.runmemory import RunMemory
 
     conf = write_config(tmp_path / "c.conf", sim.url, cache={"backend": "none"})
     seen: list[tuple[int, int]] = []
     with RunMemory(str(tmp_path)) as memory:
-        lookup = Lookup(load_config(str(conf)), memory=memory)
+        lookup = lookup_here(load_config(str(conf)), memory=memory)
         lookup.many([ABSENT])
         answers = lookup.many([ABSENT, PORTED], progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 2), (2, 2)]

@@ -13,16 +13,16 @@ import time
 import urllib.request
 
 import pytest
+from conftest import AGI_SCRIPT, write_config
+from doors import but_time, calls, door_configs, run, serving, through_both_doors
 
-from npl_agi.agi import VARIABLES
-from npl_agi.cache import SqliteCache
+from npl_agi.askers.direct import lookup_here
+from npl_agi.backends import SqliteCache
 from npl_agi.config import load_config
-from npl_agi.emulator import AgiEmulator, fastagi_call
-from npl_agi.lookup import Lookup
-from npl_agi.protocol import Answer
-from npl_agi.simulator import Simulator
-from tests.conftest import AGI_SCRIPT, write_config
-from tests.doors import but_time, calls, door_configs, run, serving, through_both_doors
+from npl_agi.core.protocol import Answer
+from npl_agi.doors.process import VARIABLES
+from npl_agi.doubles.emulator import AgiEmulator, fastagi_call
+from npl_agi.doubles.simulator import Simulator
 
 pytest_plugins = ("redis_fixture",)
 
@@ -199,7 +199,7 @@ def test_a_fresh_call_skips_the_cache_on_the_loop_and_in_memory_and_stores_its_a
     asks the service whatever either holds, and its answer is what the next call gets."""
     cache = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url} if backend == "redis" else {}
     config = config_for(tmp_path, sim, cache=cache)
-    lookup = Lookup(config)
+    lookup = lookup_here(config)
     lookup.store([Answer("447788450450", mccmnc="23410", msc="447", imsi="23410")])
 
     async def main():
@@ -220,7 +220,7 @@ def test_a_fresh_call_skips_the_cache_on_the_loop_and_in_memory_and_stores_its_a
     assert (fresh["NPL_ERR"], fresh["NPL_SOURCE"], fresh["NPL_MCCMNC"]) == ("", "api", "23415")
     assert (after["NPL_SOURCE"], after["NPL_MCCMNC"]) == ("cache", "23415")
     assert sim.stats()["charged"] == ["447788450450"]
-    assert Lookup(config).cache.get_many(["447788450450"])["447788450450"].mccmnc == "23415"
+    assert lookup_here(config).cache.get_many(["447788450450"])["447788450450"].mccmnc == "23415"
 
 
 def test_a_fresh_call_for_a_number_refused_by_its_form_asks_nothing(tmp_path, sim):
@@ -636,7 +636,16 @@ def start_process(config_path, subprocess_env, **popen) -> tuple[subprocess.Pope
     """``npl-agi serve`` in a process of its own, once it listens (``popen``: more ``Popen`` options)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "npl_agi.cli", "serve", "--config", str(config_path), "--listen", f"127.0.0.1:{port}"],
+        [
+            sys.executable,
+            "-m",
+            "npl_agi.admin.cli",
+            "serve",
+            "--config",
+            str(config_path),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
         env=subprocess_env,
         text=True,
         **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen},
@@ -699,8 +708,8 @@ def test_sigterm_finishes_the_calls_in_flight_then_exits_0_and_sighup_reloads(tm
 def test_a_request_longer_than_the_redis_lease_keeps_the_cluster_lock(tmp_path, redis_server):
     """The Redis lock is renewed until the request ends, not only until the call's deadline:
     a call gives up at 1.5 s while its request goes on to 3 s, holding the lock all along."""
-    from npl_agi.errors import LookupTimeout
-    from npl_agi.locks import RedisLock
+    from npl_agi.backends.redis import RedisLock
+    from npl_agi.core.errors import LookupTimeout
 
     with Simulator(line_delay=3.0) as slow:
         cache = {"backend": "redis", "redis_url": redis_server.url}
@@ -728,7 +737,7 @@ def test_a_request_longer_than_the_redis_lease_keeps_the_cluster_lock(tmp_path, 
 
 def test_the_spec_example_account_never_changes_an_answer_through_the_server(tmp_path):
     """bob/123: the password occurs in the numbers, MSCs and IMSIs; only messages are masked."""
-    from npl_agi.simulator import Account, simulated_answer
+    from npl_agi.doubles.simulator import Account, simulated_answer
 
     dialled = ["07712312345", "07123123123", "07788450450"]
     with Simulator(accounts={"bob": Account("123")}) as bob:

@@ -13,11 +13,12 @@ import resource
 import subprocess
 import sys
 
+from conftest import write_config
+from test_server import Clock, config_for, run, serving, start_process
+
 from npl_agi import log
-from npl_agi.emulator import fastagi_call
+from npl_agi.doubles.emulator import fastagi_call
 from tests import hostile_server as hostile
-from tests.conftest import write_config
-from tests.test_server import Clock, config_for, run, serving, start_process
 
 
 def env_line(i: int) -> bytes:
@@ -260,7 +261,16 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, sim, subprocess_env):
     path = write_config(tmp_path / "npl-agi.conf", sim.url, fastagi={"metrics_listen": ""})
     with server_process(path, subprocess_env, tmp_path / "first.log") as (_, port):
         second = subprocess.run(
-            [sys.executable, "-m", "npl_agi.cli", "serve", "--config", str(path), "--listen", f"127.0.0.1:{port}"],
+            [
+                sys.executable,
+                "-m",
+                "npl_agi.admin.cli",
+                "serve",
+                "--config",
+                str(path),
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
             env=subprocess_env,
             capture_output=True,
             text=True,

@@ -12,8 +12,8 @@ from urllib.parse import urlencode
 
 import pytest
 
-from npl_agi import protocol
-from npl_agi.simulator import FAULTS, SIMULATED_ERRORS, Account, Simulator
+from npl_agi.core import protocol
+from npl_agi.doubles.simulator import FAULTS, SIMULATED_ERRORS, Account, Simulator
 
 THREE_FIELDS = re.compile(r"(\d+) (\d{5,6}),(\d*),(\d*)")
 WAIT = 10.0  # generous bound for conditions the tests wait for

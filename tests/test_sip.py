@@ -42,11 +42,11 @@ from sip_fixture import wait_dialled as dialled_at
 from test_asterisk import numbers_on
 from test_server import start_process
 
-from npl_agi import cli
-from npl_agi.cache import SqliteCache
+from npl_agi.admin import cli
+from npl_agi.backends import SqliteCache
 from npl_agi.config import load_config
-from npl_agi.protocol import Answer
-from npl_agi.simulator import Simulator
+from npl_agi.core.protocol import Answer
+from npl_agi.doubles.simulator import Simulator
 
 ROUTES = DIALPLAN / "npl-routes.conf"
 CONTEXTS = """\

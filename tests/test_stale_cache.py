@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from npl_agi.cache import RedisCache, SqliteCache
+from npl_agi.backends import RedisCache, SqliteCache
 from npl_agi.config import CacheConfig
-from npl_agi.protocol import Answer, failed
+from npl_agi.core.protocol import Answer, failed
 
 pytest_plugins = ("redis_fixture",)
 DAY = 86400.0

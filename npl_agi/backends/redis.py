@@ -1,0 +1,331 @@
+"""The Redis backend: one cache, and one account lock, for every PBX of a cluster."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from npl_agi import log
+from npl_agi.backends.base import Cache, _answer, _record, _stats, ttl_for
+from npl_agi.backends.locks import AccountLock, FallbackRecord, lock_directory, lock_name, wait_for
+from npl_agi.config import ApiConfig, CacheConfig
+from npl_agi.core.errors import LockUnavailable, LookupTimeout
+from npl_agi.core.protocol import Answer
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which a cache hit does not use
+if TYPE_CHECKING:
+    from npl_agi.backends.breaker_store import RedisStore
+    from npl_agi.backends.redis_queue import RedisQueue
+    from npl_agi.backends.slots import RedisSlots
+
+REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
+REDIS_PREFIX = "npl-agi:"
+
+
+def _fields(value: str | None) -> list[str] | None:
+    """The five fields of a stored Redis value, or ``None`` for a value this version cannot read.
+
+    An unreadable value (another version's format, another writer) is a miss, not a broken
+    cache: a broken cache would also give up the cross-machine account lock.
+    """
+    fields = value.split(",") if value else []
+    if len(fields) != 5 or not fields[4].isdigit():
+        return None
+    return fields
+
+
+def _without_password(url: str) -> str:
+    """The Redis URL to show an admin: its password masked."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+class RedisCache(Cache):
+    """A cache shared by several PBXs through one Redis, with native expiry per key."""
+
+    name = "redis"
+    keeps_data = True
+    timeout = REDIS_TIMEOUT  # what one operation may take, for the account lock too
+    longest_wait = background_wait = REDIS_TIMEOUT
+
+    def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.time, **tuning) -> None:
+        """``tuning``: as ``Cache``'s (``timer``, ``retry``, ``recent``)."""
+        super().__init__(cfg, clock, **tuning)
+        self._redis = None
+
+    def close(self) -> None:
+        """Make the next operation use a new client. The old one is dropped, not closed: an
+        account lock taken through it goes on renewing its lease on its connection."""
+        self._redis = None
+
+    def client(self, wait: float = REDIS_TIMEOUT):
+        """The redis-py client, made on first use; every operation gives up after ``wait``
+        (``REDIS_TIMEOUT``, or what was left of the first call's deadline)."""
+        if self._redis is None:
+            import redis
+
+            wait = max(wait, 0.01)
+            self._redis = redis.Redis.from_url(
+                self.cfg.redis_url, socket_timeout=wait, socket_connect_timeout=wait, decode_responses=True
+            )
+        return self._redis
+
+    @staticmethod
+    def key(msisdn: str) -> str:
+        """The Redis key of a number's answer, under the shared ``npl-agi:`` prefix."""
+        return f"{REDIS_PREFIX}answer:{msisdn}"
+
+    @staticmethod
+    def stale_key(msisdn: str) -> str:
+        """A network answer's second copy, kept ``stale_ttl`` longer for ``get_stale_many``."""
+        return f"{REDIS_PREFIX}stale:{msisdn}"
+
+    @staticmethod
+    def lock_key(name: str) -> str:
+        """The Redis key of the account lock called ``name`` (``locks.lock_name``)."""
+        return f"{REDIS_PREFIX}lock:{name}"
+
+    @staticmethod
+    def local_key(kind: str) -> str:
+        """The hash of the admin's local data of ``kind``: key -> ``mccmnc,note``."""
+        return f"{REDIS_PREFIX}local:{kind}"
+
+    def _get_local_many(self, kind: str, keys: list[str], wait: float) -> dict[str, str]:
+        values = self.client(wait).hmget(self.local_key(kind), keys)
+        return {k: v.partition(",")[0] for k, v in zip(keys, values, strict=True) if v}
+
+    def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
+        pipe = self.client().pipeline(transaction=True)  # MULTI/EXEC: every row or none
+        if replace:
+            pipe.delete(self.local_key(kind))
+        if rows:
+            pipe.hset(self.local_key(kind), mapping={key: f"{mccmnc},{note}" for key, mccmnc, note in rows})
+        pipe.execute()
+        return len(rows)
+
+    def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
+        items = self.client().hgetall(self.local_key(kind))
+        return iter([(key, *items[key].partition(",")[::2]) for key in sorted(items)])
+
+    def delete_local(self, kind: str, keys: list[str] | None = None) -> int:
+        r = self.client()
+        if keys is None:
+            count = r.hlen(self.local_key(kind))
+            r.delete(self.local_key(kind))
+            return count
+        return r.hdel(self.local_key(kind), *keys) if keys else 0
+
+    def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
+        r = self.client(wait)
+        found = {}
+        for m, value in zip(msisdns, r.mget([self.stale_key(m) for m in msisdns]), strict=True):
+            fields = _fields(value)
+            if fields and fields[0] and not fields[3] and float(fields[4]) + self.cfg.ttl <= self.clock():
+                found[m] = _answer(m, *fields[:4])._replace(source="stale")
+        return found
+
+    def _get_many(self, msisdns: list[str], wait: float) -> dict[str, tuple[Answer, float]]:
+        r = self.client(wait)
+        found = {}
+        for m, value in zip(msisdns, r.mget([self.key(m) for m in msisdns]), strict=True):
+            fields = _fields(value)
+            if fields:
+                answer = _answer(m, *fields[:4])
+                found[m] = (answer, float(fields[4]) + ttl_for(answer, self.cfg))  # as put_many set its expiry
+        return found
+
+    def _record_failed(self) -> None:
+        """A Redis that cannot count cannot answer either: skip it for the cool-down instead of
+        waiting ``REDIS_TIMEOUT`` for it in every call that the first-level cache answers."""
+        self.mark_failed()
+
+    def _record(self, hits: int, misses: int, wait: float) -> None:
+        pipe = self.client(wait).pipeline(transaction=False)
+        pipe.hsetnx(f"{REDIS_PREFIX}counters", "created", int(self.clock()))
+        pipe.hincrby(f"{REDIS_PREFIX}counters", "hits", hits)
+        pipe.hincrby(f"{REDIS_PREFIX}counters", "misses", misses)
+        pipe.execute()
+
+    def _put_many(self, rows: list[tuple[Answer, float, float]], wait: float) -> None:
+        pipe = self.client(wait).pipeline(transaction=False)
+        for a, stored, expires in rows:
+            value = ",".join((*_record(a), f"{stored:.0f}"))
+            pipe.set(self.key(a.msisdn), value, px=max(1, int((expires - stored) * 1000)))
+            if a.mccmnc and not a.error:
+                pipe.set(self.stale_key(a.msisdn), value, px=int((expires - stored + self.cfg.stale_ttl) * 1000))
+        pipe.execute()
+
+    def queue(self, api: ApiConfig) -> RedisQueue:
+        """The account's queue of waiting numbers in Redis, shared by every PBX using this Redis."""
+        from npl_agi.backends.redis_queue import RedisQueue
+
+        return RedisQueue(self.client, f"{REDIS_PREFIX}queue:{lock_name(api.url, api.user).removesuffix('.lock')}:")
+
+    def slots(self, api: ApiConfig) -> RedisSlots:
+        """The account's connection slots in Redis. Slot 0 is the key ``RedisLock`` takes, so an
+        asker and an older lookup keep to one connection together."""
+        from npl_agi.backends.slots import RedisSlots, slot_names
+
+        names = slot_names(api.url, api.user, api.connections)
+        return RedisSlots(self.client, [self.lock_key(name) for name in names])
+
+    def lock_fallbacks(self, api: ApiConfig) -> tuple[int, float | None]:
+        """How often the Redis lock fell back to the file lock, and when last."""
+        return FallbackRecord(lock_directory(api, self.cfg)).read()
+
+    def breaker_store(self, api: ApiConfig) -> RedisStore:
+        """The account's breaker state in one key, ``npl-agi:breaker:<lock name>``: shared by every
+        PBX on this Redis."""
+        from npl_agi.backends.breaker_store import RedisStore
+
+        return RedisStore(self.client, f"{REDIS_PREFIX}breaker:{lock_name(api.url, api.user).removesuffix('.lock')}")
+
+    def account_lock(self, api: ApiConfig) -> RedisLock:
+        """The account lock in Redis, shared by every PBX using this Redis."""
+        return RedisLock(self, api._replace(lock_dir=lock_directory(api, self.cfg)))
+
+    def _scan(self) -> Iterator[str]:
+        return self.client().scan_iter(match=self.key("*"), count=1000)
+
+    def stats(self) -> dict:
+        r = self.client()
+        keys = list(self._scan())
+        stored = [float(f[4]) for v in (r.mget(keys) if keys else []) if (f := _fields(v))]
+        counters = r.hgetall(f"{REDIS_PREFIX}counters")
+        return _stats(
+            self.name, _without_password(self.cfg.redis_url), len(stored), min(stored, default=None), counters
+        )
+
+    def purge(self, msisdns: list[str] | None = None) -> int:
+        r = self.client()
+        if msisdns is None:
+            keys = list(self._scan())
+            stale = list(r.scan_iter(match=self.stale_key("*"), count=1000))
+        else:
+            keys, stale = [self.key(m) for m in msisdns], [self.stale_key(m) for m in msisdns]
+        if stale:
+            r.delete(*stale)
+        return r.delete(*keys) if keys else 0
+
+    def export(self) -> Iterator[dict]:
+        """Live entries by msisdn. The keys are read now, so a Redis that is down fails before any output."""
+        r = self.client()
+        return self._exported(r, sorted(self._scan()))
+
+    def _exported(self, r, keys: list[str]) -> Iterator[dict]:
+        for key in keys:
+            fields, left_ms = _fields(r.get(key)), r.pttl(key)
+            if fields and left_ms > 0:
+                mccmnc, msc, imsi, error, stored = fields
+                msisdn = key.rsplit(":", 1)[1]
+                yield {
+                    **_answer(msisdn, mccmnc, msc, imsi, error).as_dict(),
+                    "stored": float(stored),
+                    "expires": self.clock() + left_ms / 1000,
+                }
+
+
+class RedisLock:
+    """The account lock held in Redis, so PBXs sharing an account never hold two connections.
+
+    A token-checked lock (redis-py's ``Lock``): only its holder releases it. It is taken for a
+    short lease that the holder renews while its request runs (a bulk request may run for
+    minutes), so a holder that dies blocks the account for at most ``LEASE`` seconds. Waiters
+    back off between tries. If Redis cannot be reached, the lock falls back to the local file
+    lock (``[cache] lock_fallback = file``: calls go on, counted, with a warning a minute) or
+    the lookup fails with ``NOLOCK`` (``lock_fallback = none``: never two connections).
+    """
+
+    LEASE = 1.0  # seconds a lock outlives its last renewal: how long a dead holder blocks the account
+    RENEW_EVERY = LEASE / 4  # leaves room for a few slow Redis answers before the lease runs out
+
+    def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
+        self.cache = cache
+        self.name = cache.lock_key(lock_name(api.url, api.user))
+        self.fallback = AccountLock(api.lock_dir, api.url, api.user)
+        self.fallbacks = FallbackRecord(api.lock_dir)
+        self._held = None
+        self._stop_renewing = None  # a threading.Event while the lease is renewed
+        self._renewer = None  # the threading.Thread renewing it
+
+    def acquire(self, deadline: float, hold_until: float | None = None) -> None:
+        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``.
+
+        The lease is renewed until ``release``, or at the latest until ``hold_until`` (default
+        ``deadline``), when the request that holds it has been cut off.
+        """
+        if not self.cache.broken:
+            try:
+                # thread_local=False: the renewing thread must see the token this thread got
+                lock = self.cache.client().lock(self.name, timeout=self.LEASE, thread_local=False)
+                wait_for(lambda: lock.acquire(blocking=False), deadline, "held in Redis by another lookup")
+            except LookupTimeout:
+                raise
+            except Exception as e:  # Redis down, slow or misconfigured
+                self.cache.mark_failed()
+                self._fall_back(log.short(e))
+            else:
+                self._held = lock
+                self._start_renewing(lock, deadline if hold_until is None else hold_until)
+                return
+        else:
+            self._fall_back("the redis cache failed earlier in this lookup")
+        self.fallback.acquire(deadline, hold_until)
+        self._held = self.fallback
+
+    def _fall_back(self, reason: str) -> None:
+        """Go on with the local file lock, counted and warned about, unless that is forbidden."""
+        if self.cache.cfg.lock_fallback == "none":
+            raise LockUnavailable(f"cannot take the account lock in Redis (lock_fallback = none): {reason}")
+        if self.fallbacks.add():
+            log.warning(
+                "Redis lock failed, falling back to the local file lock (other PBXs on this account may "
+                "query at the same time; lock_fallback = none forbids it): %s",
+                reason,
+            )
+
+    def _start_renewing(self, lock, deadline: float) -> None:
+
+        stop = threading.Event()
+
+        def renew() -> None:
+            # Past the deadline the client has closed its connection: the lease may run out.
+            while not stop.wait(self.RENEW_EVERY) and time.monotonic() < deadline:
+                try:
+                    lock.reacquire()
+                except Exception:  # expired or Redis gone: release() tells
+                    return
+
+        self._stop_renewing = stop
+        self._renewer = threading.Thread(target=renew, name="npl-agi-lock-lease", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        """Free the lock if this object holds it; never raises."""
+        held, self._held = self._held, None
+        if held is self.fallback:
+            held.release()
+            return
+        if held is None:
+            return
+        from redis.exceptions import LockError
+
+        if self._stop_renewing is not None and self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join(2 * self.cache.timeout)
+        try:
+            held.release()
+        except LockError as e:  # its lease ran out: another PBX may have connected meanwhile
+            log.warning("Redis lock had expired before its release: %s", log.short(e))
+        except Exception as e:  # Redis gone: one line for it, and no more Redis in this process
+            if not self.cache.broken:
+                self.cache.mark_failed()
+                log.warning(
+                    "Redis lost while holding the account lock, continuing without the redis cache: %s", log.short(e)
+                )
