@@ -27,13 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import hostile_server as hostile
 import phonenumbers
 import pytest
 from asterisk_fixture import DIALPLAN, ROOT, Asterisk, extensions_conf, find_asterisk, local_routes, wait_for
 from conftest import AGI_SCRIPT, Simulator, write_config
 from doors import but_time, door_configs, fastagi_call, through_both_doors
-
-from tests import hostile_server as hostile
 
 NPL_AGI = Path(sys.executable).parent / "npl-agi"  # the command an admin runs, installed beside the interpreter
 
