@@ -184,7 +184,7 @@ def test_the_redis_store_is_shared_and_takes_the_probe_once(tmp_path, redis_serv
     assert two.state == "closed"
     one.failure()
     assert two.state == OPEN and two.rejecting() and not two.allow()
-    r = one.store.cache.client()
+    r = one.store.client()
     state = json.loads(r.get(one.store.key))
     state["opened_at"] -= 31
     r.set(one.store.key, json.dumps(state))

@@ -28,7 +28,7 @@ from conftest import write_config
 from npl_agi.askers.direct import lookup_here
 from npl_agi.backends import REDIS_TIMEOUT, SqliteCache, open_cache
 from npl_agi.backends.locks import FallbackRecord, FileLock
-from npl_agi.backends.redis import RedisLock
+from npl_agi.backends.redis_lock import RedisLock
 from npl_agi.chain.lookup import Lookup
 from npl_agi.config import load_config
 from npl_agi.core import protocol

@@ -200,7 +200,7 @@ def test_a_fresh_call_skips_the_cache_on_the_loop_and_in_memory_and_stores_its_a
     cache = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url} if backend == "redis" else {}
     config = config_for(tmp_path, sim, cache=cache)
     lookup = lookup_here(config)
-    lookup.store([Answer("447788450450", mccmnc="23410", msc="447", imsi="23410")])
+    lookup.cache.put_many([Answer("447788450450", mccmnc="23410", msc="447", imsi="23410")])
 
     async def main():
         server = await serving(config)
@@ -708,7 +708,7 @@ def test_sigterm_finishes_the_calls_in_flight_then_exits_0_and_sighup_reloads(tm
 def test_a_request_longer_than_the_redis_lease_keeps_the_cluster_lock(tmp_path, redis_server):
     """The Redis lock is renewed until the request ends, not only until the call's deadline:
     a call gives up at 1.5 s while its request goes on to 3 s, holding the lock all along."""
-    from npl_agi.backends.redis import RedisLock
+    from npl_agi.backends.redis_lock import RedisLock
     from npl_agi.core.errors import LookupTimeout
 
     with Simulator(line_delay=3.0) as slow:

@@ -41,7 +41,7 @@ def cmd_cache(args) -> int:
             print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
         else:
             export(cache, config, as_json=args.json)
-    except (NplError, BrokenPipeError):
+    except (NplError, UsageError, BrokenPipeError):
         raise
     except Exception as e:
         raise CacheError(f"cache {args.action} failed ({cache.name}): {e.__class__.__name__}: {e}") from None
@@ -79,7 +79,7 @@ def cmd_local_data(args) -> int:
             w = csv.writer(sys.stdout, lineterminator="\n")
             w.writerow(("number" if kind == KNOWN_NUMBERS else "prefix", "mccmnc", "note"))
             w.writerows((key, mccmnc, csv_cell(note)) for key, mccmnc, note in cache.local_items(kind))
-    except (NplError, BrokenPipeError):
+    except (NplError, UsageError, BrokenPipeError):
         raise
     except Exception as e:
         raise CacheError(f"{args.command} {args.action} failed ({cache.name}): {e.__class__.__name__}: {e}") from None

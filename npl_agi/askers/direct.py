@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from npl_agi.chain.asking import Asked, OnBatch, asked_from
+from npl_agi.chain.asking import BatchAsker
 from npl_agi.chain.lookup import Lookup
 from npl_agi.core.protocol import Answer
 
@@ -28,10 +28,8 @@ if TYPE_CHECKING:
     from npl_agi.transports.sync import Client
 
 
-class InProcess:
+class InProcess(BatchAsker):
     """The service asked from this process: each request's answers stored, then handed on."""
-
-    takes_readings = False
 
     def __init__(self, config: Config, cache: Cache) -> None:
         self.config = config
@@ -45,50 +43,29 @@ class InProcess:
             self._client = own_client(self.config, self.cache)
         return self._client
 
-    def ask(
-        self,
-        misses: list[str],
-        deadline: float | None,
-        *,
-        timeout: float | None = None,
-        fresh: bool = False,
-        on_batch: OnBatch | None = None,
-    ) -> Asked:
-        return asked_from(self._stored(misses, timeout, deadline), misses, on_batch)
-
-    def _stored(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict]:
+    def batches(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict]:
         for batch in self.client.batches(misses, timeout, deadline=deadline):
             self.cache.put_many(list(batch.values()), deadline=deadline)
             yield batch
 
 
-class Detached:
+class Detached(BatchAsker):
     """The service asked from a detached child process that caches everything it paid for, even
     after the call's deadline (see ``handoff``). The child opens a cache and a client of its own:
     nothing opened before the fork is used."""
-
-    takes_readings = False
 
     def __init__(self, config: Config, cache: Cache) -> None:
         """``cache``: the caller's, closed before the fork (an SQLite connection must not cross it)."""
         self.config = config
         self.cache = cache
 
-    def ask(
-        self,
-        misses: list[str],
-        deadline: float | None,
-        *,
-        timeout: float | None = None,
-        fresh: bool = False,
-        on_batch: OnBatch | None = None,
-    ) -> Asked:
+    def batches(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict]:
         from npl_agi.askers.handoff import ask_detached
 
         if deadline is None:
             deadline = time.monotonic() + (self.config.api.timeout if timeout is None else timeout)
         self.cache.close()
-        return asked_from(ask_detached(self.config, misses, deadline, child_parts), misses, on_batch)
+        yield from ask_detached(self.config, misses, deadline, child_parts)
 
 
 def lookup_here(config: Config, *, cache: Cache | None = None, memory=None) -> Lookup:

@@ -49,15 +49,15 @@ class Queued:
     It takes the numbers as ``normalise`` read them (``takes_readings``): the asker validates
     them, so a waiting call never loads phonenumbers. Without a queue (``backend = none``) or
     when the queue cannot be written (a broken cache file, Redis down), it asks alone through
-    ``fallback`` (``askers.direct.Detached``), as every call did before the queue.
+    ``alone`` (``askers.direct.Detached``), as every call did before the queue.
     """
 
     takes_readings = True
 
-    def __init__(self, config: Config, cache: Cache, fallback) -> None:
+    def __init__(self, config: Config, cache: Cache, alone) -> None:
         self.config = config
         self.cache = cache
-        self.fallback = fallback
+        self.alone = alone
 
     def ask(
         self,
@@ -166,14 +166,14 @@ class Queued:
             breaker.failure()
 
     def _alone(self, keys: list[str], timeout: float | None, deadline: float) -> Asked:
-        """Validate here and ask through the fallback, answers keyed as the queue's."""
+        """Validate here and ask alone (``alone``), answers keyed as the queue's."""
         msisdn_of, out = _validated(keys, self.config)
         by_msisdn: dict[str, list[str]] = {}
         for key, msisdn in msisdn_of.items():
             by_msisdn.setdefault(msisdn, []).append(key)
         if not by_msisdn:
             return Asked(out, None)
-        asked = self.fallback.ask(list(by_msisdn), deadline, timeout=timeout)
+        asked = self.alone.ask(list(by_msisdn), deadline, timeout=timeout)
         out.update({k: a for m, a in asked.answers.items() for k in by_msisdn.get(m, [])})
         return Asked(out, asked.failure)
 

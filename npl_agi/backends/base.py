@@ -211,7 +211,7 @@ class Cache:
         from npl_agi.backends.slots import FileSlots
 
         fallback = self.cfg.lock_fallback != "none"
-        return FileSlots(lock_directory(api, self.cfg), api.url, api.user, api.connections, fallback=fallback)
+        return FileSlots(lock_directory(api, self.cfg), api.url, api.user, api.connections, may_fall_back=fallback)
 
     def lock_fallbacks(self, api: ApiConfig) -> tuple[int, float | None] | None:
         """How often the account lock fell back to a file, and when last (``cache stats``);
@@ -238,7 +238,7 @@ class Cache:
         from npl_agi.backends.locks import AccountLock, lock_directory
 
         fallback = self.cfg.lock_fallback != "none"
-        return AccountLock(lock_directory(api, self.cfg), api.url, api.user, fallback=fallback)
+        return AccountLock(lock_directory(api, self.cfg), api.url, api.user, may_fall_back=fallback)
 
     def _safely(self, what: str, work, fallback, *args):
         if self.broken:

@@ -172,13 +172,13 @@ class AccountLock:
     in it yet) is a cache fault, and must not fail every call. Every process that falls back
     takes the same file in the temp dir (``lock_name``), so those keep to one connection among
     themselves; a process that can use the lock directory does not see their lock, hence the
-    count (``npl-agi cache stats``) and a warning a minute. With ``fallback`` false
+    count (``npl-agi cache stats``) and a warning a minute. With ``may_fall_back`` false
     (``lock_fallback = none``), ``LockUnavailable`` instead: no request without the configured lock.
     """
 
-    def __init__(self, lock_dir: str, url: str, user: str, *, fallback: bool = True) -> None:
+    def __init__(self, lock_dir: str, url: str, user: str, *, may_fall_back: bool = True) -> None:
         self.configured = FileLock.for_account(lock_dir, url, user)
-        self.url, self.user, self.fallback = url, user, fallback
+        self.url, self.user, self.may_fall_back = url, user, may_fall_back
         self._held: FileLock | None = None
 
     def acquire(self, deadline: float, hold_until: float | None = None) -> None:
@@ -190,7 +190,7 @@ class AccountLock:
         except ConfigError as e:
             reason = str(e)
         spare = FileLock.for_account("", self.url, self.user)
-        if not self.fallback:
+        if not self.may_fall_back:
             raise LockUnavailable(f"{reason}; no request without it (lock_fallback = none)")
         if spare.path == self.configured.path:
             raise LockUnavailable(reason)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 
-from npl_agi import log
 from npl_agi.backends.base import Cache, _answer, _record, _stats, ttl_for
-from npl_agi.backends.locks import AccountLock, FallbackRecord, lock_directory, lock_name, wait_for
 from npl_agi.config import ApiConfig, CacheConfig
-from npl_agi.core.errors import LockUnavailable, LookupTimeout
 from npl_agi.core.protocol import Answer
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which a cache hit does not use
 if TYPE_CHECKING:
     from npl_agi.backends.breaker_store import RedisStore
+    from npl_agi.backends.redis_lock import RedisLock
     from npl_agi.backends.redis_queue import RedisQueue
     from npl_agi.backends.slots import RedisSlots
 
@@ -163,6 +160,7 @@ class RedisCache(Cache):
 
     def queue(self, api: ApiConfig) -> RedisQueue:
         """The account's queue of waiting numbers in Redis, shared by every PBX using this Redis."""
+        from npl_agi.backends.locks import lock_name
         from npl_agi.backends.redis_queue import RedisQueue
 
         return RedisQueue(self.client, f"{REDIS_PREFIX}queue:{lock_name(api.url, api.user).removesuffix('.lock')}:")
@@ -177,17 +175,23 @@ class RedisCache(Cache):
 
     def lock_fallbacks(self, api: ApiConfig) -> tuple[int, float | None]:
         """How often the Redis lock fell back to the file lock, and when last."""
+        from npl_agi.backends.locks import FallbackRecord, lock_directory
+
         return FallbackRecord(lock_directory(api, self.cfg)).read()
 
     def breaker_store(self, api: ApiConfig) -> RedisStore:
         """The account's breaker state in one key, ``npl-agi:breaker:<lock name>``: shared by every
         PBX on this Redis."""
         from npl_agi.backends.breaker_store import RedisStore
+        from npl_agi.backends.locks import lock_name
 
         return RedisStore(self.client, f"{REDIS_PREFIX}breaker:{lock_name(api.url, api.user).removesuffix('.lock')}")
 
     def account_lock(self, api: ApiConfig) -> RedisLock:
         """The account lock in Redis, shared by every PBX using this Redis."""
+        from npl_agi.backends.locks import lock_directory
+        from npl_agi.backends.redis_lock import RedisLock
+
         return RedisLock(self, api._replace(lock_dir=lock_directory(api, self.cfg)))
 
     def _scan(self) -> Iterator[str]:
@@ -229,103 +233,3 @@ class RedisCache(Cache):
                     "stored": float(stored),
                     "expires": self.clock() + left_ms / 1000,
                 }
-
-
-class RedisLock:
-    """The account lock held in Redis, so PBXs sharing an account never hold two connections.
-
-    A token-checked lock (redis-py's ``Lock``): only its holder releases it. It is taken for a
-    short lease that the holder renews while its request runs (a bulk request may run for
-    minutes), so a holder that dies blocks the account for at most ``LEASE`` seconds. Waiters
-    back off between tries. If Redis cannot be reached, the lock falls back to the local file
-    lock (``[cache] lock_fallback = file``: calls go on, counted, with a warning a minute) or
-    the lookup fails with ``NOLOCK`` (``lock_fallback = none``: never two connections).
-    """
-
-    LEASE = 1.0  # seconds a lock outlives its last renewal: how long a dead holder blocks the account
-    RENEW_EVERY = LEASE / 4  # leaves room for a few slow Redis answers before the lease runs out
-
-    def __init__(self, cache: RedisCache, api: ApiConfig) -> None:
-        self.cache = cache
-        self.name = cache.lock_key(lock_name(api.url, api.user))
-        self.fallback = AccountLock(api.lock_dir, api.url, api.user)
-        self.fallbacks = FallbackRecord(api.lock_dir)
-        self._held = None
-        self._stop_renewing = None  # a threading.Event while the lease is renewed
-        self._renewer = None  # the threading.Thread renewing it
-
-    def acquire(self, deadline: float, hold_until: float | None = None) -> None:
-        """Take the lock before ``deadline`` (``time.monotonic()``), or raise ``LookupTimeout``.
-
-        The lease is renewed until ``release``, or at the latest until ``hold_until`` (default
-        ``deadline``), when the request that holds it has been cut off.
-        """
-        if not self.cache.broken:
-            try:
-                # thread_local=False: the renewing thread must see the token this thread got
-                lock = self.cache.client().lock(self.name, timeout=self.LEASE, thread_local=False)
-                wait_for(lambda: lock.acquire(blocking=False), deadline, "held in Redis by another lookup")
-            except LookupTimeout:
-                raise
-            except Exception as e:  # Redis down, slow or misconfigured
-                self.cache.mark_failed()
-                self._fall_back(log.short(e))
-            else:
-                self._held = lock
-                self._start_renewing(lock, deadline if hold_until is None else hold_until)
-                return
-        else:
-            self._fall_back("the redis cache failed earlier in this lookup")
-        self.fallback.acquire(deadline, hold_until)
-        self._held = self.fallback
-
-    def _fall_back(self, reason: str) -> None:
-        """Go on with the local file lock, counted and warned about, unless that is forbidden."""
-        if self.cache.cfg.lock_fallback == "none":
-            raise LockUnavailable(f"cannot take the account lock in Redis (lock_fallback = none): {reason}")
-        if self.fallbacks.add():
-            log.warning(
-                "Redis lock failed, falling back to the local file lock (other PBXs on this account may "
-                "query at the same time; lock_fallback = none forbids it): %s",
-                reason,
-            )
-
-    def _start_renewing(self, lock, deadline: float) -> None:
-
-        stop = threading.Event()
-
-        def renew() -> None:
-            # Past the deadline the client has closed its connection: the lease may run out.
-            while not stop.wait(self.RENEW_EVERY) and time.monotonic() < deadline:
-                try:
-                    lock.reacquire()
-                except Exception:  # expired or Redis gone: release() tells
-                    return
-
-        self._stop_renewing = stop
-        self._renewer = threading.Thread(target=renew, name="npl-agi-lock-lease", daemon=True)
-        self._renewer.start()
-
-    def release(self) -> None:
-        """Free the lock if this object holds it; never raises."""
-        held, self._held = self._held, None
-        if held is self.fallback:
-            held.release()
-            return
-        if held is None:
-            return
-        from redis.exceptions import LockError
-
-        if self._stop_renewing is not None and self._renewer is not None:
-            self._stop_renewing.set()
-            self._renewer.join(2 * self.cache.timeout)
-        try:
-            held.release()
-        except LockError as e:  # its lease ran out: another PBX may have connected meanwhile
-            log.warning("Redis lock had expired before its release: %s", log.short(e))
-        except Exception as e:  # Redis gone: one line for it, and no more Redis in this process
-            if not self.cache.broken:
-                self.cache.mark_failed()
-                log.warning(
-                    "Redis lost while holding the account lock, continuing without the redis cache: %s", log.short(e)
-                )

@@ -94,18 +94,18 @@ class FileSlots:
     """``count`` slots as lock files in ``lock_dir`` (see the module).
 
     A lock directory that cannot be used is a cache fault and must not fail calls: with
-    ``fallback`` the slots are taken in the temp dir instead (as ``locks.AccountLock`` does),
+    ``may_fall_back`` the slots are taken in the temp dir instead (as ``locks.AccountLock`` does),
     counted and warned about; their tokens are numbered after the configured ones.
     """
 
-    def __init__(self, lock_dir: str, url: str, user: str, count: int, *, fallback: bool = True) -> None:
+    def __init__(self, lock_dir: str, url: str, user: str, count: int, *, may_fall_back: bool = True) -> None:
         import tempfile
 
         names = slot_names(url, user, count)
         self.count = count
         self.paths = [os.path.join(lock_dir, name) for name in names]
         spare = tempfile.gettempdir()
-        if fallback and os.path.abspath(lock_dir) != os.path.abspath(spare):
+        if may_fall_back and os.path.abspath(lock_dir) != os.path.abspath(spare):
             self.paths += [os.path.join(spare, name) for name in names]
 
     def _open(self, path: str) -> int:

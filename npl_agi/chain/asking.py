@@ -51,3 +51,24 @@ def asked_from(batches: Iterator[dict[str, Answer]], misses: list[str], on_batch
     except NplError as e:
         return Asked({**failed_all([m for m in misses if m not in answers], e), **answers}, e)
     return Asked(answers, None)
+
+
+class BatchAsker:
+    """A sync asker whose requests yield their answers batch by batch and raise ``NplError``
+    when one fails as a whole: ``batches`` is all a subclass writes."""
+
+    takes_readings = False
+
+    def ask(
+        self,
+        misses: list[str],
+        deadline: float | None,
+        *,
+        timeout: float | None = None,
+        fresh: bool = False,
+        on_batch: OnBatch | None = None,
+    ) -> Asked:
+        return asked_from(self.batches(misses, timeout, deadline), misses, on_batch)
+
+    def batches(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict[str, Answer]]:
+        raise NotImplementedError

@@ -229,7 +229,7 @@ class Lookup:
         """What the asker made of the numbers as read: each miss's canonical number (or the
         refusal that cost no credit, BADNUMBER or NOTMOBILE), as ``resolve`` gives them when
         it validates itself; the answers by canonical number."""
-        msisdn_of, local, refused = dict(resolved.msisdn_of), dict(resolved.local), dict(resolved.refused)
+        msisdn_of, settled, refused = dict(resolved.msisdn_of), dict(resolved.settled), dict(resolved.refused)
         by_msisdn: dict[str, Answer] = {}
         for d, key in resolved.msisdn_of.items():
             answer = answered.get(key)
@@ -237,16 +237,21 @@ class Lookup:
                 continue
             if answer.error in LOCAL_REFUSALS:
                 del msisdn_of[d]
-                local[d] = protocol.failed("", answer.error, number=d, reason=answer.error_name)
+                settled[d] = protocol.failed("", answer.error, number=d, reason=answer.error_name)
                 if answer.msisdn:
                     refused[d] = answer.msisdn
                 continue
             msisdn = answer.msisdn or key.partition(",")[0]
             msisdn_of[d] = msisdn
             by_msisdn[msisdn] = answer._replace(msisdn=msisdn)
+        newly = {d: m for d, m in refused.items() if d not in resolved.refused}  # by the asker
+        asker_refused = set(newly)
+        self._known_after_all(newly, msisdn_of, settled, by_msisdn, deadline)
+        for d in asker_refused - set(newly):
+            del refused[d]
         new = [m for m in (*by_msisdn, *refused.values()) if m not in resolved.holders]
         holders = {**resolved.holders, **self._holders(new, deadline)}
-        return resolved._replace(msisdn_of=msisdn_of, local=local, refused=refused, holders=holders), by_msisdn
+        return resolved._replace(msisdn_of=msisdn_of, settled=settled, refused=refused, holders=holders), by_msisdn
 
     def finish(self, resolved: Resolved, fresh: dict[str, Answer]) -> list[Answer]:
         """The answers in the order dialled, with the network directory's names filled in.
@@ -257,7 +262,7 @@ class Lookup:
         found = {**resolved.found, **fresh}
         out = []
         for d in resolved.dialled:
-            answer = resolved.local.get(d) or found[resolved.msisdn_of[d]]._replace(number=d)
+            answer = resolved.settled.get(d) or found[resolved.msisdn_of[d]]._replace(number=d)
             held = resolved.holders.get(answer.msisdn or resolved.refused.get(d, ""), "")
             answer = self._range_fallback(answer._replace(range_mccmnc=held))
             if answer.mccmnc:
@@ -331,7 +336,7 @@ class Lookup:
         from npl_agi.backends.queue import key_of
         from npl_agi.core.number import validate as valid_number
 
-        readings_of, local, found = self._read(dialled, deadline, fresh)
+        readings_of, settled, found = self._read(dialled, deadline, fresh)
         cfg = self.config.number
         msisdn_of: dict[str, str] = {}
         refused: dict[str, str] = {}
@@ -343,20 +348,34 @@ class Lookup:
                 try:
                     hit = valid_number(rs, cfg)
                 except NplError as e:
-                    local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
+                    settled[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
                     if isinstance(e, NotMobile):
                         refused[d] = e.msisdn
                     continue
             msisdn_of[d] = hit
+        self._known_after_all(refused, msisdn_of, settled, found, deadline)
         readings = set().union(*readings_of.values())
         unread = {m for m in msisdn_of.values() if m not in found and m not in readings}
         if unread and validate:  # a canonical form ("+44 (0)7…" -> 447…) may be known or cached already
             found.update(self._known_and_cached(sorted(unread), deadline, fresh))
         numbers = [m for m in (*msisdn_of.values(), *refused.values()) if "," not in m]
         holders = self._holders(numbers, deadline)
-        resolved = Resolved(list(dialled), msisdn_of, found, local, refused, holders)
+        resolved = Resolved(list(dialled), msisdn_of, found, settled, refused, holders)
         self.cache.record(resolved.cache_hits, len(resolved.misses), deadline=deadline)
         return resolved
+
+    def _known_after_all(self, refused: dict, msisdn_of: dict, settled: dict, found: dict, deadline) -> None:
+        """Numbers refused by type (NOTMOBILE) whose canonical form the admin knows: answered
+        ``local`` after all (known numbers are of any type; "+44 (0)20…" is read as 4402… and
+        known as 442…). Changes the maps in place."""
+        if not refused:
+            return
+        known = self.cache.get_local_many(KNOWN_NUMBERS, sorted(set(refused.values())), deadline=deadline)
+        for d, msisdn in list(refused.items()):
+            if msisdn in known:
+                del refused[d], settled[d]
+                msisdn_of[d] = msisdn
+                found[msisdn] = Answer(msisdn, mccmnc=known[msisdn], source="local")
 
     def cached(self, dialled: list[str], *, deadline: float | None = None, fresh: bool = False) -> Resolved | None:
         """What ``resolve`` gives when the cache holds every number under a plain reading (or the
@@ -366,14 +385,14 @@ class Lookup:
         counts the hits). The FastAGI server serves such calls without leaving its event loop.
         ``fresh``: as in ``resolve``, so only numbers refused by their form are resolved.
         """
-        readings_of, local, found = self._read(dialled, deadline, fresh)
+        readings_of, settled, found = self._read(dialled, deadline, fresh)
         msisdn_of: dict[str, str] = {}
         for d, rs in readings_of.items():
             hit = next((r for r in rs if r in found), None)
             if hit is None:
                 return None
             msisdn_of[d] = hit
-        return Resolved(list(dialled), msisdn_of, found, local, {}, self._holders(msisdn_of.values(), deadline))
+        return Resolved(list(dialled), msisdn_of, found, settled, {}, self._holders(msisdn_of.values(), deadline))
 
     def _read(
         self, dialled: list[str], deadline: float | None, fresh: bool = False
@@ -384,12 +403,12 @@ class Lookup:
 
         cfg = self.config.number
         readings_of: dict[str, tuple[str, ...]] = {}
-        local: dict[str, Answer] = {}
+        settled: dict[str, Answer] = {}
         for d in dict.fromkeys(dialled):
             try:
                 readings_of[d] = normalise(d, cfg)
             except NplError as e:
-                local[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
+                settled[d] = protocol.failed("", e.npl_err, number=d, reason=str(e))
         readings = set().union(*readings_of.values())
         found = self._known_and_cached(sorted(readings), deadline, fresh) if readings else {}
-        return readings_of, local, found
+        return readings_of, settled, found

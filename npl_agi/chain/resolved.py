@@ -18,12 +18,12 @@ def stale_standins(fresh: dict[str, Answer], stale: dict[str, Answer]) -> dict[s
     return {m: stale[m] for m, a in fresh.items() if a.error in SERVICE_FAILURES and m in stale}
 
 
-class Resolved(namedtuple("Resolved", "dialled msisdn_of found local refused holders")):
+class Resolved(namedtuple("Resolved", "dialled msisdn_of found settled refused holders")):
     """What the local data, the cache and the numbering plan made of the dialled numbers, before
     any request.
 
     ``msisdn_of`` maps each dialled number that may be looked up to its msisdn, ``found`` the
-    known and cached answers by msisdn, ``local`` the dialled numbers refused without asking
+    known and cached answers by msisdn, ``settled`` the dialled numbers refused without asking
     (BADNUMBER, NOTMOBILE) to their answers, ``refused`` those refused by type (NOTMOBILE) to
     their msisdn, ``holders`` every msisdn to its range holder ("" when unknown): read with the
     cache, given to the answers last.
