@@ -10,6 +10,9 @@ from types import ModuleType
 
 import pytest
 
+from npl_agi.core import protocol
+from npl_agi.core.codes import TRUNCATED
+from npl_agi.core.protocol import Answer
 from npl_agi.doubles.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +66,21 @@ def subprocess_env():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["NPL_PYTHON"] = sys.executable
     return env
+
+
+def parse_response(body: str, asked: list[str], *, cut_short: str = TRUNCATED, secret: str = "") -> dict[str, Answer]:
+    """Answers for every number asked, keyed by msisdn, from a whole recorded body, read line by
+    line as the transports read it (``protocol.AnswerReader``).
+
+    A trailing line without its newline is dropped (it may have lost its end), unless it is
+    ``ENDBATCH``. Raises a ``ServiceRefused`` subclass for a refused query and ``ProtocolError``
+    for a body that is not the contract at all (empty, HTML, garbage first line).
+    """
+    reader = protocol.AnswerReader(asked, secret)
+    lines = body.split("\n")
+    tail = lines.pop()  # "" after a final newline, else a line that lost its end
+    if not lines or tail.strip() == protocol.ENDBATCH:
+        lines.append(tail)
+    for line in lines:
+        reader.feed(line)
+    return reader.finish(cut_short)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AGI_SCRIPT, write_config
+from conftest import AGI_SCRIPT, parse_response, write_config
 from test_client import client_for
 
 from npl_agi.askers.direct import lookup_here
@@ -29,7 +29,7 @@ ASKED = ["447788450450", "447810701702", "447912345678"]
 
 def expected(msisdn: str) -> protocol.Answer:
     line = simulated_answer(msisdn, "2.4")
-    return protocol.parse_response(f"QUERYOK\n{line}\nENDBATCH\n", [msisdn])[msisdn]._replace(source="api")
+    return parse_response(f"QUERYOK\n{line}\nENDBATCH\n", [msisdn])[msisdn]._replace(source="api")
 
 
 @pytest.mark.parametrize("behaviour", [hostile.reset_mid_body, hostile.short_body, hostile.bad_chunk])

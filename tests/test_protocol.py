@@ -1,6 +1,7 @@
 """The pure protocol core, driven by recorded answers of the service (spec v2.4 examples)."""
 
 import pytest
+from conftest import parse_response
 
 from npl_agi.core import protocol
 from npl_agi.core.codes import TIMEOUT, TRUNCATED
@@ -22,7 +23,7 @@ ENDBATCH
 
 
 def test_spec_example_v24():
-    got = protocol.parse_response(V24, ASKED)
+    got = parse_response(V24, ASKED)
     a = got["447788450450"]
     assert (a.mccmnc, a.mcc, a.mnc, a.msc, a.imsi, a.error) == (
         "23415",
@@ -38,7 +39,7 @@ def test_spec_example_v24():
 
 
 def test_spec_example_legacy():
-    got = protocol.parse_response(LEGACY, ASKED)
+    got = parse_response(LEGACY, ASKED)
     assert got["447788450450"].mccmnc == "23415"
     assert got["447788450450"].msc == got["447788450450"].imsi == ""
     assert got["447973100100"].error == "ERR1"
@@ -46,7 +47,7 @@ def test_spec_example_legacy():
 
 def test_crlf_line_ends_and_three_digit_mnc_and_empty_imsi():
     body = "QUERYOK\r\n17044518989 310260,17045550000,\r\nENDBATCH\r\n"
-    a = protocol.parse_response(body, ["17044518989"])["17044518989"]
+    a = parse_response(body, ["17044518989"])["17044518989"]
     assert (a.mcc, a.mnc, a.imsi) == ("310", "260", "")
 
 
@@ -64,7 +65,7 @@ def test_crlf_line_ends_and_three_digit_mnc_and_empty_imsi():
 )
 def test_per_number_error_codes_kept_with_names(code, name):
     body = f"QUERYOK\n447700000001 ERR{code}\nENDBATCH\n"
-    a = protocol.parse_response(body, ["447700000001"])["447700000001"]
+    a = parse_response(body, ["447700000001"])["447700000001"]
     assert (a.error, a.error_name, a.ok) == (f"ERR{code}", name, False)
 
 
@@ -81,7 +82,7 @@ def test_per_number_error_codes_kept_with_names(code, name):
 )
 def test_first_lines_become_typed_errors_with_the_service_text(line, kind):
     with pytest.raises(kind) as info:
-        protocol.parse_response(line + "\n", ASKED)
+        parse_response(line + "\n", ASKED)
     assert info.value.line == line
     assert line in str(info.value)
 
@@ -98,7 +99,7 @@ def test_first_lines_become_typed_errors_with_the_service_text(line, kind):
 )
 def test_a_body_that_is_not_the_contract_at_all_is_a_protocol_error(body, message):
     with pytest.raises(ProtocolError, match=message):
-        protocol.parse_response(body, ASKED)
+        parse_response(body, ASKED)
 
 
 GOOD = "447810701702 23415,447785014185,234159002945116\n447973100100 ERR1\n"
@@ -118,7 +119,7 @@ GOOD = "447810701702 23415,447785014185,234159002945116\n447973100100 ERR1\n"
     ],
 )
 def test_an_off_contract_line_fails_only_the_number_left_without_an_answer(line, message):
-    got = protocol.parse_response(f"QUERYOK\n{line}\n{GOOD}ENDBATCH\n", ASKED)
+    got = parse_response(f"QUERYOK\n{line}\n{GOOD}ENDBATCH\n", ASKED)
     bad = got["447788450450"]
     assert (bad.error, bad.ok) == ("PROTOCOL", False)
     assert message in bad.error_name
@@ -129,7 +130,7 @@ def test_one_malformed_line_in_a_thousand_keeps_the_other_999():
     asked = [f"4477009{i:05d}" for i in range(1000)]
     lines = [f"{n} 23415,447785014185," for n in asked]
     lines[500] = f"{asked[500]} 2341X,,"
-    got = protocol.parse_response("QUERYOK\n" + "\n".join(lines) + "\nENDBATCH\n", asked)
+    got = parse_response("QUERYOK\n" + "\n".join(lines) + "\nENDBATCH\n", asked)
     assert [n for n, a in got.items() if not a.ok] == [asked[500]]
     assert sum(a.mccmnc == "23415" for a in got.values()) == 999
 
@@ -159,7 +160,7 @@ def test_the_password_never_rewrites_the_data(secret):
     body = (
         "QUERYOK\n447788450450 23415,447712312345,234151230000123\n447810701702 23415,,\n447973100100 ERR1\nENDBATCH\n"
     )
-    got = protocol.parse_response(body, ASKED, secret=secret)
+    got = parse_response(body, ASKED, secret=secret)
     assert got["447788450450"] == protocol.Answer("447788450450", "23415", "447712312345", "234151230000123")
     assert got["447810701702"].mccmnc == "23415" and got["447973100100"].error == "ERR1"
 
@@ -170,48 +171,48 @@ def test_an_echoed_password_is_masked_in_messages_whatever_its_form(secret):
 
     for echoed in (secret, quote_plus(secret)):
         with pytest.raises(ProtocolError) as info:
-            protocol.parse_response(f"user=bob&pass={echoed}&msisdn=1\n", ASKED, secret=secret)
+            parse_response(f"user=bob&pass={echoed}&msisdn=1\n", ASKED, secret=secret)
         assert secret not in str(info.value) and secret[:6] not in str(info.value).replace("***", "")
         with pytest.raises(RequestRejected) as refused:
-            protocol.parse_response(f"FAIL bad pass {echoed}\n", ASKED, secret=secret)
+            parse_response(f"FAIL bad pass {echoed}\n", ASKED, secret=secret)
         assert secret not in str(refused.value) and secret not in refused.value.line
         assert repr(secret)[1:-1] not in str(refused.value)
 
 
 def test_error_messages_quote_foreign_text_bounded_and_printable():
     with pytest.raises(ProtocolError) as info:
-        protocol.parse_response("Z" * 5000 + "\x07\n", ASKED)
+        parse_response("Z" * 5000 + "\x07\n", ASKED)
     assert len(str(info.value)) < 200
     assert "\x07" not in str(info.value)
 
 
 def test_truncated_body_keeps_complete_lines_and_marks_the_rest():
     body = "QUERYOK\n447788450450 23415,447785014185,234158341040126\n447810701702 2341"
-    got = protocol.parse_response(body, ASKED)
+    got = parse_response(body, ASKED)
     assert got["447788450450"].mccmnc == "23415"
     assert got["447810701702"].error == TRUNCATED  # the partial line is not trusted
     assert got["447973100100"].error == TRUNCATED
 
 
 def test_cut_by_our_deadline_marks_missing_numbers_timeout():
-    got = protocol.parse_response("QUERYOK\n447788450450 23415\n", ASKED, cut_short=TIMEOUT)
+    got = parse_response("QUERYOK\n447788450450 23415\n", ASKED, cut_short=TIMEOUT)
     assert got["447788450450"].ok
     assert [got[n].error for n in ASKED[1:]] == [TIMEOUT, TIMEOUT]
 
 
 def test_queryok_alone_is_truncated():
-    got = protocol.parse_response("QUERYOK", ASKED)
+    got = parse_response("QUERYOK", ASKED)
     assert {a.error for a in got.values()} == {TRUNCATED}
 
 
 def test_endbatch_without_final_newline_is_complete():
     body = V24.rstrip("\n")
-    assert protocol.parse_response(body, ASKED)["447973100100"].error == "ERR1"
+    assert parse_response(body, ASKED)["447973100100"].error == "ERR1"
 
 
 def test_answers_matched_by_digits_not_form():
     body = "QUERYOK\n+447788450450 23415\nENDBATCH\n"
-    assert protocol.parse_response(body, ["447788450450"])["447788450450"].mccmnc == "23415"
+    assert parse_response(body, ["447788450450"])["447788450450"].mccmnc == "23415"
 
 
 def test_request_form_and_formatting_round_trip():
@@ -223,7 +224,7 @@ def test_request_form_and_formatting_round_trip():
         protocol.format_error("447973100100", 1),
     ]
     body = "\n".join([protocol.QUERYOK, *lines, protocol.ENDBATCH]) + "\n"
-    got = protocol.parse_response(body, ASKED)
+    got = parse_response(body, ASKED)
     assert got["447788450450"].imsi == "234158341040126"
     assert got["447810701702"].mccmnc == "23415" and got["447810701702"].msc == ""
     assert got["447973100100"].error == "ERR1"

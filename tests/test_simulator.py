@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlencode
 
 import pytest
+from conftest import parse_response
 
 from npl_agi.core import protocol
 from npl_agi.doubles.simulator import FAULTS, SIMULATED_ERRORS, Account, Simulator
@@ -242,7 +243,7 @@ def test_apiver(sim, method: str, apiver: str | None, legacy: bool) -> None:
 
 def test_answers_parse_with_the_client_parser(sim) -> None:
     asked = ["447788450450", "447973100100", "17044518989", "4915112345678", "33612345678"]
-    found = protocol.parse_response(query(sim, apiver="2.4", msisdn=",".join(asked)).text, asked)
+    found = parse_response(query(sim, apiver="2.4", msisdn=",".join(asked)).text, asked)
     assert set(found) == set(asked)
     assert found["447973100100"].error == "ERR1"
     for n in ("447788450450", "17044518989", "4915112345678", "33612345678"):

@@ -257,23 +257,6 @@ class AnswerReader:
         return {n: self.found.get(n) or failed(n, cut_short) for n in self.asked}
 
 
-def parse_response(body: str, asked: list[str], *, cut_short: str = TRUNCATED, secret: str = "") -> dict[str, Answer]:
-    """Answers for every number asked, keyed by msisdn, from a whole body (see ``AnswerReader``).
-
-    A trailing line without its newline is dropped (it may have lost its end), unless it is
-    ``ENDBATCH``. Raises a ``ServiceRefused`` subclass for a refused query and ``ProtocolError``
-    for a body that is not the contract at all (empty, HTML, garbage first line).
-    """
-    reader = AnswerReader(asked, secret)
-    lines = body.split("\n")
-    tail = lines.pop()  # "" after a final newline, else a line that lost its end
-    if not lines or tail.strip() == ENDBATCH:
-        lines.append(tail)
-    for line in lines:
-        reader.feed(line)
-    return reader.finish(cut_short)
-
-
 def format_answer(msisdn: str, mccmnc: str, msc: str = "", imsi: str = "", *, apiver: str = DEFAULT_APIVER) -> str:
     """One number line as the service writes it (three fields from 2.4 on, MCCMNC alone before)."""
     if is_legacy(apiver):
