@@ -56,7 +56,7 @@ def ask_async(api: ApiConfig, numbers: list[str]) -> tuple:
         try:
             deadline = time.monotonic() + DEADLINE
             reader = protocol.AnswerReader(numbers, api.password)
-            cut = await client.exchange(numbers, deadline - api.request_floor, deadline, reader, None)
+            cut = await client.stream(numbers, deadline - api.request_floor, deadline, reader, None)
             return reader.finish(TIMEOUT if cut else TRUNCATED)
         finally:
             await client.aclose()

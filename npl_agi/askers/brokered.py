@@ -26,7 +26,7 @@ from npl_agi.core import protocol
 from npl_agi.core.codes import TIMEOUT, UNAVAILABLE
 from npl_agi.core.errors import ConfigError, LockUnavailable, NotSent, NplError, ServiceRefused
 from npl_agi.core.protocol import Answer
-from npl_agi.transports import base as exchange
+from npl_agi.transports import base
 
 Store = Callable[[list[Answer]], Awaitable[None]]
 SHARED_POLL = 0.01  # seconds between looks at the shared queue while this server's calls wait
@@ -212,13 +212,13 @@ class Broker:
             return
         start_by = max(p.deadline for p in batch.values()) - self.api.request_floor
         try:
-            await self._exchange(msisdns, batch, start_by)
+            await self._request(msisdns, batch, start_by)
         finally:
             for m, p in batch.items():
                 if self._pending.get(m) is p:
                     del self._pending[m]
 
-    async def _exchange(
+    async def _request(
         self, msisdns: list[str], batch: dict[str, _Pending], start_by: float, on_line=None, lock=None
     ) -> dict[str, Answer]:
         """One request for ``msisdns``, sent by ``start_by`` and read to its end: each answer
@@ -242,8 +242,8 @@ class Broker:
         answers: dict[str, Answer] = {}
         outcome = "ok"
         try:
-            cut = await self.client.exchange(msisdns, start_by, deadline, reader, on_answer, lock)
-            answers = exchange.answers(reader, cut)
+            cut = await self.client.stream(msisdns, start_by, deadline, reader, on_answer, lock)
+            answers = base.answers(reader, cut)
             if reader.ended:
                 self.breaker.success()
             else:
@@ -356,7 +356,7 @@ class Broker:
             if len(self._publishing) == 1:
                 flushing.append(asyncio.ensure_future(self._flush()))
 
-        answers = await self._exchange(ask, own, start_by, on_line, Held())
+        answers = await self._request(ask, own, start_by, on_line, Held())
         if flushing:
             await asyncio.gather(*flushing, return_exceptions=True)
         await self.shared.run(self.shared.asker.publish, list(answers.values()))

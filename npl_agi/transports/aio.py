@@ -16,7 +16,7 @@ import httpx
 
 from npl_agi.config import ApiConfig
 from npl_agi.core.errors import ConfigError, LookupTimeout
-from npl_agi.transports import base as exchange
+from npl_agi.transports import base
 
 
 class AsyncClient:
@@ -32,7 +32,7 @@ class AsyncClient:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            verify: object = exchange.tls_verify(self.api)
+            verify: object = base.tls_verify(self.api)
             if isinstance(verify, str):  # httpx takes a CA file as a context
                 import ssl
 
@@ -48,7 +48,7 @@ class AsyncClient:
                 timeout=httpx.Timeout(None),  # the whole exchange has one deadline, set around it
                 # Closed after each request: an idle kept-alive connection would be a second
                 # connection while an AGI script holds the account lock.
-                headers=exchange.HEADERS,
+                headers=base.HEADERS,
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=0),
             )
         return self._http
@@ -58,24 +58,22 @@ class AsyncClient:
             await self._http.aclose()
             self._http = None
 
-    async def exchange(
-        self, msisdns: list[str], start_by: float, deadline: float, reader, on_answer, lock=None
-    ) -> bool:
+    async def stream(self, msisdns: list[str], start_by: float, deadline: float, reader, on_answer, lock=None) -> bool:
         """Ask for ``msisdns``, feeding each line of the answer to ``reader`` as it arrives.
 
         ``reader`` is a ``protocol.AnswerReader``; ``on_answer`` gets each answer it yields
         (``source = "api"``). The account lock (``lock``, else the client's own; a connection
         slot held already needs none) must be had by ``start_by`` and the whole answer by
         ``deadline`` (both ``time.monotonic()``). Returns True when the deadline cut the answer
-        short; raises as ``exchange.Exchange.end`` does, and what the reader raises for a
+        short; raises as ``base.Reply.end`` does, and what the reader raises for a
         refused query.
         """
-        form = exchange.request_form(self.api, msisdns)
+        form = base.request_form(self.api, msisdns)
         lock = self.lock if lock is None else lock
         await self._acquire(lock, start_by, deadline)
-        ex = exchange.Exchange(reader, deadline, self.api.password, on_answer)
+        ex = base.Reply(reader, deadline, self.api.password, on_answer)
         try:
-            exchange.check_time(start_by)
+            base.check_time(start_by)
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._post(form, ex)
@@ -88,7 +86,7 @@ class AsyncClient:
         finally:
             await asyncio.shield(asyncio.to_thread(lock.release))
 
-    async def _post(self, form: dict[str, str], ex: exchange.Exchange) -> None:
+    async def _post(self, form: dict[str, str], ex: base.Reply) -> None:
         async with self._client().stream("POST", self.api.url, data=form) as resp:
             ex.http_status(resp.status_code, resp.reason_phrase)
             async for chunk in resp.aiter_raw():

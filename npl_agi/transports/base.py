@@ -57,7 +57,7 @@ def tls_verify(api: ApiConfig) -> bool | str:
     return api.ca_file or api.verify_tls
 
 
-class Exchange:
+class Reply:
     """One request's answer as it arrives: each whole line goes to ``reader`` at once, so every
     well-formed line is kept whatever happens to the rest; ``end`` gives the verdict."""
 

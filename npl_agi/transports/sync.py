@@ -20,12 +20,12 @@ from npl_agi.config import ApiConfig
 from npl_agi.core import protocol
 from npl_agi.core.errors import NotSent, RequestRejected
 from npl_agi.core.protocol import Answer
-from npl_agi.transports import base as exchange
+from npl_agi.transports import base
 
 _local = threading.local()
 _warned_tls = False
 
-OnAnswer = exchange.OnAnswer
+OnAnswer = base.OnAnswer
 
 
 class Client:
@@ -87,8 +87,8 @@ class Client:
         subclasses when no answer line could be had (nothing was paid for).
         """
         reader = protocol.AnswerReader(msisdns, self.api.password)
-        cut = self._exchange(msisdns, deadline, lock_deadline, reader, on_answer)
-        return exchange.answers(reader, cut)
+        cut = self._stream(msisdns, deadline, lock_deadline, reader, on_answer)
+        return base.answers(reader, cut)
 
     def check(self, timeout: float | None = None) -> str:
         """Ask with no numbers: costs no credit, and the service still checks the password.
@@ -98,7 +98,7 @@ class Client:
         """
         deadline = time.monotonic() + (timeout if timeout is not None else self.api.timeout)
         reader = _FirstLine(self.api.password)
-        self._exchange([], deadline, None, reader, None)
+        self._stream([], deadline, None, reader, None)
         try:
             protocol.check_status(reader.line, self.api.password)
         except RequestRejected:
@@ -106,20 +106,20 @@ class Client:
                 raise
         return reader.line
 
-    def _exchange(self, msisdns, deadline: float, lock_deadline: float | None, reader, on_answer) -> bool:
+    def _stream(self, msisdns, deadline: float, lock_deadline: float | None, reader, on_answer) -> bool:
         """Lock, send, read every line into ``reader``; True when our deadline cut the answer."""
         import requests  # noqa: F401 - imported before the lock is taken: the holder must not wait for it
 
-        form = exchange.request_form(self.api, msisdns)
-        start_by = exchange.start_by(self.api, deadline, lock_deadline)
+        form = base.request_form(self.api, msisdns)
+        start_by = base.start_by(self.api, deadline, lock_deadline)
         self.lock.acquire(start_by, hold_until=deadline)
         try:
-            exchange.check_time(start_by)
-            return self._post(form, exchange.Exchange(reader, deadline, self.api.password, on_answer))
+            base.check_time(start_by)
+            return self._post(form, base.Reply(reader, deadline, self.api.password, on_answer))
         finally:
             self.lock.release()
 
-    def _post(self, form: dict[str, str], ex: exchange.Exchange) -> bool:
+    def _post(self, form: dict[str, str], ex: base.Reply) -> bool:
         import requests
         from urllib3.exceptions import HTTPError
 
@@ -137,7 +137,7 @@ class Client:
                     timeout=(left, left),
                     stream=True,
                     allow_redirects=False,
-                    verify=exchange.tls_verify(self.api),
+                    verify=base.tls_verify(self.api),
                 ) as resp,
             ):
                 ex.http_status(resp.status_code, resp.reason)
@@ -183,7 +183,7 @@ class _FirstLine:
 class _Watchdog:
     """Shuts down the sockets of the running request when its deadline passes."""
 
-    def __init__(self, seconds: float, ex: exchange.Exchange) -> None:
+    def __init__(self, seconds: float, ex: base.Reply) -> None:
         self.ex = ex
         self._socks: list[socket.socket] = []
         self._mutex = threading.Lock()
@@ -241,7 +241,7 @@ def _new_session():
 
     session = requests.Session()
     session.trust_env = False  # no .netrc credentials or proxy surprises on a PBX
-    session.headers.update(exchange.HEADERS)
+    session.headers.update(base.HEADERS)
     adapter = requests.adapters.HTTPAdapter(max_retries=0)
     adapter.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
     session.mount("http://", adapter)

@@ -1,4 +1,4 @@
-"""The exchange core on its own: the verdict comes from the clock, foreign errors from one table."""
+"""The transports' shared rules on their own (transports.base): the verdict comes from the clock, foreign errors from one table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from npl_agi.core import protocol
 from npl_agi.core.codes import TIMEOUT, TRUNCATED
 from npl_agi.core.errors import LookupTimeout, ProtocolError, Unreachable
 from npl_agi.doubles.simulator import simulated_answer
-from npl_agi.transports import base as exchange
+from npl_agi.transports import base
 
 ASKED = ["447788450450", "447810701702"]
 FIRST = b"QUERYOK\n" + simulated_answer(ASKED[0], "2.4").encode() + b"\n"
@@ -24,9 +24,9 @@ class Clock:
         return self.now
 
 
-def started(clock: Clock, secret: str = "123") -> tuple[exchange.Exchange, protocol.AnswerReader]:
+def started(clock: Clock, secret: str = "123") -> tuple[base.Reply, protocol.AnswerReader]:
     reader = protocol.AnswerReader(ASKED, secret)
-    ex = exchange.Exchange(reader, deadline=101.0, secret=secret, clock=clock)
+    ex = base.Reply(reader, deadline=101.0, secret=secret, clock=clock)
     ex.add(FIRST)
     return ex, reader
 
@@ -50,7 +50,7 @@ def test_a_read_that_ends_before_the_deadline_is_cut_short(failure):
 
 def test_nothing_before_the_deadline_is_a_lookup_timeout():
     clock = Clock()
-    ex = exchange.Exchange(protocol.AnswerReader(ASKED), deadline=101.0, secret="", clock=clock)
+    ex = base.Reply(protocol.AnswerReader(ASKED), deadline=101.0, secret="", clock=clock)
     clock.now = 102.0
     with pytest.raises(LookupTimeout):
         ex.end(TimeoutError())
@@ -65,10 +65,10 @@ def test_a_password_equal_to_the_status_line_masks_messages_only():
 
 def test_too_little_time_left_sends_nothing():
     clock = Clock()
-    exchange.check_time(100.0, clock)
+    base.check_time(100.0, clock)
     clock.now = 100.5
     with pytest.raises(LookupTimeout, match="too little time"):
-        exchange.check_time(100.0, clock)
+        base.check_time(100.0, clock)
 
 
 def caused(outer: BaseException, inner: BaseException) -> BaseException:
@@ -89,7 +89,7 @@ def caused(outer: BaseException, inner: BaseException) -> BaseException:
     ],
 )
 def test_one_table_maps_foreign_errors_to_ours(exc, error, message):
-    got = exchange.translate(exc)
+    got = base.translate(exc)
     assert isinstance(got, error) and str(got).startswith(message)
 
 
