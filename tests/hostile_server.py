@@ -83,6 +83,13 @@ def echo_numbers(sock, form) -> None:
     sock.sendall(head("200 OK", f"Content-Length: {len(body)}", "Connection: close") + body)
 
 
+def quotes_others(sock, form) -> None:
+    """A status line that quotes the query and two numbers no caller of this PBX dialled (7 and
+    8 digits), as a service quoting another account's batch would."""
+    body = ("FAIL bad query msisdn=" + form.get("msisdn", "") + " near 6907290,50051234\n").encode()
+    sock.sendall(head("200 OK", f"Content-Length: {len(body)}", "Connection: close") + body)
+
+
 class HostileServer:
     """Serves one behaviour to every query until stopped; records the forms it was sent, and
     each request as it came (its head and its body), to see what went where."""

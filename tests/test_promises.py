@@ -34,6 +34,8 @@ from asterisk_fixture import DIALPLAN, ROOT, Asterisk, extensions_conf, find_ast
 from conftest import AGI_SCRIPT, Simulator, write_config
 from doors import but_time, door_configs, fastagi_call, through_both_doors
 
+from npl_agi.doubles.emulator import AgiEmulator
+
 NPL_AGI = Path(sys.executable).parent / "npl-agi"  # the command an admin runs, installed beside the interpreter
 
 
@@ -159,6 +161,20 @@ def test_numbers_of_7_or_8_digits_that_the_service_quotes_back_are_not_shown_in_
     quoted = [line for line in log + verbose if "msisdn=" in line]
     assert len(quoted) >= 6, "\n".join(log + verbose)  # each call's log line and its VERBOSE line
     assert shown_in_full(log + verbose, [call_id(i) for i in range(len(dialled))]) == [], "\n".join(log + verbose)
+
+
+def test_the_process_script_shows_only_the_caller_s_own_number_in_full(tmp_path, subprocess_env):
+    """The process script's console line names the caller's own number as dialled (Asterisk's
+    own lines for the call show it too) and its canonical form; any other number in it (a reason
+    that quotes numbers of other calls) is masked, as short as 7 and 8 digits too."""
+    with hostile.HostileServer(hostile.quotes_others) as service:
+        conf = write_config(tmp_path / "npl-agi.conf", service.url, number=ICELAND)
+        agi = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(conf)})
+        run = agi.run(["6111234"])
+    assert run.variables["NPL_ERR"] == "PROTOCOL"
+    assert any("near" in line for line in run.verbose), run.verbose  # the reason is shown
+    own = {"6111234", run.variables["NPL_NUMBER"]}
+    assert [n for n in shown_in_full(run.verbose, []) if n not in own] == [], run.verbose
 
 
 # -- 2. hangup cause 3 retries with NPL_RETRY_CAUSES unset --

@@ -1,4 +1,5 @@
-"""The transports' shared rules on their own (transports.base): the verdict comes from the clock, foreign errors from one table."""
+"""The transports' shared rules on their own (transports.base): the verdict comes from the
+clock, foreign errors from one table."""
 
 from __future__ import annotations
 
