@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from npl_agi import log
 from npl_agi.config import ApiConfig, CacheConfig
@@ -185,6 +185,32 @@ class Cache:
     def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
         """Add or replace (key, mccmnc, note) rows all at once, or none; with ``replace`` the
         rows become the whole table. The number of rows stored."""
+        raise self._no_local()
+
+    def load_local(self, kind: str, chunks: Iterable[list[tuple[str, str, str]]], *, mode: str = "add") -> int:
+        """Store checked (key, mccmnc, note) rows of ``kind``, a chunk at a time, so memory does
+        not grow with a national database; the number of rows applied.
+
+        A key of ``KNOWN_NUMBERS`` is an international number, or a block ``FROM-TO`` (two
+        numbers of the same length, ``FROM`` <= ``TO``), answered like each number in it; a
+        number held on its own wins over a block holding it. ``mode``:
+
+        - ``add``: the rows are added (a key held already takes the new network);
+        - ``replace``: the rows become the whole set of ``kind``. The new set is built beside
+          the old one and swapped in at once: a call meanwhile sees the whole old set or the
+          whole new one, never a part of either, never an empty one;
+        - ``delta``: as ``add``, and a row whose mccmnc is ``-`` removes its key.
+
+        All or nothing: the rows are staged first and applied in one step, so a failure
+        part-way (a full disk, Redis gone) leaves the set as it was. Other writers (calls
+        storing answers) wait for at most one chunk's write at a time, never for the whole load.
+        May raise."""
+        raise self._no_local()
+
+    def local_size(self, kind: str) -> dict[str, int]:
+        """What ``kind`` holds and costs (``npl-agi cache stats``): ``entries`` (numbers or
+        prefixes), ``blocks`` (``FROM-TO`` keys) and ``bytes`` (what the backend spends on them,
+        on disk or in memory, measured or closely estimated). May raise."""
         raise self._no_local()
 
     def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
