@@ -155,12 +155,14 @@ class World:
         of their own, whose site-packages holds no ``.pth`` file (a development checkout's editable
         install imports pathlib, re and urllib.parse in every interpreter it starts, which adds the
         same milliseconds to both sides of a ratio), with this environment's packages on
-        PYTHONPATH and npl_agi's bytecode compiled (pip compiles it when it installs; without it a
-        call compiles every module it imports)."""
+        PYTHONPATH and their bytecode compiled, npl_agi's and its dependencies' (pyst2, six,
+        requests, phonenumbers...): pip compiles what it installs, and without it a call compiles
+        every module it imports."""
         venv.create(self.directory / "venv", symlinks=True)
-        compileall.compile_dir(str(ROOT / "npl_agi"), quiet=1)
         self.python = str(self.directory / "venv" / "bin" / "python")
         self.path = tuple(dict.fromkeys(sysconfig.get_path(p) for p in ("purelib", "platlib")))
+        for directory in (str(ROOT / "npl_agi"), *self.path):
+            compileall.compile_dir(directory, quiet=1)  # once up to date, a stat a file
 
     def config(self, name: str, *, enabled: bool = True, timeout: float | None = None) -> Path:
         """A configuration for the simulator's account, with a cache file of its own (``name``);

@@ -49,12 +49,13 @@ EMULATED = "cache hit through the AGI emulator (a reply per command)"
 # modules inside them (NESTED) wherever they are first imported.
 IMPORT_GROUPS = {
     "asterisk.agi": "pyst2's asterisk.agi",
-    "pprint": "  pprint, inside pyst2 (dataclasses, inspect)",
+    "pprint": "  pprint, inside pyst2 (without dataclasses and inspect: see doors.process)",
     "sqlite3": "sqlite3",
     "npl_agi.config": "npl_agi.config (configparser)",
     "npl_agi": "npl_agi's other modules",
     "re": "  re, in the module that imports it first (pyst2 and configparser need it too)",
-    "": "the interpreter's own (site, encodings, signal)",
+    "signal": "signal and enum, the script's own first import (pyst2 and re need them too)",
+    "": "the interpreter's own (site, encodings)",
 }
 NESTED = ("pprint", "re")
 _IMPORT_LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)")
@@ -205,7 +206,7 @@ def where_the_time_goes(ms: dict[str, float]) -> str:
     """The target's cause, from the medians of ``import_ms``."""
     return (
         f"a hit's imports take {ms['total']:.0f} ms under -X importtime: pyst2's asterisk.agi {ms['asterisk.agi']:.0f} "
-        f"(its pprint {ms['pprint']:.0f}: dataclasses, inspect), sqlite3 {ms['sqlite3']:.0f}, npl_agi.config "
+        f"(its pprint {ms['pprint']:.0f}), signal {ms['signal']:.0f}, sqlite3 {ms['sqlite3']:.0f}, npl_agi.config "
         f"{ms['npl_agi.config']:.0f}, npl_agi's other modules {ms['npl_agi']:.0f} (re {ms['re']:.0f}), the "
         f"interpreter's own {ms['']:.0f}; SQLite in-process: {ms['read']:.1f} ms to read, {ms['count']:.1f} more "
         "to count the hit"

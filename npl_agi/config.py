@@ -25,10 +25,12 @@ DEFAULT_PATH = "/etc/asterisk/npl-agi.conf"
 INSTALLED_PATH_FILE = os.path.join(sys.prefix, "share", "npl-agi", "config-path")
 _INLINE_COMMENT = re.compile(r"\s[;#]")
 _URL = re.compile(r"(?i)https?://(?:[^/?#@]*@)?(\[[^\]/]+\]|[^/?#:\[\]]*)")
-_FORM_SEPARATORS = re.compile(r"[&\r\n]")
+# extra_form's patterns, compiled by re (and kept in its cache) when a configuration has one:
+# most have none, and every call reads the configuration.
+_FORM_SEPARATORS = r"[&\r\n]"
 _FORM_BLANKS = " \t"  # trimmed around names and values; any other odd character is refused
-_FORM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_FORM_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_FORM_NAME = r"[A-Za-z0-9_.-]+"
+_FORM_BAD_ESCAPE = r"%(?![0-9A-Fa-f]{2})"
 ENV_VAR = "NPL_AGI_CONFIG"
 
 NUMBER_TYPES = (
@@ -286,7 +288,7 @@ def parse_extra_form(text: str, where: str = "[api] extra_form") -> tuple[tuple[
     """
     pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for item in filter(None, (p.strip(_FORM_BLANKS) for p in _FORM_SEPARATORS.split(text))):
+    for item in filter(None, (p.strip(_FORM_BLANKS) for p in re.split(_FORM_SEPARATORS, text))):
         name, equals, raw = (part.strip(_FORM_BLANKS) for part in item.partition("="))
         if not equals:
             raise ConfigError(f"{where}: expected name=value, got {item!r}")
@@ -297,7 +299,7 @@ def parse_extra_form(text: str, where: str = "[api] extra_form") -> tuple[tuple[
                 f"{where}: {name!r} cannot be set here: npl-agi sends user, pass, apiver and msisdn itself"
                 " (from [api] user, password, apiver and the numbers asked)"
             )
-        if not _FORM_NAME.fullmatch(name):
+        if not re.fullmatch(_FORM_NAME, name):
             raise ConfigError(f"{where}: {name!r}: a name holds only letters, digits, '_', '-' and '.'")
         if name.casefold() in seen:
             raise ConfigError(f"{where}: {name!r} is given twice")
@@ -313,7 +315,7 @@ def _form_value(raw: str, where: str) -> str:
             f"{where}: a space inside a value is written %20 (pairs are separated by & or line breaks), got {raw!r}"
         )
     if "%" in raw:
-        if _FORM_BAD_ESCAPE.search(raw):
+        if re.search(_FORM_BAD_ESCAPE, raw):
             raise ConfigError(f"{where}: a % starts an escape of two hex digits (%25 for % itself), got {raw!r}")
         from urllib.parse import unquote  # only then: most configurations have no escape to decode
 

@@ -39,7 +39,9 @@ def short(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
 
 
-_NUMBER = re.compile(r"\d{7,}")  # long enough to be a phone number (or an IMSI); ports, counts and ms are shorter
+# Long enough to be a phone number (or an IMSI); ports, counts and ms are shorter. Compiled by re
+# (and kept in its cache) when a message is first masked: a call may mask none.
+_NUMBER = r"\d{7,}"
 
 
 def masked(number: str) -> str:
@@ -55,4 +57,4 @@ def mask_numbers(text: str, keep: str = "") -> str:
     """
     if keep and keep in text:
         return keep.join(mask_numbers(part) for part in text.split(keep))
-    return _NUMBER.sub(lambda m: masked(m.group()), text)
+    return re.sub(_NUMBER, lambda m: masked(m.group()), text)

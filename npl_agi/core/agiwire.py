@@ -9,15 +9,15 @@ newline, arguments are split at blanks outside double quotes, ``\\`` escapes the
 
 from __future__ import annotations
 
-import re
-
 OK = "200 result=1"  # Asterisk's reply to a command that ran
 HANGUP = "HANGUP"  # what FastAGI sends inline when the caller hangs up
 MAX_VERBOSE = 300  # characters of one VERBOSE message: a console line, not a log dump
 MAX_LINE = 8192  # bytes of one environment line or reply; Asterisk's own buffer is 2048
 MAX_ENV_LINES = 200  # Asterisk sends about 20, plus one per AGI argument
 MAX_ENV_CHARS = 16 * 1024  # of the whole block; Asterisk's is about 1 KiB
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters (C0, DEL, C1) and the Unicode line separators, each made a space: a table
+# for str.translate, which every call uses, is cheaper to build than the regular expression.
+_UNSAFE = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029], " ")
 
 
 def quote(value: object) -> str:
@@ -27,7 +27,7 @@ def quote(value: object) -> str:
     pyst2's own quoting escapes neither. Control characters become spaces, ``\\`` and ``"`` are
     backslash-escaped, so a hostile dialled number can never add a command or unbalance quotes.
     """
-    text = _UNSAFE.sub(" ", str(value))
+    text = str(value).translate(_UNSAFE)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

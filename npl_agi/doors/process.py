@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import io
 import math
 import os
 import signal
 import sys
 import time
+import types
 from collections.abc import Iterator
 
 from npl_agi import log
@@ -25,6 +27,7 @@ from npl_agi.doors.call import Call, check_enabled, dialled_number, fresh_asked
 # typing.TYPE_CHECKING would import typing, which a cache hit does not use.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from npl_agi.chain.asking import Asked, OnBatch
     from npl_agi.chain.lookup import Lookup
 
 # Seconds kept back from the call's deadline for telling Asterisk the outcome (a dozen commands),
@@ -37,6 +40,31 @@ ASKED_MAX_AGE = 60.0
 ASKED_MAX_AHEAD = 1.0
 
 
+def import_on_first_use(name: str) -> None:
+    """Put a stand-in for the top-level module ``name`` in ``sys.modules`` (unless it is imported
+    already) that imports the real module when one of its attributes is first read (a module
+    ``__getattr__``, PEP 562) and from then on holds the real module's names.
+
+    The process script defers ``dataclasses`` so: pyst2 imports ``pprint``, which imports it (and
+    through it ``inspect``, ``ast``, ``dis`` and ``tokenize``: about 10 ms of every call) only to
+    ask ``is_dataclass`` of an object whose repr is too wide and whose type it has no printer
+    for, never of the dicts, tuples and strings that pyst2 formats.
+    """
+    if name in sys.modules:
+        return
+    stand_in = types.ModuleType(name)
+
+    def __getattr__(attr: str) -> object:
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+        real = __import__(name)
+        vars(stand_in).update(vars(real))
+        return getattr(real, attr)
+
+    stand_in.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    sys.modules[name] = stand_in
+
+
 class ChannelGone(Exception):
     """Asterisk hung up, closed the pipe or refused the command: stop talking, exit quietly."""
 
@@ -45,6 +73,7 @@ class Channel:
     """pyst2's AGI session with safe quoting and a hangup that ends the script quietly."""
 
     def __init__(self, stdin=None, stdout=None) -> None:
+        import_on_first_use("dataclasses")  # pyst2's pprint needs it only for dataclasses
         from asterisk.agi import AGI
 
         class SafeAGI(AGI):
@@ -162,15 +191,45 @@ def process_lookup(config) -> Lookup:
     """The chain as the process script runs it: its misses wait in the backend's queue, asked
     by whichever process holds one of the account's connections (``askers.queued.Queued``; alone in
     a detached child without a queue, ``askers.direct.Detached``), behind the breaker every process
-    of the account shares (``chain.breaker.shared_breaker``, imported only on a miss)."""
-    from npl_agi.askers.direct import Detached
-    from npl_agi.askers.queued import Queued
+    of the account shares (``chain.breaker.shared_breaker``). The asker and the breaker are made
+    by the first miss: a cache hit imports neither."""
     from npl_agi.backends import open_cache
     from npl_agi.chain.lookup import Lookup
 
     cache = open_cache(config)
-    asker = Queued(config, cache, Detached(config, cache))
-    return Lookup(config, cache=cache, asker=asker, breaker=lambda: _shared_breaker(config, cache))
+    return Lookup(
+        config, cache=cache, asker=_AskerOnMiss(config, cache), breaker=lambda: _shared_breaker(config, cache)
+    )
+
+
+class _AskerOnMiss:
+    """The process script's asker (see ``process_lookup``), made when a miss first asks."""
+
+    takes_readings = True  # as Queued's: read by the chain before anything is asked
+
+    def __init__(self, config, cache) -> None:
+        self.config = config
+        self.cache = cache
+        self._asker = None
+
+    def ask(
+        self,
+        misses: list[str],
+        deadline: float | None,
+        *,
+        timeout: float | None = None,
+        fresh: bool = False,
+        on_batch: OnBatch | None = None,
+    ) -> Asked:
+        # agi-bin's script turns the garbage collector off for a cache hit; a miss may wait for
+        # seconds, and forks the asker, which may run for minutes.
+        gc.enable()
+        if self._asker is None:
+            from npl_agi.askers.direct import Detached
+            from npl_agi.askers.queued import Queued
+
+            self._asker = Queued(self.config, self.cache, Detached(self.config, self.cache))
+        return self._asker.ask(misses, deadline, timeout=timeout, fresh=fresh, on_batch=on_batch)
 
 
 def _shared_breaker(config, cache):
@@ -233,13 +292,16 @@ def process_started() -> float:
 
     The deadline's start when the dialplan passes no time of its own (see ``asked_at``): the
     interpreter's start and the imports are inside it, the wait for Asterisk to fork is not.
+    The kernel counts the start in whole ticks, rounded down: the end of that tick is taken, the
+    earliest time surely not before the start, so that ``NPL_LOOKUP_MS`` never says more than
+    the call took.
     """
     now = time.monotonic()
     try:
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
         ticks = int(fields[19])  # field 22, starttime, counted from field 3 after the name
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - (ticks + 1) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return now
     return now - min(max(age, 0.0), 60.0)

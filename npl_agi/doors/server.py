@@ -34,8 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from npl_agi import log
 from npl_agi.askers.brokered import Broker, Brokered, Shared
 from npl_agi.askers.queued import QueueAsker
-from npl_agi.backends import BACKENDS, SqliteCache, open_cache
+from npl_agi.backends import backend_class, open_cache
 from npl_agi.backends.recent import Recent
+from npl_agi.backends.sqlite import SqliteCache
 from npl_agi.chain.breaker import Breaker
 from npl_agi.chain.lookup import Lookup
 from npl_agi.chain.resolved import Resolved
@@ -78,7 +79,7 @@ class _State:
 
     def __init__(self, config: Config, server: Server) -> None:
         self.config = config
-        recent = Recent(RECENT_ENTRIES) if BACKENDS[config.cache.backend].keeps_data else None  # a failing backend
+        recent = Recent(RECENT_ENTRIES) if backend_class(config.cache.backend).keeps_data else None  # a failing backend
         # then costs each recent number nothing
         cache = open_cache(config, timer=server.clock, retry=(CACHE_RETRY_FIRST, CACHE_RETRY_LONGEST), recent=recent)
         self.cache = cache
