@@ -49,12 +49,16 @@ def masked(number: str) -> str:
     return number if len(number) <= 4 else "*" * (len(number) - 4) + number[-4:]
 
 
-def mask_numbers(text: str, keep: str = "") -> str:
+def mask_numbers(text: str, keep: str | tuple[str, ...] = "") -> str:
     """``text`` with every run of 7 or more digits ``masked``: what any message may quote (a
     service's answer line, a reason phrase, a query echoed back) shows no number in full.
 
-    ``keep`` (a call's unique id, whose seconds are 10 digits) is left as it is where it occurs.
+    ``keep`` (a call's unique id, whose seconds are 10 digits; the process script's caller's own
+    number) is left as it is where it occurs; several may be given, the longest kept first.
     """
-    if keep and keep in text:
-        return keep.join(mask_numbers(part) for part in text.split(keep))
+    kept = sorted(filter(None, (keep,) if isinstance(keep, str) else keep), key=len, reverse=True)
+    if kept and kept[0] in text:
+        return kept[0].join(mask_numbers(part, tuple(kept[1:])) for part in text.split(kept[0]))
+    if len(kept) > 1:
+        return mask_numbers(text, tuple(kept[1:]))
     return re.sub(_NUMBER, lambda m: masked(m.group()), text)

@@ -152,7 +152,10 @@ def run(
     start). A script that starts too late to send a request answers at once (see ``_shed``).
     A ``fresh`` argument after the number skips the cache read (see ``call.fresh_asked``).
     """
-    call = Call(dialled_number(args, channel.env), lambda message: _verbose_quietly(channel, f"npl-agi: {message}"))
+    dialled = dialled_number(args, channel.env)
+    # The console shows the caller's own number as dialled (Asterisk's own lines for the call do)
+    # and any other number masked: a reason may quote other calls' numbers (a shared request's).
+    call = Call(dialled, lambda message: _verbose_quietly(channel, log.mask_numbers(f"npl-agi: {message}", dialled)))
     now, asked = time.monotonic(), None
     try:
         asked = asked_at(args, time.time(), now)
@@ -183,7 +186,8 @@ def run(
     values = call.variables(started)
     for name, value in values.items():
         channel.set_variable(name, value)
-    channel.verbose(*call.outcome_line(f"'{call.dialled[:40]}'", values))
+    line, level = call.outcome_line(f"'{call.dialled[:40]}'", values)
+    channel.verbose(log.mask_numbers(line, (call.dialled[:40], values["NPL_NUMBER"])), level)
     return values
 
 
