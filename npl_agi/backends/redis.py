@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from npl_agi.backends.base import Cache, _answer, _record, _stats, ttl_for
+from npl_agi.backends.base import KNOWN_NUMBERS, LOCAL_KINDS, Cache, _answer, _record, _stats, ttl_for
+from npl_agi.backends.local_load import is_number
+from npl_agi.backends.redis_local import holder
 from npl_agi.config import ApiConfig, CacheConfig
 from npl_agi.core.protocol import Answer
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which a cache hit does not use
 if TYPE_CHECKING:
     from npl_agi.backends.breaker_store import RedisStore
+    from npl_agi.backends.redis_local import LocalKeys
     from npl_agi.backends.redis_lock import RedisLock
     from npl_agi.backends.redis_queue import RedisQueue
     from npl_agi.backends.slots import RedisSlots
 
 REDIS_TIMEOUT = 0.25  # seconds per Redis operation: a slow Redis must not slow calls
+REDIS_ADMIN_TIMEOUT = 10.0  # seconds per operation of the admin's commands on their own data
 REDIS_PREFIX = "npl-agi:"
 
 
@@ -55,11 +59,12 @@ class RedisCache(Cache):
         """``tuning``: as ``Cache``'s (``timer``, ``retry``, ``recent``)."""
         super().__init__(cfg, clock, **tuning)
         self._redis = None
+        self._admin = None
 
     def close(self) -> None:
         """Make the next operation use a new client. The old one is dropped, not closed: an
         account lock taken through it goes on renewing its lease on its connection."""
-        self._redis = None
+        self._redis = self._admin = None
 
     def client(self, wait: float = REDIS_TIMEOUT):
         """The redis-py client, made on first use; every operation gives up after ``wait``
@@ -72,6 +77,20 @@ class RedisCache(Cache):
                 self.cfg.redis_url, socket_timeout=wait, socket_connect_timeout=wait, decode_responses=True
             )
         return self._redis
+
+    def admin_client(self):
+        """A client for the admin's commands on their own data: one step of a national load may
+        wait for a Redis busy with every PBX's calls longer than a call would."""
+        if self._admin is None:
+            import redis
+
+            self._admin = redis.Redis.from_url(
+                self.cfg.redis_url,
+                socket_timeout=REDIS_ADMIN_TIMEOUT,
+                socket_connect_timeout=REDIS_ADMIN_TIMEOUT,
+                decode_responses=True,
+            )
+        return self._admin
 
     @staticmethod
     def key(msisdn: str) -> str:
@@ -93,30 +112,50 @@ class RedisCache(Cache):
         """The hash of the admin's local data of ``kind``: key -> ``mccmnc,note``."""
         return f"{REDIS_PREFIX}local:{kind}"
 
-    def _get_local_many(self, kind: str, keys: list[str], wait: float) -> dict[str, str]:
-        values = self.client(wait).hmget(self.local_key(kind), keys)
-        return {k: v.partition(",")[0] for k, v in zip(keys, values, strict=True) if v}
+    @staticmethod
+    def blocks_key(kind: str) -> str:
+        """The sorted set of the admin's ``FROM-TO`` blocks of ``kind`` (see ``redis_local``)."""
+        return f"{REDIS_PREFIX}local:{kind}:blocks"
 
-    def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
-        pipe = self.client().pipeline(transaction=True)  # MULTI/EXEC: every row or none
-        if replace:
-            pipe.delete(self.local_key(kind))
-        if rows:
-            pipe.hset(self.local_key(kind), mapping={key: f"{mccmnc},{note}" for key, mccmnc, note in rows})
-        pipe.execute()
-        return len(rows)
+    def _get_local_many(self, kind: str, keys: list[str], wait: float) -> dict[str, str]:
+        """Numbers held on their own, else by the last block scored at or below them: one
+        MULTI/EXEC round trip (one snapshot, even while a load swaps the keys)."""
+        r = self.client(wait)
+        if kind != KNOWN_NUMBERS:
+            values = r.hmget(self.local_key(kind), keys)
+            return {k: v.partition(",")[0] for k, v in zip(keys, values, strict=True) if v}
+        numbers = [k for k in keys if is_number(k)]  # no other key is in a block
+        pipe = r.pipeline(transaction=True)
+        pipe.hmget(self.local_key(kind), keys)
+        for number in numbers:
+            pipe.zrevrangebyscore(self.blocks_key(kind), number, "-inf", start=0, num=1)
+        values, *below = pipe.execute()
+        found = {k: v.partition(",")[0] for k, v in zip(keys, values, strict=True) if v}
+        for number, members in zip(numbers, below, strict=True):
+            if number not in found and members and (mccmnc := holder(members[0], number)):
+                found[number] = mccmnc
+        return found
+
+    # -- the admin's data, loaded and read by ``redis_local`` --
+    def _local(self, kind: str) -> LocalKeys:
+        from npl_agi.backends.redis_local import LocalKeys
+
+        if kind not in LOCAL_KINDS:
+            raise ValueError(f"no local data of kind {kind!r}")
+        blocks = self.blocks_key(kind) if kind == KNOWN_NUMBERS else None
+        return LocalKeys(self.admin_client(), self.local_key(kind), blocks)
+
+    def load_local(self, kind: str, chunks: Iterable[list[tuple[str, str, str]]], *, mode: str = "add") -> int:
+        return self._local(kind).load(chunks, mode)
+
+    def local_size(self, kind: str) -> dict[str, int]:
+        return self._local(kind).size()
 
     def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
-        items = self.client().hgetall(self.local_key(kind))
-        return iter([(key, *items[key].partition(",")[::2]) for key in sorted(items)])
+        return self._local(kind).items()
 
     def delete_local(self, kind: str, keys: list[str] | None = None) -> int:
-        r = self.client()
-        if keys is None:
-            count = r.hlen(self.local_key(kind))
-            r.delete(self.local_key(kind))
-            return count
-        return r.hdel(self.local_key(kind), *keys) if keys else 0
+        return self._local(kind).delete(keys)
 
     def _get_stale_many(self, msisdns: list[str], wait: float) -> dict[str, Answer]:
         r = self.client(wait)

@@ -6,11 +6,12 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from npl_agi import log
-from npl_agi.backends.base import Cache, _answer, _record, _stats
+from npl_agi.backends.base import RANGES, Cache, _answer, _record, _stats
+from npl_agi.backends.local_load import is_number
 from npl_agi.backends.permissions import create_shared_file, shared_directory, sharing_problems
 from npl_agi.backends.queue import SqliteQueue
 from npl_agi.config import ApiConfig, CacheConfig
@@ -19,6 +20,21 @@ from npl_agi.core.protocol import Answer
 SQLITE_BUSY_TIMEOUT = 0.5  # seconds; a call waits at most this long for another writer
 SQLITE_BACKGROUND_BUSY_TIMEOUT = 10.0  # a request finishing in the background can wait to store its answers
 SQLITE_FILE_CHECK_EVERY = 1.0  # seconds between checks that the open file is still the one at the path
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which a cache hit does not use
+if TYPE_CHECKING:
+    from npl_agi.backends.sqlite_local import LocalTables
+
+# The numbers the admin knows among those asked, 500 a statement (a call's few in one, so one
+# snapshot even while a load swaps the tables): held on its own, else by the block starting at
+# or before it, if that block reaches it. Index seeks only, whatever the number of rows held.
+_KNOWN = (
+    "WITH asked(n) AS (VALUES {}) SELECT n, coalesce("
+    "(SELECT mccmnc FROM known_numbers WHERE number = n), "
+    "(SELECT mccmnc FROM known_blocks"
+    " WHERE first = (SELECT max(first) FROM known_blocks WHERE first <= n) AND last >= n)"
+    ") FROM asked"
+)
 
 
 class SqliteCache(Cache):
@@ -35,8 +51,8 @@ class SqliteCache(Cache):
         CREATE TABLE IF NOT EXISTS local_data (
             kind TEXT NOT NULL, key TEXT NOT NULL, mccmnc TEXT NOT NULL, note TEXT NOT NULL,
             PRIMARY KEY (kind, key)) WITHOUT ROWID;
-    """
-    NEWEST_TABLE = "waiting"  # a file without it was made by an older version: the schema is run again
+    """  # local_data: earlier versions' numbers and ranges, moved into tables of their own (sqlite_local)
+    NEWEST_TABLE = "known_blocks"  # a file without it was made by an older version: the schema is run again
 
     keeps_data = reads_cheaply = True
     announce_replaced = True  # warn when the file under the path is not the one open
@@ -89,8 +105,11 @@ class SqliteCache(Cache):
                     db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
                 if not db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (self.NEWEST_TABLE,)).fetchone():
+                    from npl_agi.backends.sqlite_local import SCHEMA
+
                     db.executescript(self.SCHEMA)
                     db.executescript(SqliteQueue.SCHEMA)
+                    db.executescript(SCHEMA)  # last: it makes NEWEST_TABLE
             except BaseException:
                 db.close()
                 raise
@@ -160,33 +179,39 @@ class SqliteCache(Cache):
         return {row[0]: _answer(*row[:5])._replace(source="stale") for row in rows}
 
     def _get_local_many(self, kind: str, keys: list[str], wait: float) -> dict[str, str]:
-        query = "SELECT key, mccmnc FROM local_data WHERE kind = ? AND key IN "
-        return dict(_select_in(self._conn(wait=wait), query, [kind], keys))
+        db = self._conn(wait=wait)
+        if kind == RANGES:
+            return dict(_select_in(db, "SELECT prefix, mccmnc FROM own_ranges WHERE prefix IN ", [], keys))
+        asked = {int(k): k for k in keys if is_number(k)}  # no other key can be held
+        found = {}
+        numbers = list(asked)
+        for start in range(0, len(numbers), 500):
+            part = numbers[start : start + 500]
+            rows = db.execute(_KNOWN.format(",".join(["(?)"] * len(part))), part)
+            found.update((asked[n], mccmnc) for n, mccmnc in rows if mccmnc is not None)
+        return found
 
-    def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
-        with self._writing() as db:
-            if replace:
-                db.execute("DELETE FROM local_data WHERE kind = ?", (kind,))
-            db.executemany("INSERT OR REPLACE INTO local_data VALUES (?, ?, ?, ?)", [(kind, *row) for row in rows])
-        return len(rows)
+    # -- the admin's data, loaded and read by ``sqlite_local`` (off a call's path) --
+    def _local(self) -> LocalTables:
+        from npl_agi.backends.sqlite_local import LocalTables
 
-    def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
-        db = self._conn(create=False)
-        if db is None:
-            return iter(())
-        return iter(
-            db.execute("SELECT key, mccmnc, note FROM local_data WHERE kind = ? ORDER BY key", (kind,)).fetchall()
+        # The admin's writes may wait as long as a background request's for calls' writes.
+        return LocalTables(
+            lambda create: self._conn(create=create, wait=SQLITE_BACKGROUND_BUSY_TIMEOUT),
+            lambda: self._writing(SQLITE_BACKGROUND_BUSY_TIMEOUT),
         )
 
+    def load_local(self, kind: str, chunks: Iterable[list[tuple[str, str, str]]], *, mode: str = "add") -> int:
+        return self._local().load(kind, chunks, mode)
+
+    def local_size(self, kind: str) -> dict[str, int]:
+        return self._local().size(kind)
+
+    def local_items(self, kind: str) -> Iterator[tuple[str, str, str]]:
+        return self._local().items(kind)
+
     def delete_local(self, kind: str, keys: list[str] | None = None) -> int:
-        if self._conn(create=False) is None:
-            return 0
-        with self._writing() as db:
-            if keys is None:
-                return db.execute("DELETE FROM local_data WHERE kind = ?", (kind,)).rowcount
-            return sum(
-                db.execute("DELETE FROM local_data WHERE kind = ? AND key = ?", (kind, k)).rowcount for k in keys
-            )
+        return self._local().delete(kind, keys)
 
     def stats(self) -> dict:
         db = self._conn(create=False)
