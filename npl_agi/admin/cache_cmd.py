@@ -7,6 +7,8 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from npl_agi.admin.lookup_cmd import CSV_FIELDS, csv_cell, csv_row, open_numbers
 from npl_agi.admin.usage import EXIT_OK, UsageError
@@ -32,12 +34,7 @@ def cmd_cache(args) -> int:
             count, last = lock_dir_fallbacks().read()
             stats.update(lock_dir_fallbacks=count, last_lock_dir_fallback=last)
             if cache.keeps_data:
-                from npl_agi.backends.base import KNOWN_NUMBERS, RANGES
-
-                stats.update(
-                    known_numbers=sum(1 for _ in cache.local_items(KNOWN_NUMBERS)),
-                    own_ranges=sum(1 for _ in cache.local_items(RANGES)),
-                )
+                stats.update(local_stats(cache))
             print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
         else:
             export(cache, config, as_json=args.json)
@@ -50,14 +47,16 @@ def cmd_cache(args) -> int:
 
 def cmd_local_data(args) -> int:
     """``npl-agi local`` and ``npl-agi ranges``: the admin's own data beside the cache."""
-    from npl_agi.admin.localdata import number_key, prefix_key, read_rows, row_of
+    from npl_agi.admin.localdata import known_key, prefix_key, read_rows, row_of
     from npl_agi.backends import open_cache
     from npl_agi.backends.base import KNOWN_NUMBERS, RANGES
 
     config = load_config(args.config)
     cache = open_cache(config)
     kind, what = (KNOWN_NUMBERS, "numbers") if args.command == "local" else (RANGES, "ranges")
-    key = number_key(config.number) if kind == KNOWN_NUMBERS else prefix_key
+    key = known_key(config.number) if kind == KNOWN_NUMBERS else prefix_key
+    if args.action == "import" and kind == KNOWN_NUMBERS:
+        return import_numbers(cache, config, args)
     if args.action == "import":
         with open_numbers(args.file) as f:
             rows = read_rows(f, row_of(key), args.file)
@@ -68,7 +67,7 @@ def cmd_local_data(args) -> int:
                 keys.append(key(text))
             except ValueError as e:
                 raise UsageError(f"{args.command} delete: {e}") from None
-    try:
+    with failing_as(cache, f"{args.command} {args.action}"):
         if args.action == "import":
             print(f"imported {cache.put_local(kind, rows, replace=args.replace)} {what}")
         elif args.action == "delete":
@@ -79,11 +78,88 @@ def cmd_local_data(args) -> int:
             w = csv.writer(sys.stdout, lineterminator="\n")
             w.writerow(("number" if kind == KNOWN_NUMBERS else "prefix", "mccmnc", "note"))
             w.writerows((key, mccmnc, csv_cell(note)) for key, mccmnc, note in cache.local_items(kind))
+    return EXIT_OK
+
+
+def import_numbers(cache, config, args) -> int:
+    """``npl-agi local import [--replace | --delta] FILE``: the file checked whole and staged
+    (``localdata.staged``), then handed to the backend a chunk at a time (``load_local``)."""
+    from npl_agi.admin.localdata import known_key, row_of, staged
+    from npl_agi.backends.base import KNOWN_NUMBERS
+
+    mode = "delta" if args.delta else "replace" if args.replace else "add"
+    if not cache.keeps_data:  # say so before reading a national database for nothing
+        with failing_as(cache, "local import"):
+            cache.load_local(KNOWN_NUMBERS, iter(()), mode=mode)
+    row = row_of(known_key(config.number), delta=args.delta)
+    with (
+        terminated_as_interrupted(),
+        open_numbers(args.file) as f,
+        staged(f, row, args.file, staging_dir(config.cache)) as rows,
+        failing_as(cache, "local import"),
+    ):
+        done = cache.load_local(KNOWN_NUMBERS, rows.chunks(), mode=mode)
+    if args.delta:
+        print(f"applied {done} changes to numbers ({rows.removed} removals in the file)")
+    else:
+        print(f"imported {done} numbers")
+    return EXIT_OK
+
+
+def staging_dir(cfg) -> str | None:
+    """Where a file being imported is staged: beside an SQLite cache file (a disk the admin's
+    data is kept on already), else the system's temp dir (``TMPDIR``)."""
+    import os
+
+    if cfg.backend == "sqlite":
+        directory = os.path.dirname(os.path.abspath(cfg.path))
+        if os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK):
+            return directory
+    return None
+
+
+@contextmanager
+def failing_as(cache, what: str) -> Iterator[None]:
+    """A backend's failure as one ``CacheError`` naming the command and the backend."""
+    try:
+        yield
     except (NplError, UsageError, BrokenPipeError):
         raise
     except Exception as e:
-        raise CacheError(f"{args.command} {args.action} failed ({cache.name}): {e.__class__.__name__}: {e}") from None
-    return EXIT_OK
+        raise CacheError(f"{what} failed ({cache.name}): {e.__class__.__name__}: {e}") from None
+
+
+@contextmanager
+def terminated_as_interrupted() -> Iterator[None]:
+    """SIGTERM ends the command as Ctrl-C does, through every ``finally`` (the staging file is
+    removed, a backend's load rolled back)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def local_stats(cache) -> dict:
+    """What the admin's data holds and costs (``cache stats``): ``known_numbers`` (numbers held
+    one by one), ``known_blocks``, ``known_bytes`` and ``bytes_per_number`` (per number or
+    block held), ``own_ranges``."""
+    from npl_agi.backends.base import KNOWN_NUMBERS, RANGES
+
+    known = cache.local_size(KNOWN_NUMBERS)
+    held = known["entries"] + known["blocks"]
+    return {
+        "known_numbers": known["entries"],
+        "known_blocks": known["blocks"],
+        "known_bytes": known["bytes"],
+        "bytes_per_number": round(known["bytes"] / held, 1) if held else None,
+        "own_ranges": cache.local_size(RANGES)["entries"],
+    }
 
 
 def purge_msisdns(numbers: list[str], config) -> list[str] | None:
@@ -153,6 +229,8 @@ def format_stats(s: dict) -> str:
         lines.append(
             f"yours:         {s['known_numbers']} numbers you know, {s['own_ranges']} ranges (npl-agi local, ranges)"
         )
+        per = f", {s['bytes_per_number']:.0f} bytes per number or block" if s["bytes_per_number"] is not None else ""
+        lines.append(f"known blocks:  {s['known_blocks']}; numbers you know take {s['known_bytes']} bytes{per}")
     if "lock_fallbacks" in s:
         lines.append(
             f"lock fallbacks: {s['lock_fallbacks']} (Redis unreachable: the local file lock was used; "

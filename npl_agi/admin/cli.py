@@ -117,13 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     for command, key, what in (("local", "NUMBER", "numbers you know"), ("ranges", "PREFIX", "ranges of your own")):
         p = sub.add_parser(command, parents=[common], help=f"import, list or delete {what} (kept by the cache backend)")
         actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-        a = actions.add_parser(
-            "import", parents=[common], help=f"add a CSV file of {key.lower()},mccmnc[,note] lines (all or nothing)"
+        lines = (
+            "number,mccmnc[,note] lines (a number, or a block FROM-TO)"
+            if command == "local"
+            else "prefix,mccmnc[,note] lines"
         )
+        a = actions.add_parser("import", parents=[common], help=f"add a CSV file of {lines} (all or nothing)")
         a.add_argument("file", metavar="FILE", help="the CSV file ('-' for stdin)")
-        a.add_argument("--replace", action="store_true", help="the file becomes the whole list")
+        how = a.add_mutually_exclusive_group()
+        how.add_argument("--replace", action="store_true", help="the file becomes the whole list")
+        if command == "local":
+            how.add_argument(
+                "--delta",
+                action="store_true",
+                help="the file is a day's changes: number,mccmnc[,note] adds or changes a number, number,- removes it",
+            )
         actions.add_parser("list", parents=[common], help="write them as CSV, as import reads it")
-        a = actions.add_parser("delete", parents=[common], help=f"delete the {key.lower()}s given")
+        a = actions.add_parser(
+            "delete",
+            parents=[common],
+            help=f"delete the {key.lower()}s given" + (" (or blocks FROM-TO)" if command == "local" else ""),
+        )
         a.add_argument("keys", nargs="+", metavar=key)
         actions.add_parser("clear", parents=[common], help="delete them all")
         p.set_defaults(func=cmd_local_data)

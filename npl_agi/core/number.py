@@ -92,6 +92,46 @@ def validate(readings: tuple[str, ...], cfg: NumberConfig) -> str:
     return msisdn
 
 
+def canonical(dialled: str, cfg: NumberConfig) -> str:
+    """``validate(normalise(dialled, cfg), cfg)``: the same number, or the same refusal.
+
+    For a file of millions of numbers: a number written in international form is decided from
+    the numbering plan's lengths and patterns (``quick``), without a phonenumbers parse per
+    number; whatever that cannot be sure of goes through ``validate``.
+    """
+    readings = normalise(dialled, cfg)
+    return quick(readings, cfg) or validate(readings, cfg)
+
+
+def quick(readings: tuple[str, ...], cfg: NumberConfig) -> str | None:
+    """What ``validate(readings, cfg)`` returns, decided as phonenumbers decides it but without
+    parsing; None when not sure (then only ``validate`` may say).
+
+    Sure of a reading that parses as written: a known country code, then a national number
+    that keeps every digit. Not sure, and so None: a type filter other than ``any``, no known
+    country code, a national number starting with 0 (a trunk prefix written after the country
+    code, or an Italian leading zero) or one that the country's national prefix rule could
+    strip, a refusal (its reason is ``validate``'s to give).
+    """
+    if "any" not in cfg.lookup_types:
+        return None
+    first = _as_written(readings[0])
+    if first is None:
+        return None
+    if len(readings) == 1:  # valid or possible: a valid number has a possible length
+        return readings[0] if first[0].possible(first[1]) else None
+    if first[0].valid(first[1]):
+        return readings[0]
+    rest = [_as_written(r) for r in readings[1:]]
+    if None in rest:
+        return None
+    written = list(zip(readings, [first, *rest], strict=True))
+    for reading, (country, national) in written[1:]:
+        if country.valid(national):
+            return reading
+    return next((reading for reading, (country, national) in written if country.possible(national)), None)
+
+
 def number_type(msisdn: str) -> str:
     """libphonenumber's type of an international number, e.g. ``mobile``, ``fixed_line``."""
     import phonenumbers
@@ -120,3 +160,143 @@ def _parse_or_none(msisdn: str):
         return phonenumbers.parse("+" + msisdn)
     except phonenumbers.NumberParseException:
         return None
+
+
+# -- ``quick``: phonenumbers' metadata, read once per country code and kept compiled --
+
+
+class _Desc:
+    """A number description (the general one, or one type's): its lengths and its pattern."""
+
+    __slots__ = ("lengths", "pattern")
+
+    def __init__(self, desc) -> None:
+        import re
+
+        self.lengths = frozenset(desc.possible_length) if desc is not None else frozenset()
+        pattern = desc.national_number_pattern if desc is not None else None
+        self.pattern = re.compile(pattern) if pattern else None
+
+    def matches(self, national: str) -> bool:
+        if self.lengths and len(national) not in self.lengths:
+            return False
+        return self.pattern is not None and self.pattern.fullmatch(national) is not None
+
+
+class _Region:
+    """One region's validity rule: the general description and, behind it, a type's."""
+
+    __slots__ = ("country_code", "general", "leading", "types")
+
+    _TYPES = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager", "uan", "voicemail")
+
+    def __init__(self, metadata) -> None:
+        import re
+
+        self.country_code = metadata.country_code
+        self.general = _Desc(metadata.general_desc)
+        names = ["mobile", "fixed_line", *self._TYPES]
+        if metadata.same_mobile_and_fixed_line_pattern:  # then mobile counts only as fixed_line does
+            names.remove("mobile")
+        self.types = tuple(_Desc(d) for d in (getattr(metadata, n) for n in names) if d is not None)
+        self.leading = re.compile(metadata.leading_digits) if metadata.leading_digits is not None else None
+
+    def valid(self, national: str) -> bool:
+        """``_number_type_helper(national, metadata) != UNKNOWN``"""
+        return self.general.matches(national) and any(t.matches(national) for t in self.types)
+
+
+class _Country:
+    """A country calling code: its regions (the main one first), the main region's lengths and
+    national prefix rule, each region's validity rule."""
+
+    __slots__ = ("code", "lengths", "local_lengths", "prefix", "regions")
+
+    def __init__(self, code: str, region_codes: tuple[str, ...]) -> None:
+        import re
+
+        from phonenumbers.phonemetadata import PhoneMetadata
+
+        self.code = code
+        self.regions = []
+        for region in region_codes:
+            if region == "001":
+                metadata = PhoneMetadata.metadata_for_nongeo_region(int(code), None)
+            else:
+                metadata = PhoneMetadata.metadata_for_region(region.upper(), None)
+            self.regions.append((region, _Region(metadata) if metadata is not None else None))
+        main = self.regions[0][1]
+        if main is None:
+            raise LookupError(code)
+        metadata = PhoneMetadata.metadata_for_region_or_calling_code(int(code), region_codes[0])
+        general = metadata.general_desc
+        self.lengths = tuple(general.possible_length) if general is not None else ()
+        self.local_lengths = tuple(general.possible_length_local_only) if general is not None else ()
+        npfp = metadata.national_prefix_for_parsing
+        self.prefix = re.compile(npfp) if npfp else None
+
+    def possible(self, national: str) -> bool:
+        """phonenumbers' ``is_possible_number``: a length of the main region's, a local-only
+        length included."""
+        length, lengths = len(national), self.lengths
+        if length in self.local_lengths:
+            return True
+        if not lengths or lengths[0] > length or lengths[-1] < length:
+            return False
+        return length in lengths
+
+    def valid(self, national: str) -> bool:
+        """phonenumbers' ``is_valid_number``: the region chosen as ``region_code_for_number``
+        chooses it (leading digits, else the first region the number is valid in), then valid
+        there."""
+        if len(self.regions) == 1:
+            region = self.regions[0][1]
+            if region is None or (self.regions[0][0] != "001" and str(region.country_code) != self.code):
+                return False
+            return region.valid(national)
+        for _, region in self.regions:
+            if region is None:
+                continue
+            if region.leading is not None:
+                if region.leading.match(national):
+                    return str(region.country_code) == self.code and region.valid(national)
+            elif region.valid(national):
+                return str(region.country_code) == self.code
+        return False
+
+
+_COUNTRIES: dict[str, _Country | None] = {}  # "44" -> its rules; None: a code with no metadata
+_CODES: dict[str, tuple[str, ...]] = {}  # every country calling code, as digits, to its regions
+
+
+def _as_written(reading: str) -> tuple[_Country, str] | None:
+    """The country and national number phonenumbers parses ``+reading`` to, when it is sure to
+    keep every digit as written; else None."""
+    country = _country_of(reading)
+    if country is None:
+        return None
+    national = reading[len(country.code) :]
+    if len(national) < 2 or national[0] == "0" or (country.prefix and country.prefix.match(national)):
+        return None
+    return country, national
+
+
+def _country_of(reading: str) -> _Country | None:
+    """The country calling code a reading starts with (1 to 3 digits, the first known wins, as
+    phonenumbers extracts it), or None."""
+    if not _CODES:
+        from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
+
+        _CODES.update((str(code), tuple(regions)) for code, regions in COUNTRY_CODE_TO_REGION_CODE.items())
+    if not reading or reading[0] == "0":
+        return None
+    for n in (1, 2, 3):
+        code = reading[:n]
+        if code in _CODES:
+            if code not in _COUNTRIES:
+                try:
+                    _COUNTRIES[code] = _Country(code, _CODES[code])
+                except LookupError:
+                    _COUNTRIES[code] = None
+            return _COUNTRIES[code]
+    return None
