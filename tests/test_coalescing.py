@@ -331,3 +331,21 @@ def test_a_malformed_row_another_writer_left_is_ignored_and_reported(tmp_path, s
     assert any("malformed" in line for line in run.verbose), run.verbose
     assert "not;a number" not in {r[0] for r in _rows(tmp_path)}
     assert all("not;a" not in ",".join(r["numbers"]) for r in sim.stats()["requests"])
+
+
+def test_the_spec_s_example_account_with_a_password_in_the_numbers_gets_every_number_whole(tmp_path, subprocess_env):
+    """The spec's own account (bob / 123) through the queue's asker, numbers that hold its
+    password: masking belongs in messages, so every number and network arrives as the service
+    sent it, and every call of the burst is answered."""
+    from npl_agi.doubles.simulator import Account
+
+    dialled = ["07400123123", *[f"0712312{i:04d}" for i in range(1, 6)]]
+    with Simulator(accounts={"bob": Account("123")}) as sim:
+        conf = write_config(tmp_path / "npl-agi.conf", sim.url, user="bob", password="123")
+        agi = AgiEmulator(str(AGI_SCRIPT), env={**subprocess_env, "NPL_AGI_CONFIG": str(conf)})
+        runs = at_once(agi, dialled)
+        settle(sim)
+    assert [v["NPL_ERR"] for v in runs] == [""] * len(dialled)
+    assert [v["NPL_NUMBER"] for v in runs] == ["44" + d[1:] for d in dialled]
+    assert all(v["NPL_MCCMNC"].isdigit() and len(v["NPL_MCCMNC"]) in (5, 6) for v in runs)
+    assert all("*" not in value for v in runs for value in v.values())

@@ -17,6 +17,7 @@ has an answer (that failure's ``NPL_ERR`` for those not answered).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
 
@@ -53,7 +54,7 @@ def asked_from(batches: Iterator[dict[str, Answer]], misses: list[str], on_batch
     return Asked(answers, None)
 
 
-class BatchAsker:
+class BatchAsker(ABC):
     """A sync asker whose requests yield their answers batch by batch and raise ``NplError``
     when one fails as a whole: ``batches`` is all a subclass writes."""
 
@@ -70,5 +71,6 @@ class BatchAsker:
     ) -> Asked:
         return asked_from(self.batches(misses, timeout, deadline), misses, on_batch)
 
+    @abstractmethod
     def batches(self, misses: list[str], timeout: float | None, deadline: float | None) -> Iterator[dict[str, Answer]]:
-        raise NotImplementedError
+        """Each request's answers, once stored; raises ``NplError`` for a request that failed."""
