@@ -9,11 +9,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import bulk, burst, credit, doors, fastagi, pbx, process, sip
+from . import bulk, burst, credit, doors, fastagi, local, pbx, process, sip
 from .harness import log
 from .report import Report
 
-SECTIONS = {m.SECTION: m for m in (process, burst, fastagi, pbx, bulk, credit, sip, doors)}
+SECTIONS = {m.SECTION: m for m in (process, burst, fastagi, pbx, bulk, credit, sip, doors, local)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class Settings:
     sip_seconds: float = 20  # at each rate
     door_bursts: tuple[int, ...] = (20, 100)  # calls at once through each door, cold then hot
     door_runs: int = 3
+    local_numbers: int = 3_000_000  # numbers you know, imported into SQLite
+    local_redis_numbers: int = 1_000_000  # the same, into Redis
+    local_runs: int = 2  # imports of each, each beside its floor
+    local_delta: int = 10_000  # lines of a day's delta
 
 
 QUICK = Settings(
@@ -62,6 +66,10 @@ QUICK = Settings(
     sip_seconds=2,
     door_bursts=(10,),
     door_runs=1,
+    local_numbers=20_000,
+    local_redis_numbers=10_000,
+    local_runs=1,
+    local_delta=1_000,
 )
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -19,7 +17,7 @@ from urllib.parse import urlencode, urlsplit
 from npl_agi.config import NumberConfig
 from npl_agi.core.number import normalise, validate
 
-from .harness import ACCOUNT, PEAK_RSS, BenchError, child_env, log, mobiles, world
+from .harness import ACCOUNT, BenchError, log, measured, mobiles, world
 from .report import Report
 
 SECTION = "bulk"
@@ -73,24 +71,8 @@ def run(settings, report: Report) -> None:
             w.sim.reset()
             config = w.config(f"bulk-{size}")
             log(f"bulk: npl-agi lookup --file with {size:,} numbers")
-            with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
-                command = [
-                    sys.executable,
-                    "-S",
-                    "-I",
-                    str(PEAK_RSS),
-                    rss.name,
-                    sys.executable,
-                    "-m",
-                    "npl_agi.admin.cli",
-                ]
-                command += ["--config", str(config), "lookup", "--file", str(numbers), "--output", "/dev/null"]
-                started = time.perf_counter()
-                done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=1800)
-                seconds = time.perf_counter() - started
-                if done.returncode != 0:
-                    raise BenchError(f"lookup --file exited {done.returncode}: {done.stderr[-300:]}")
-                peak = int(rss.read()) / 1024
+            command = [sys.executable, "-m", "npl_agi.admin.cli", "--config", str(config), "lookup"]
+            seconds, peak, _ = measured([*command, "--file", str(numbers), "--output", "/dev/null"])
             numbers.unlink()
             stats = w.sim.stats()
             label = f"{size:,} numbers"

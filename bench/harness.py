@@ -140,6 +140,19 @@ def child_env(*path: str, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run a whole command as an admin would, under ``peak_rss.py``: its wall time (s), its peak
+    resident memory (MiB) and its stdout; a command that fails is a ``BenchError``."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        wrapped = [sys.executable, "-S", "-I", str(PEAK_RSS), rss.name, *command]
+        started = time.perf_counter()
+        done = subprocess.run(wrapped, capture_output=True, text=True, env=env or child_env(), timeout=1800)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(command[:6])}... exited {done.returncode}: {done.stderr[-300:]}")
+        return seconds, int(rss.read()) / 1024, done.stdout
+
+
 @dataclass
 class World:
     """A simulator and a directory for one section's configurations and caches."""
@@ -164,17 +177,18 @@ class World:
         for directory in (str(ROOT / "npl_agi"), *self.path):
             compileall.compile_dir(directory, quiet=1)  # once up to date, a stat a file
 
-    def config(self, name: str, *, enabled: bool = True, timeout: float | None = None) -> Path:
+    def config(self, name: str, *, enabled: bool = True, timeout: float | None = None, cache: str = "") -> Path:
         """A configuration for the simulator's account, with a cache file of its own (``name``);
-        ``timeout``: the call's deadline, ``[api] timeout`` (the default when None). The server
-        it may run has no metrics port (sections run servers side by side)."""
+        ``timeout``: the call's deadline, ``[api] timeout`` (the default when None); ``cache``:
+        more ``[cache]`` lines (``backend = redis``...). The server it may run has no metrics
+        port (sections run servers side by side)."""
         path = self.directory / f"{name}.conf"
         path.write_text(
             f"[api]\nurl = {self.sim.url}\nuser = {ACCOUNT}\npassword = {ACCOUNT}\n"
             f"enabled = {'yes' if enabled else 'no'}\nlock_dir = {self.directory}\n"
             + (f"timeout = {timeout}\n" if timeout is not None else "")
             + f"[number]\ncountry_code = 44\n"
-            f"[cache]\npath = {self.directory / name}.sqlite\nttl = {self.ttl}\n"
+            f"[cache]\npath = {self.directory / name}.sqlite\nttl = {self.ttl}\n{cache}"
             "[fastagi]\nmetrics_listen =\n"
         )
         path.chmod(0o640)  # as install.sh leaves it: else every call warns that the password is readable

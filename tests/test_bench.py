@@ -60,6 +60,15 @@ SECTIONS = {
         "10 calls cold, 0.5 s a request, npl-agi serve: requests sent",
         "10 calls hot, instant service, process script: credits spent",
     ],
+    "local": [
+        "SQLite, 20,000 numbers, npl-agi: import",
+        "SQLite, 20,000 numbers, floor: peak memory",
+        "SQLite, 20,000 numbers: calls during --replace answered otherwise",
+        "SQLite, 20,000 numbers: local answer, set held / ten held, pair by pair",
+        "SQLite, 20,000 numbers, npl-agi: a delta of 1,000 lines",
+        "Redis, 10,000 numbers, npl-agi: import",
+        "Redis, 10,000 numbers: cache hit, set held / ten held, pair by pair",
+    ],
 }
 SIP_TARGETS = [
     "0 failed calls at every rate the no-lookup run sustains",
@@ -109,6 +118,13 @@ def test_quick_run_prints_every_sections_rows(tmp_path):
         "flat memory (peak within 1.2 x from the smallest file to the largest)",
         "credits <= 1.05 x the floor",
         *(SIP_TARGETS if have_sip else []),
+        "20,000 numbers imported with SQLite in <= 90 s",
+        "SQLite import of 20,000 numbers: peak memory <= 200 MB",
+        "10,000 numbers imported with Redis in <= 60 s",
+        "--replace of 20,000 numbers, a process-script call every 50 ms: every call answered locally, by the old "
+        "set or the new one",
+        "a delta of 1,000 lines applied in <= 5 s",
+        "a local answer with 20,000 numbers held <= 1.1 x with ten held, pair by pair",
     ]
     fastagi = {f["figure"]: f for f in figures["figures"] if f["section"] == "fastagi"}
     for c in ("1 connection", "10 connections", "100 connections"):  # each against the minimal server of the run
