@@ -138,6 +138,24 @@ def calls_during(agi: ProcessAgi, numbers: list[str], command: list[str]) -> tup
     return seconds, peak, [(number, future.result()) for number, future in calls]
 
 
+def replace_under_calls(w: World, report: Report, name: str, config: Path, samples: list, new: Path) -> tuple:
+    """``npl-agi local import --replace NEW`` while a process-script call for one of ``samples``
+    starts every ``INTERVAL``: the calls' wall times by what answered them (``answered``), and
+    the import's seconds."""
+    log(f"local: {name}: --replace while a process-script call starts every {INTERVAL * 1000:.0f} ms")
+    agi = ProcessAgi("process script", str(ROOT / "agi-bin" / "npl-lookup.agi"), w.env(config), [w.python])
+    positions = dict(samples)
+    called = random.Random(26).sample(list(positions), len(positions))
+    seconds, _, calls = calls_during(agi, called, npl_agi(config, "local", "import", "--replace", str(new)))
+    report.add(SECTION, f"{name}: --replace under calls", "s", [seconds])
+    by = answered(calls, positions)
+    for which, label in (("old", "by the old set"), ("new", "by the new set"), ("other", "otherwise")):
+        report.add(SECTION, f"{name}: calls during --replace answered {label}", "calls", [len(by[which])])
+    answers = by["old"] + by["new"] or [0]
+    report.add(SECTION, f"{name}: calls during --replace: wall time", "ms", answers, latency=True)
+    return by, seconds
+
+
 def answered(calls: list[tuple[str, AgiRun]], positions: dict[str, int]) -> dict[str, list[float]]:
     """Each call's wall time (ms), by what answered it: ``old`` or ``new`` set, or ``other``."""
     out: dict[str, list[float]] = {"old": [], "new": [], "other": []}
@@ -260,22 +278,7 @@ def run(settings, report: Report) -> None:
         report.add(SECTION, f"{sqlite_name}, floor: bytes a number on disk", "bytes", [floor_db.stat().st_size / total])
         report.add(SECTION, f"{sqlite_name}, npl-agi: bytes a number (cache stats)", "bytes", [held_bytes(held)])
 
-        log(f"local: --replace of {total:,} numbers while a process-script call starts every 50 ms")
-        agi = ProcessAgi("process script", str(ROOT / "agi-bin" / "npl-lookup.agi"), w.env(held), [w.python])
-        positions = dict(samples)
-        called = random.Random(26).sample(list(positions), len(positions))
-        seconds, _, calls = calls_during(agi, called, npl_agi(held, "local", "import", "--replace", str(new)))
-        report.add(SECTION, f"{sqlite_name}: --replace under calls", "s", [seconds])
-        by = answered(calls, positions)
-        for which, label in (("old", "by the old set"), ("new", "by the new set"), ("other", "otherwise")):
-            report.add(SECTION, f"{sqlite_name}: calls during --replace answered {label}", "calls", [len(by[which])])
-        report.add(
-            SECTION,
-            f"{sqlite_name}: calls during --replace: wall time",
-            "ms",
-            by["old"] + by["new"] or [0],
-            latency=True,
-        )
+        replaced = {"SQLite": replace_under_calls(w, report, sqlite_name, held, samples, new)}
 
         log(f"local: process-script calls with {total:,} numbers held and with ten held")
         ten = ten_of(w, "ten", samples)
@@ -295,7 +298,7 @@ def run(settings, report: Report) -> None:
         )
         for path in (w.directory / "held.sqlite", floor_db, new):
             path.unlink(missing_ok=True)
-        redis_took = redis_section(w, settings, report, old, delta_s)
+        redis_took = redis_section(w, settings, report, delta_s, replaced)
 
     report.target(
         SECTION,
@@ -318,14 +321,16 @@ def run(settings, report: Report) -> None:
         if redis_took is None
         else f"{redis_took.median:.1f} s, {redis_took.ratio:.2f} x its floor (a bare redis-py pipeline)",
     )
-    both = bool(by["old"]) and bool(by["new"])
     report.target(
         SECTION,
-        f"--replace of {total:,} numbers, a process-script call every 50 ms: "
+        f"--replace of {total:,} numbers (SQLite) and {redis_n:,} (Redis), a process-script call every 50 ms: "
         "every call answered locally, by the old set or the new one",
-        not by["other"] and both,
-        f"{len(by['old'])} calls by the old set, {len(by['new'])} by the new, {len(by['other'])} "
-        f"otherwise, in {seconds:.1f} s" + ("" if both else " (the swap fell outside the calls)"),
+        all(by["old"] and by["new"] and not by["other"] for by, _ in replaced.values()),
+        "; ".join(
+            f"{backend}: {len(by['old'])} calls by the old set, {len(by['new'])} by the new, {len(by['other'])} "
+            f"otherwise, in {seconds:.1f} s" + ("" if by["old"] and by["new"] else " (the swap fell outside the calls)")
+            for backend, (by, seconds) in replaced.items()
+        ),
     )
     report.target(
         SECTION,
@@ -341,9 +346,10 @@ def run(settings, report: Report) -> None:
     )
 
 
-def redis_section(w: World, settings, report: Report, source: Path, delta_s: dict[str, float]):
-    """The import into Redis beside a bare pipeline, its delta, a call with the set held: the
-    import's figure, or None without a ``redis-server``."""
+def redis_section(w: World, settings, report: Report, delta_s: dict[str, float], replaced: dict[str, tuple]):
+    """The import into Redis beside a bare pipeline, a --replace under calls, a call with the set
+    held, a delta (into ``delta_s`` and ``replaced``): the import's figure, or None without a
+    ``redis-server``."""
     total, lines = settings.local_redis_numbers, settings.local_delta
     with redis_server(w.directory) as url:
         if url is None:
@@ -352,9 +358,9 @@ def redis_section(w: World, settings, report: Report, source: Path, delta_s: dic
         import redis
 
         client = redis.Redis.from_url(url)
-        name, subset, delta = f"Redis, {total:,} numbers", w.directory / "redis.csv", w.directory / "redis-delta.csv"
-        with source.open() as f, subset.open("w") as out:
-            out.writelines(itertools.islice(f, total))
+        name, subset, new = f"Redis, {total:,} numbers", w.directory / "redis.csv", w.directory / "redis-new.csv"
+        samples = write_set(subset, total)
+        write_set(new, total, shift=1)
         cache = f"backend = redis\nredis_url = {url}\n"
         held = w.config("redis-held", cache=cache)
         log(f"local: {settings.local_runs} imports of {total:,} numbers into Redis, each beside its floor")
@@ -367,10 +373,10 @@ def redis_section(w: World, settings, report: Report, source: Path, delta_s: dic
             lambda who: client.flushall(),
         )
         report.add(SECTION, f"{name}, npl-agi: bytes a number (cache stats)", "bytes", [held_bytes(held)])
-        samples = write_set(subset, total, shift=1)
-        measured(npl_agi(held, "local", "import", "--replace", str(subset)))
+        replaced["Redis"] = replace_under_calls(w, report, name, held, samples, new)
         ten = ten_of(w, "redis-ten", samples, cache=f"backend = redis\nredis_url = {url.removesuffix('/0')}/1\n")
         held_ratios(w, settings, report, name, (held, ten), middle(samples))
+        delta = w.directory / "redis-delta.csv"
         write_delta(delta, total, lines)
         delta_s["Redis"] = measured(npl_agi(held, "local", "import", "--delta", str(delta)))[0]
         report.add(SECTION, f"{name}, npl-agi: a delta of {lines:,} lines", "s", [delta_s["Redis"]])
