@@ -122,8 +122,8 @@ def test_quick_run_prints_every_sections_rows(tmp_path):
         "20,000 numbers imported with SQLite in <= 90 s",
         "SQLite import of 20,000 numbers: peak memory <= 200 MB",
         "10,000 numbers imported with Redis in <= 60 s",
-        "--replace of 20,000 numbers (SQLite) and 10,000 (Redis), a process-script call every 50 ms: every call "
-        "answered locally, by the old set or the new one",
+        "--replace of 20,000 numbers (SQLite; 10,000 on Redis), a process-script call every 50 ms (200 ms on "
+        "Redis): every call answered locally, by the old set or the new one",
         "a delta of 1,000 lines applied in <= 5 s",
         "a local answer with 20,000 numbers held <= 1.1 x with ten held, pair by pair",
     ]
