@@ -6,6 +6,7 @@ Times are the ``now`` arguments the callers give: nothing here sleeps for the qu
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 
@@ -399,6 +400,29 @@ def test_two_servers_on_one_redis_pay_once_for_the_numbers_both_are_asked(tmp_pa
         settle(sim)
         stats = sim.stats()
     assert answered(runs) == 60, [v["NPL_ERR"] for v in runs]
+    assert sorted(stats["charged"]) == sorted("44" + n[1:] for n in numbers)
+    assert stats["max_concurrent"] == {"demo": 1}
+
+
+def test_two_pbxs_process_scripts_on_one_redis_pay_once_for_the_numbers_both_are_asked(
+    tmp_path, subprocess_env, redis_server
+):
+    """Two PBXs, each with its own lock directory and cache file, whose process scripts share one
+    Redis: the same two cold numbers on both at once, behind a service taking 0.3 s a request.
+    Two credits, one connection, every call answered."""
+    numbers = ["07400800001", "07400800002"]
+    with Simulator(request_delay=0.3) as sim:
+        pbxs = []
+        for n in (1, 2):
+            (tmp_path / f"pbx{n}").mkdir()
+            pbxs.append(redis_script(tmp_path / f"pbx{n}", subprocess_env, sim.url, redis_server.url))
+        calls = [(pbx, number) for pbx in pbxs for number in numbers]
+        with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+            runs = list(pool.map(lambda call: call[0].run([call[1]]), calls))
+        settle(sim)
+        stats = sim.stats()
+    assert all(run.returncode == 0 and run.stderr == "" for run in runs), runs
+    assert answered([run.variables for run in runs]) == 4, [run.variables["NPL_ERR"] for run in runs]
     assert sorted(stats["charged"]) == sorted("44" + n[1:] for n in numbers)
     assert stats["max_concurrent"] == {"demo": 1}
 
