@@ -161,6 +161,30 @@ def test_an_asker_killed_mid_request_strands_nothing(tmp_path, subprocess_env):
     assert all(int(v["NPL_LOOKUP_MS"]) <= 2100 for v in runs)
 
 
+def test_an_answer_cut_off_mid_body_keeps_every_line_that_arrived(tmp_path, subprocess_env):
+    """The service closes the connection half-way through the shared request's answer: the calls
+    whose lines arrived are answered and their answers cached (paid for, never asked again), the
+    others end with PROTOCOL, in time, and none is asked twice."""
+    numbers = [f"074008{i:05d}" for i in range(1, 7)]
+    with Simulator(request_delay=0.3) as sim:
+        agi = script(tmp_path, subprocess_env, sim.url)
+        sim.fault = "truncate"
+        runs = at_once(agi, numbers)
+        settle(sim)
+        sim.fault = None
+        charged = sim.stats()["charged"]
+        again = at_once(agi, numbers)
+        max_concurrent = sim.stats()["max_concurrent"]
+    got = {n: (v["NPL_ERR"], v["NPL_SOURCE"]) for n, v in zip(numbers, runs, strict=True)}
+    arrived = [n for n, outcome in got.items() if outcome == ("", "api")]
+    assert arrived and all(got[n] == ("PROTOCOL", "") for n in numbers if n not in arrived), got
+    assert all(int(v["NPL_LOOKUP_MS"]) <= 2100 for v in runs), [v["NPL_LOOKUP_MS"] for v in runs]
+    assert sorted(charged) == sorted("44" + n[1:] for n in numbers)  # each asked once
+    cached = {n for n, v in zip(numbers, again, strict=True) if v["NPL_SOURCE"] == "cache"}
+    assert cached == set(arrived), (cached, arrived)
+    assert max_concurrent == {"demo": 1}
+
+
 # Runs a burst of process-script calls and reports the CPU time of every process it started.
 # As a child subreaper it inherits the detached askers once their calls exit, and reaps them
 # too, so their CPU time counts as well. Arguments: the script, the simulator's stats address,
