@@ -43,8 +43,8 @@ NETWORKS = ("23410", "23415", "23420", "23430")
 CHECKED = 200_000  # lines read and checked in-process to find what checking costs
 ROUNDS = 3  # times the process section's rounds of held / ten held: a small ratio, in noise of 15 ms a call
 SAMPLES = 1000  # numbers of a set kept to be called
-# Seconds between two calls during --replace: on SQLite a call a 50 ms (some 25 ms of CPU each);
-# on Redis one a 200 ms, since each process-script call there spends some 130 ms of CPU importing
+# Seconds between two calls during --replace: on SQLite a call every 50 ms (some 25 ms of CPU each);
+# on Redis one every 200 ms, since each process-script call there spends some 130 ms of CPU importing
 # redis-py, and 20 a second would need more cores than the machine the figures are for has.
 INTERVAL = {"SQLite": 0.05, "Redis": 0.2}
 LEAD = 1.0  # seconds of calls before the --replace starts and after it ends
