@@ -16,6 +16,19 @@ from npl_agi.core.protocol import Answer
 from npl_agi.doubles.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
+# The end of a child's code that runs npl-agi's CLI on its arguments and reports its peak memory
+# (KiB) on its last stderr line: the peak of its own memory map (VmHWM), since ru_maxrss may carry
+# the test process's peak across fork and exec.
+CLI_REPORTING_PEAK = """
+from npl_agi.admin.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    print("maxrss", peak, file=sys.stderr)
+sys.exit(code)
+"""
 AGI_SCRIPT = ROOT / "agi-bin" / "npl-lookup.agi"
 
 

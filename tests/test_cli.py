@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import CLI_REPORTING_PEAK, write_config
 
 from npl_agi.backends.locks import FileLock
 from npl_agi.config import ENV_VAR, ApiConfig
@@ -538,15 +538,7 @@ def test_simulate_rejects_unknown_fault(subprocess_env) -> None:
 
 def run_measured(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, int]:
     """The command in a child that reports its own peak memory (KiB) on its last stderr line."""
-    probe = (
-        "import resource, sys\n"
-        "from npl_agi.admin.cli import main\n"
-        "try:\n"
-        "    code = main(sys.argv[1:])\n"
-        "finally:\n"
-        "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-        "sys.exit(code)\n"
-    )
+    probe = "import sys\n" + CLI_REPORTING_PEAK
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=300)
     *rest, last = done.stderr.splitlines() or [""]
     assert last.startswith("maxrss "), done.stderr

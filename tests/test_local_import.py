@@ -24,7 +24,7 @@ from pathlib import Path
 
 import phonenumbers
 import pytest
-from conftest import write_config
+from conftest import CLI_REPORTING_PEAK, write_config
 
 from npl_agi.admin.localdata import CHUNK, MAX_BAD_SHOWN, MAX_LINE, known_key, row_of, staged
 from npl_agi.admin.usage import UsageError
@@ -130,23 +130,14 @@ def install_fake() -> None:
     npl_agi.backends.open_cache = lambda config, **tuning: FakeLocal(config.cache, **tuning)
 
 
-# The command in a child process, with FakeLocal as its backend or not, reporting its peak memory:
-# the peak of its own memory map (VmHWM), as ru_maxrss may carry the parent's peak across exec.
+# The command in a child process, with FakeLocal as its backend or not, reporting its peak memory.
 RUNNER = f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
 if sys.argv.pop(1) == "fake":
     from test_local_import import install_fake
     install_fake()
-from npl_agi.admin.cli import main
-try:
-    code = main(sys.argv[1:])
-finally:
-    with open("/proc/self/status") as status:
-        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-    print("maxrss", peak, file=sys.stderr)
-sys.exit(code)
-"""
+{CLI_REPORTING_PEAK}"""
 
 
 class Command:
