@@ -85,9 +85,9 @@ def test_add_replace_and_delta_round_trip(backend):
     ]
     assert cache.load_local(KNOWN_NUMBERS, [[("447700900777", "23415", "")]], mode="replace") == 1
     assert items(cache) == [("447700900777", "23415", "")]
-    assert cache.put_local(KNOWN_NUMBERS, [("447700900778", "23410", "")], replace=True) == 1
+    assert cache.load_local(KNOWN_NUMBERS, [[("447700900778", "23410", "")]], mode="replace") == 1
     assert items(cache) == [("447700900778", "23410", "")]
-    assert cache.put_local(RANGES, [("4477", "23410", "own")]) == 1
+    assert cache.load_local(RANGES, [[("4477", "23410", "own")]]) == 1
     assert cache.get_local_many(RANGES, ["4477", "44"]) == {"4477": "23410"}
     assert cache.load_local(RANGES, [[("4477", "-", ""), ("4478", "23415", "")]], mode="delta") == 2
     assert list(cache.local_items(RANGES)) == [("4478", "23415", "")]

@@ -74,6 +74,22 @@ def test_local_list_delete_and_clear(tmp_path, sim, capsys):
     assert cli.main(["--config", str(conf), "local", "delete", "x1"]) == 2
 
 
+def test_ranges_take_a_delta_as_numbers_do(tmp_path, sim, capsys):
+    """One import path for both kinds: a prefix changed, one removed, one added, all or nothing."""
+    conf = write_config(tmp_path / "npl-agi.conf", sim.url)
+    assert import_csv(conf, "ranges", tmp_path, "447700,23410\n447701,23415\n") == 0
+    delta = tmp_path / "delta.csv"
+    delta.write_text("prefix,mccmnc\n447700,23420\n447701,-\n447702,23430\n")
+    assert cli.main(["--config", str(conf), "ranges", "import", "--delta", str(delta)]) == 0
+    assert "applied 3 changes to ranges (1 removals in the file)" in capsys.readouterr().out
+    ranges = SqliteCache(load_config(str(conf)).cache)
+    assert list(ranges.local_items(RANGES)) == [("447700", "23420", ""), ("447702", "23430", "")]
+    delta.write_text("447700,23410\n447700,-\n")  # given and removed: a bad line, nothing applied
+    assert cli.main(["--config", str(conf), "ranges", "import", "--delta", str(delta)]) == 2
+    assert "line 2: 447700 is 23410 on line 1 and - here" in capsys.readouterr().err
+    assert list(ranges.local_items(RANGES)) == [("447700", "23420", ""), ("447702", "23430", "")]
+
+
 def test_the_longest_range_wins_and_ported_says_whether_the_network_is_the_range_holder(tmp_path, sim, subprocess_env):
     """447788450450 is ported to 23415 (the simulator's PORTED); an unported number's network is
     its range's. A shorter range never beats a longer one."""

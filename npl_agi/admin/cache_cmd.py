@@ -47,7 +47,7 @@ def cmd_cache(args) -> int:
 
 def cmd_local_data(args) -> int:
     """``npl-agi local`` and ``npl-agi ranges``: the admin's own data beside the cache."""
-    from npl_agi.admin.localdata import known_key, prefix_key, read_rows, row_of
+    from npl_agi.admin.localdata import known_key, prefix_key
     from npl_agi.backends import open_cache
     from npl_agi.backends.base import KNOWN_NUMBERS, RANGES
 
@@ -55,12 +55,9 @@ def cmd_local_data(args) -> int:
     cache = open_cache(config)
     kind, what = (KNOWN_NUMBERS, "numbers") if args.command == "local" else (RANGES, "ranges")
     key = known_key(config.number) if kind == KNOWN_NUMBERS else prefix_key
-    if args.action == "import" and kind == KNOWN_NUMBERS:
-        return import_numbers(cache, config, args)
     if args.action == "import":
-        with open_numbers(args.file) as f:
-            rows = read_rows(f, row_of(key), args.file)
-    elif args.action == "delete":
+        return import_rows(cache, config, args, kind, key, what)
+    if args.action == "delete":
         keys = []
         for text in args.keys:
             try:
@@ -68,9 +65,7 @@ def cmd_local_data(args) -> int:
             except ValueError as e:
                 raise UsageError(f"{args.command} delete: {e}") from None
     with failing_as(cache, f"{args.command} {args.action}"):
-        if args.action == "import":
-            print(f"imported {cache.put_local(kind, rows, replace=args.replace)} {what}")
-        elif args.action == "delete":
+        if args.action == "delete":
             print(f"deleted {cache.delete_local(kind, keys)} {what}")
         elif args.action == "clear":
             print(f"deleted {cache.delete_local(kind)} {what}")
@@ -81,28 +76,27 @@ def cmd_local_data(args) -> int:
     return EXIT_OK
 
 
-def import_numbers(cache, config, args) -> int:
-    """``npl-agi local import [--replace | --delta] FILE``: the file checked whole and staged
-    (``localdata.staged``), then handed to the backend a chunk at a time (``load_local``)."""
-    from npl_agi.admin.localdata import known_key, row_of, staged
-    from npl_agi.backends.base import KNOWN_NUMBERS
+def import_rows(cache, config, args, kind: str, key, what: str) -> int:
+    """``npl-agi local|ranges import [--replace | --delta] FILE``: the file checked whole and
+    staged (``localdata.staged``), then handed to the backend a chunk at a time (``load_local``)."""
+    from npl_agi.admin.localdata import row_of, staged
 
     mode = "delta" if args.delta else "replace" if args.replace else "add"
+    action = f"{args.command} import"
     if not cache.keeps_data:  # say so before reading a national database for nothing
-        with failing_as(cache, "local import"):
-            cache.load_local(KNOWN_NUMBERS, iter(()), mode=mode)
-    row = row_of(known_key(config.number), delta=args.delta)
+        with failing_as(cache, action):
+            cache.load_local(kind, iter(()), mode=mode)
     with (
         terminated_as_interrupted(),
         open_numbers(args.file) as f,
-        staged(f, row, args.file, staging_dir(config.cache)) as rows,
-        failing_as(cache, "local import"),
+        staged(f, row_of(key, delta=args.delta), args.file, staging_dir(config.cache)) as rows,
+        failing_as(cache, action),
     ):
-        done = cache.load_local(KNOWN_NUMBERS, rows.chunks(), mode=mode)
+        done = cache.load_local(kind, rows.chunks(), mode=mode)
     if args.delta:
-        print(f"applied {done} changes to numbers ({rows.removed} removals in the file)")
+        print(f"applied {done} changes to {what} ({rows.removed} removals in the file)")
     else:
-        print(f"imported {done} numbers")
+        print(f"imported {done} {what}")
     return EXIT_OK
 
 

@@ -126,12 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("file", metavar="FILE", help="the CSV file ('-' for stdin)")
         how = a.add_mutually_exclusive_group()
         how.add_argument("--replace", action="store_true", help="the file becomes the whole list")
-        if command == "local":
-            how.add_argument(
-                "--delta",
-                action="store_true",
-                help="the file is a day's changes: number,mccmnc[,note] adds or changes a number, number,- removes it",
-            )
+        one = key.lower()
+        how.add_argument(
+            "--delta",
+            action="store_true",
+            help=f"the file is a day's changes: {one},mccmnc[,note] adds or changes a {one}, {one},- removes it",
+        )
         actions.add_parser("list", parents=[common], help="write them as CSV, as import reads it")
         a = actions.add_parser(
             "delete",

@@ -6,10 +6,10 @@ every bad line is named by its number (the first ``MAX_BAD_SHOWN``, the rest cou
 is fixed in one go. Kept by the cache backend (``backends.base.LOCAL_KINDS``), so a cluster
 sharing a Redis shares them too.
 
-A file of numbers may be a national portability database of millions: ``staged`` reads it line
-by line into a temporary SQLite file, checks it there (a number given twice with two networks,
-blocks that overlap) and hands it to the backend ``CHUNK`` rows at a time, so the memory it
-takes does not grow with the file.
+Both kinds of file are read by ``staged``, and a file of numbers may be a national portability
+database of millions: ``staged`` reads it line by line into a temporary SQLite file, checks it
+there (a key given twice with two networks, blocks that overlap) and hands it to the backend
+``CHUNK`` rows at a time, so the memory it takes does not grow with the file.
 """
 
 from __future__ import annotations
@@ -179,26 +179,6 @@ def bounded(f, bad: BadLines) -> Iterator[str]:
             bad.add(n, f"longer than {MAX_LINE} characters")
             line = "\n"
         yield line
-
-
-def read_rows(lines: Iterable[str], row: Callable[[list[str]], Row], where: str = "<file>") -> list[Row]:
-    """Every row of a small CSV file (``npl-agi ranges``), held in memory, or ``ConfigError``
-    naming each bad line (nothing half-read). A key given twice with two networks is an error;
-    given twice alike, it is kept once."""
-    rows: dict[str, tuple[int, Row]] = {}
-    bad = BadLines()
-    for n, cells in lines_of(lines, bad):
-        try:
-            key, mccmnc, note = row(cells)
-        except ValueError as e:
-            bad.add(n, str(e))
-            continue
-        if key in rows and rows[key][1][1] != mccmnc:
-            bad.add(n, f"{key} is {rows[key][1][1]} on line {rows[key][0]} and {mccmnc} here")
-            continue
-        rows.setdefault(key, (n, (key, mccmnc, note)))
-    bad.check(where)
-    return [r for _, r in rows.values()]
 
 
 _STAGING = """

@@ -182,12 +182,6 @@ class Cache:
         return self._safely("read", self._get_local_many, {}, kind, keys, self.wait_for(deadline))
 
     # -- the admin's commands on local data (``npl-agi local``, ``npl-agi ranges``); they may raise --
-    def put_local(self, kind: str, rows: list[tuple[str, str, str]], *, replace: bool = False) -> int:
-        """Add or replace (key, mccmnc, note) rows all at once, or none; with ``replace`` the
-        rows become the whole table. The number of rows stored. A list held in memory is one
-        chunk of ``load_local``."""
-        return self.load_local(kind, [rows], mode="replace" if replace else "add")
-
     def load_local(self, kind: str, chunks: Iterable[list[tuple[str, str, str]]], *, mode: str = "add") -> int:
         """Store checked (key, mccmnc, note) rows of ``kind``, a chunk at a time, so memory does
         not grow with a national database; the number of rows applied.
