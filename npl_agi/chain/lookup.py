@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from collections.abc import Callable, Iterable
+from functools import cached_property
 
 from npl_agi.backends.base import KNOWN_NUMBERS, RANGES
 from npl_agi.chain.asking import Asked
@@ -56,42 +57,34 @@ class Lookup:
         self.asker = asker
         self.memory = memory
         self._make_breaker = breaker
-        self._breaker = None
-        self._cache = cache
-        self._directory = directory
-        self._ranges = None
+        if cache is not None:
+            self.cache = cache
+        if directory is not None:
+            self.directory = directory
 
-    @property
+    @cached_property
     def cache(self):
-        if self._cache is None:
-            from npl_agi.backends import open_cache
+        from npl_agi.backends import open_cache
 
-            self._cache = open_cache(self.config)
-        return self._cache
+        return open_cache(self.config)
 
-    @property
+    @cached_property
     def breaker(self):
         """The gate before the asker, if this chain has one (see ``__init__``)."""
-        if self._breaker is None and self._make_breaker is not None:
-            self._breaker = self._make_breaker()
-        return self._breaker
+        return None if self._make_breaker is None else self._make_breaker()
 
-    @property
+    @cached_property
     def directory(self):
-        if self._directory is None:
-            from npl_agi.core.networks import Directory
+        from npl_agi.core.networks import Directory
 
-            self._directory = Directory.load(self.config.networks)
-        return self._directory
+        return Directory.load(self.config.networks)
 
-    @property
+    @cached_property
     def ranges(self):
         """The bundled range table (``ranges.RangeTable``), read when a number first needs it."""
-        if self._ranges is None:
-            from npl_agi.core.ranges import RangeTable
+        from npl_agi.core.ranges import RangeTable
 
-            self._ranges = RangeTable.load()
-        return self._ranges
+        return RangeTable.load()
 
     def one(
         self, dialled: str, timeout: float | None = None, *, deadline: float | None = None, fresh: bool = False
